@@ -1,0 +1,216 @@
+// Package reuseport opens listeners that share a port with SO_REUSEPORT and
+// reads, from the kernel, which sockets listen on a port.
+//
+// Several processes (or several listeners in one process) that each open a
+// listener with this package on the same address form one SO_REUSEPORT
+// group, and the kernel spreads new connections (or, for UDP, datagrams)
+// over the group's sockets. Linux only joins sockets of the same effective
+// uid into a group, and "tcp" on ":port" (a dual-stack IPv6 socket) forms a
+// different group from "tcp4" on "0.0.0.0:port".
+//
+// [Listeners] and [Inodes] let a supervisor see, without the workers'
+// cooperation, which sockets listen on a port, how many connections wait in
+// each accept queue, and which process owns each socket.
+package reuseport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"syscall"
+)
+
+// ErrUnsupported is returned, wrapped, when the kernel refuses the
+// SO_REUSEPORT socket option, which Linux supports from version 3.9 on.
+var ErrUnsupported = errors.New("reuseport: SO_REUSEPORT is not supported by this kernel or platform (Linux 3.9 or later is needed)")
+
+// ListenConfig is a [net.ListenConfig] that sets SO_REUSEPORT on every socket
+// it opens, and SO_REUSEADDR on TCP sockets, before the socket is bound.
+//
+// If the embedded Control function is set, it runs first, and an error from
+// it stops the listen. Multipath TCP is always turned off, whatever
+// SetMultipathTCP was told, because SO_REUSEPORT groups are plain TCP
+// sockets. The zero value is ready to use.
+type ListenConfig struct {
+	net.ListenConfig
+}
+
+// Listen announces on the local network address with SO_REUSEPORT set.
+// The network must be "tcp", "tcp4" or "tcp6"; see [net.Listen] for the
+// address syntax.
+//
+// Errors name the operation, network and address, wrap the
+// [*net.OpError] of package net, and match [ErrUnsupported] when the kernel
+// has no SO_REUSEPORT.
+func (lc *ListenConfig) Listen(ctx context.Context, network, address string) (net.Listener, error) {
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+	default:
+		return nil, fmt.Errorf("reuseport: listen %s %s: unsupported network %q (want tcp, tcp4 or tcp6)", network, address, network)
+	}
+	if err := supported(); err != nil {
+		return nil, err
+	}
+	c := lc.config()
+	l, err := c.Listen(ctx, network, address)
+	if err != nil {
+		return nil, wrapListenError(err)
+	}
+	return l, nil
+}
+
+// ListenPacket announces on the local network address with SO_REUSEPORT set.
+// The network must be "udp", "udp4" or "udp6"; see [net.ListenPacket] for
+// the address syntax. Errors are as for [ListenConfig.Listen].
+func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
+	switch network {
+	case "udp", "udp4", "udp6":
+	default:
+		return nil, fmt.Errorf("reuseport: listen %s %s: unsupported network %q (want udp, udp4 or udp6)", network, address, network)
+	}
+	if err := supported(); err != nil {
+		return nil, err
+	}
+	c := lc.config()
+	pc, err := c.ListenPacket(ctx, network, address)
+	if err != nil {
+		return nil, wrapListenError(err)
+	}
+	return pc, nil
+}
+
+// Listen is like [ListenConfig.Listen] with a zero ListenConfig and a
+// background context.
+func Listen(network, address string) (net.Listener, error) {
+	var lc ListenConfig
+	return lc.Listen(context.Background(), network, address)
+}
+
+// ListenPacket is like [ListenConfig.ListenPacket] with a zero ListenConfig
+// and a background context.
+func ListenPacket(network, address string) (net.PacketConn, error) {
+	var lc ListenConfig
+	return lc.ListenPacket(context.Background(), network, address)
+}
+
+// config returns a copy of the embedded net.ListenConfig whose Control runs
+// the user's Control and then sets the socket options, with MPTCP off.
+func (lc *ListenConfig) config() net.ListenConfig {
+	c := lc.ListenConfig
+	c.SetMultipathTCP(false)
+	user := c.Control
+	c.Control = func(network, address string, rc syscall.RawConn) error {
+		if user != nil {
+			if err := user(network, address, rc); err != nil {
+				return err
+			}
+		}
+		return control(network, rc)
+	}
+	return c
+}
+
+// unsupportedError marks a setsockopt failure that means the kernel has no
+// SO_REUSEPORT.
+type unsupportedError struct{ err error }
+
+func (e *unsupportedError) Error() string { return e.err.Error() }
+func (e *unsupportedError) Unwrap() error { return e.err }
+
+// wrapListenError prefixes an error of net.ListenConfig (usually a
+// *net.OpError naming the operation, network and address) with the package
+// name, and adds ErrUnsupported when the kernel refused SO_REUSEPORT.
+func wrapListenError(err error) error {
+	var u *unsupportedError
+	if errors.As(err, &u) {
+		return fmt.Errorf("%w: %w", ErrUnsupported, err)
+	}
+	return fmt.Errorf("reuseport: %w", err)
+}
+
+// Socket is one listening socket as the kernel reports it.
+type Socket struct {
+	// Inode is the socket's inode number, as in the /proc/PID/fd/N link
+	// "socket:[INODE]" of every process that holds the socket open.
+	Inode uint64
+
+	// UID is the socket's owner. SO_REUSEPORT groups only join sockets of
+	// the same effective uid.
+	UID uint32
+
+	// Addr is the local address and port. A socket listening on every
+	// address has the unspecified address (0.0.0.0 or ::).
+	Addr netip.AddrPort
+
+	// Queue is the number of connections that wait in the accept queue now:
+	// established, but not yet accepted by the process.
+	Queue uint32
+
+	// Backlog is the accept-queue limit, the backlog given to listen(2)
+	// capped by net.core.somaxconn. It is 0 when unknown, that is when the
+	// sockets were read from /proc/net/tcp rather than with netlink.
+	Backlog uint32
+}
+
+// errNotLinux is returned on platforms other than Linux.
+var errNotLinux = errors.New("reuseport: SO_REUSEPORT listeners need Linux")
+
+// goneError reports that a process no longer exists. It matches
+// os.ErrNotExist with errors.Is whatever the underlying error is (ENOENT or
+// ESRCH).
+type goneError struct {
+	pid int
+	err error
+}
+
+func (e *goneError) Error() string {
+	return fmt.Sprintf("reuseport: sockets of process %d: process is gone: %v", e.pid, e.err)
+}
+
+func (e *goneError) Unwrap() error { return e.err }
+
+func (e *goneError) Is(target error) bool { return target == os.ErrNotExist }
+
+// Listeners returns the TCP sockets, IPv4 and IPv6, that are in the LISTEN
+// state on port, or on every port if port is 0.
+//
+// It asks the kernel with netlink socket diagnostics (NETLINK_SOCK_DIAG) for
+// listening sockets only, and the kernel skips those on other ports, so its
+// cost does not grow with the number of established connections on the
+// host. Where netlink is not available it reads /proc/net/tcp and
+// /proc/net/tcp6 instead, which list every TCP socket of the network
+// namespace, and are much slower; Backlog is then 0.
+//
+// Sockets of every process and every user in the caller's network namespace
+// are returned; use [Inodes] to tell which belong to a process.
+func Listeners(port int) ([]Socket, error) {
+	if port < 0 || port > 65535 {
+		return nil, fmt.Errorf("reuseport: listeners on port %d: port out of range", port)
+	}
+	return listeners(port)
+}
+
+// Inodes returns the inodes of the sockets held open by the process pid and
+// by its descendants: children, grandchildren and so on. These are the
+// numbers in the "socket:[INODE]" links of /proc/PID/fd, and the Inode of a
+// [Socket].
+//
+// Descendants are found through /proc/PID/task/TID/children or, on kernels
+// built without it, through the parent pids in /proc/*/stat. Processes that
+// exit meanwhile, or whose descriptors cannot be read, contribute what could
+// be read. The error matches [os.ErrNotExist] when pid itself is gone, and
+// [os.ErrPermission] when nothing at all could be read for lack of
+// permission.
+//
+// Inodes reads one /proc link per open descriptor, so a process with many
+// connections costs more to inspect than [Listeners] costs to call: where
+// possible, call it only when the listeners on a port have changed.
+func Inodes(pid int) (map[uint64]struct{}, error) {
+	if pid <= 0 {
+		return nil, fmt.Errorf("reuseport: sockets of process %d: invalid pid", pid)
+	}
+	return inodes(pid)
+}
