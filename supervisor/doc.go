@@ -1,0 +1,60 @@
+// Package supervisor runs N worker processes that all serve one port, the way
+// the Node.js cluster module does: the master forks workers, emits their
+// lifecycle events, replaces the dead under a restart policy with crash-loop
+// backoff, and stops them gracefully. Each worker binds the port itself with
+// SO_REUSEPORT (see package reuseport) and the kernel spreads connections
+// over the workers; the master never touches client traffic.
+//
+// A Go program can be its own master and its own workers:
+//
+//	if supervisor.IsMaster() {
+//		s, err := supervisor.New(supervisor.Options{}) // one worker per CPU
+//		...
+//		err = s.Run(ctx)
+//	} else {
+//		ln, err := reuseport.Listen("tcp", ":8000")
+//		...
+//		http.Serve(ln, handler)
+//	}
+//
+// With no Options.Command, the supervisor re-executes the running program;
+// the copies see IsWorker() == true.
+//
+// # The worker contract
+//
+// Every worker gets, in its environment, SHOAL_WORKER_ID (its slot, 1..N; a
+// replacement gets the slot of the worker it replaces), SHOAL_MASTER_PID and,
+// when Options.Port is set, PORT. File descriptor 3 is the worker's end of a
+// Unix socketpair, its message channel (SHOAL_IPC_FD=3 and NODE_CHANNEL_FD=3,
+// so a Node.js worker's process.send works unchanged; see package ipc). EOF
+// on that channel tells a worker its master is gone.
+package supervisor
+
+import (
+	"os"
+	"strconv"
+)
+
+// Environment variables of the worker contract.
+const (
+	EnvWorkerID  = "SHOAL_WORKER_ID"
+	EnvMasterPID = "SHOAL_MASTER_PID"
+	EnvPort      = "PORT"
+)
+
+// IsWorker reports whether this process is a shoal worker, that is whether
+// SHOAL_WORKER_ID is set in its environment.
+func IsWorker() bool { return os.Getenv(EnvWorkerID) != "" }
+
+// IsMaster reports whether this process is not a worker: the Node.js
+// cluster module's isMaster.
+func IsMaster() bool { return !IsWorker() }
+
+// WorkerID returns this worker's slot (1..N), or 0 in the master.
+func WorkerID() int {
+	id, err := strconv.Atoi(os.Getenv(EnvWorkerID))
+	if err != nil || id < 0 {
+		return 0
+	}
+	return id
+}

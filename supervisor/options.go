@@ -1,0 +1,189 @@
+package supervisor
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/shoal-sh/shoal/ipc"
+)
+
+// RestartPolicy says which deaths are followed by a replacement.
+type RestartPolicy int
+
+const (
+	// RestartAlways replaces every worker that dies, however it ended.
+	RestartAlways RestartPolicy = iota
+	// RestartOnFailure replaces a worker unless it exited with status 0.
+	RestartOnFailure
+	// RestartNever never replaces a worker; the supervisor returns when
+	// the last one has died.
+	RestartNever
+)
+
+// String returns the policy as the command line spells it.
+func (p RestartPolicy) String() string {
+	switch p {
+	case RestartAlways:
+		return "always"
+	case RestartOnFailure:
+		return "on-failure"
+	case RestartNever:
+		return "never"
+	}
+	return fmt.Sprintf("RestartPolicy(%d)", int(p))
+}
+
+// ParseRestartPolicy parses "always", "on-failure" or "never".
+func ParseRestartPolicy(s string) (RestartPolicy, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "always":
+		return RestartAlways, nil
+	case "on-failure", "onfailure", "on_failure":
+		return RestartOnFailure, nil
+	case "never", "no":
+		return RestartNever, nil
+	}
+	return 0, fmt.Errorf("supervisor: restart policy %q: want always, on-failure or never", s)
+}
+
+// ReadyMode says how the master learns that a worker is serving.
+type ReadyMode int
+
+const (
+	// ReadyListen waits until the kernel shows the worker's process (or one
+	// of its descendants) owning a TCP socket in LISTEN state on Options.Port.
+	// It needs no cooperation from the worker: nginx is seen listening too.
+	ReadyListen ReadyMode = iota
+	// ReadyMessage waits for the worker to send {"cmd":"shoal:ready"}.
+	ReadyMessage
+)
+
+// String returns the mode as the command line spells it.
+func (m ReadyMode) String() string {
+	if m == ReadyMessage {
+		return "message"
+	}
+	return "listen"
+}
+
+// ParseReadyMode parses "listen" or "message".
+func ParseReadyMode(s string) (ReadyMode, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "listen", "kernel", "":
+		return ReadyListen, nil
+	case "message":
+		return ReadyMessage, nil
+	}
+	return 0, fmt.Errorf("supervisor: ready mode %q: want listen or message", s)
+}
+
+// Options configure a Supervisor. The zero value runs one copy of the
+// running program per available CPU, restarts the dead, and gives each
+// worker 10 seconds to stop.
+type Options struct {
+	// Command is the program and its arguments. Empty means the running
+	// program itself (os.Executable) with its own arguments: its copies are
+	// the workers and see IsWorker() == true. A command without a slash is
+	// looked up in PATH once, by New.
+	Command []string
+	// Dir is the workers' working directory; empty means the master's.
+	Dir string
+	// Env is added to the environment every worker gets. Nil means the
+	// master's environment, without the master's own SHOAL_ and
+	// NODE_CHANNEL_ variables; the worker contract's variables come last.
+	Env []string
+	// CleanEnv starts workers from an empty environment plus Env, instead
+	// of the master's environment.
+	CleanEnv bool
+
+	// Workers is the number of workers. 0 means AvailableCPUs(), unless Fork
+	// was called before Run: then the forked workers alone.
+	Workers int
+	// Port is exported to workers as PORT, and is the port on which the
+	// master looks for their LISTEN sockets. 0 means no port: no PORT, and
+	// with ReadyListen a worker counts as serving once it runs.
+	Port int
+	// Ready says how the master learns that a worker serves.
+	Ready ReadyMode
+
+	// Restart is the restart policy; the zero value is RestartAlways.
+	Restart RestartPolicy
+	// Backoff is the crash-loop delay policy per slot.
+	Backoff Backoff
+	// MaxRestarts, when above 0, makes the supervisor give up (stop every
+	// worker and return an error wrapping ErrTooManyRestarts) when it would
+	// restart workers more than MaxRestarts times within RestartWindow.
+	MaxRestarts int
+	// RestartWindow is the window of MaxRestarts; 0 means one minute.
+	RestartWindow time.Duration
+	// StopTimeout is how long a worker has to exit after SIGTERM before it
+	// and its process group get SIGKILL. 0 means 10 seconds.
+	StopTimeout time.Duration
+
+	// Subreaper makes the master a child subreaper (PR_SET_CHILD_SUBREAPER)
+	// that reaps every child, workers and their orphans alike. The program
+	// must then start no other child processes with os/exec, whose Wait
+	// would race with the reaper. It is always on when the master is PID 1.
+	Subreaper bool
+
+	// MaxMessage bounds one IPC message from a worker; 0 means
+	// ipc.DefaultMaxMessage (1 MiB).
+	MaxMessage int
+	// QueueLen bounds the messages queued to one worker; 0 means 1024.
+	QueueLen int
+
+	// Stdout and Stderr receive the workers' output; nil means the
+	// master's own (the workers write to them directly).
+	Stdout, Stderr *os.File
+
+	// Logger receives the supervisor's log lines; nil discards them.
+	Logger *zerolog.Logger
+
+	// OnEvent, if set, is called for every lifecycle event, on the
+	// supervisor's own goroutine: it must not block.
+	OnEvent func(Event)
+	// OnMessage, if set, is called for every application message (every
+	// message whose cmd is not reserved) from any worker. It runs on that
+	// worker's channel goroutine: calls for different workers may run at
+	// the same time, and a slow handler delays only its worker's messages.
+	OnMessage func(Message)
+}
+
+// Message is an application message from a worker.
+type Message struct {
+	Worker int    // the sender's slot
+	PID    int    // the sender's pid
+	Cmd    string // the "cmd" member when the message is an object with one
+	Raw    []byte // the message's JSON, safe to keep
+}
+
+// ErrTooManyRestarts is wrapped by the error Run returns when MaxRestarts
+// was exceeded.
+var ErrTooManyRestarts = fmt.Errorf("supervisor: too many restarts")
+
+func (o Options) withDefaults() Options {
+	if o.StopTimeout <= 0 {
+		o.StopTimeout = 10 * time.Second
+	}
+	if o.RestartWindow <= 0 {
+		o.RestartWindow = time.Minute
+	}
+	if o.MaxMessage <= 0 {
+		o.MaxMessage = ipc.DefaultMaxMessage
+	}
+	if o.QueueLen <= 0 {
+		o.QueueLen = 1024
+	}
+	o.Backoff = o.Backoff.withDefaults()
+	if o.Stdout == nil {
+		o.Stdout = os.Stdout
+	}
+	if o.Stderr == nil {
+		o.Stderr = os.Stderr
+	}
+	return o
+}

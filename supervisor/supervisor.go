@@ -1,0 +1,894 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+
+	"github.com/shoal-sh/shoal/ipc"
+	"github.com/shoal-sh/shoal/reuseport"
+)
+
+// Supervisor runs and watches a set of worker processes. Build one with New
+// and call Run; the other methods may be called from any goroutine while Run
+// runs.
+type Supervisor struct {
+	opts Options
+	log  zerolog.Logger
+	path string   // the resolved program
+	argv []string // its argv, argv[0] included
+
+	calls chan func()    // work for the loop goroutine
+	msgs  chan workerMsg // reserved messages that need the loop
+	done  chan struct{}  // closed when Run returns
+	ran   atomic.Bool
+
+	mu        sync.Mutex // guards preForks
+	preForks  int
+	requested atomic.Int64 // requests reported by all workers, ever
+
+	// Owned by the loop goroutine.
+	slots     map[int]*slot
+	byPID     map[int]*worker
+	forker    *forker
+	devnull   *os.File
+	limiter   restartLimiter
+	stopping  bool
+	abandonAt time.Time // when Run stops waiting for SIGKILLed workers
+	exitErr   error
+	failed    *Death // an unclean death that will not be replaced
+}
+
+// slot is one worker position, 1..N. It outlives the processes that fill it,
+// so its counters stay continuous across restarts.
+type slot struct {
+	id        int
+	w         *worker   // the current process, or nil
+	failures  int       // quick deaths in a row, for the backoff
+	restartAt time.Time // when a delayed replacement is due; zero if none
+	starts    int
+	finished  bool // dead and not to be replaced
+	removed   bool // scaled away: delete on death
+	requests  atomic.Uint64
+}
+
+// worker is one process filling a slot.
+type worker struct {
+	slot    *slot
+	proc    *os.Process
+	pid     int
+	state   State
+	started time.Time
+	ch      *ipc.Channel
+	reason  string    // why the master is stopping it
+	stopAt  time.Time // when it was sent SIGTERM
+	killed  bool      // it was sent SIGKILL
+	polled  time.Time // when the kernel was last asked whether it listens
+}
+
+type workerMsg struct {
+	w   *worker
+	msg ipc.Message
+	raw []byte
+}
+
+// New checks opts and returns a Supervisor ready to Run. It fails, before
+// anything is started, when the command cannot be found or run.
+func New(opts Options) (*Supervisor, error) {
+	opts = opts.withDefaults()
+	if opts.Workers < 0 {
+		return nil, fmt.Errorf("supervisor: workers %d: want 1 or more (0 means one per available CPU)", opts.Workers)
+	}
+	if opts.Port < 0 || opts.Port > 65535 {
+		return nil, fmt.Errorf("supervisor: port %d: want 1..65535, or 0 for none", opts.Port)
+	}
+	s := &Supervisor{
+		opts:  opts,
+		log:   zerolog.Nop(),
+		calls: make(chan func()),
+		msgs:  make(chan workerMsg, 64),
+		done:  make(chan struct{}),
+		slots: make(map[int]*slot),
+		byPID: make(map[int]*worker),
+	}
+	if opts.Logger != nil {
+		s.log = *opts.Logger
+	}
+	s.limiter = restartLimiter{max: opts.MaxRestarts, window: opts.RestartWindow}
+	if len(opts.Command) == 0 {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("supervisor: find the running program to re-execute: %w", err)
+		}
+		s.path = exe
+		s.argv = append([]string{os.Args[0]}, os.Args[1:]...)
+	} else {
+		path, err := lookPath(opts.Command[0])
+		if err != nil {
+			return nil, err
+		}
+		s.path = path
+		s.argv = append([]string(nil), opts.Command...)
+	}
+	return s, nil
+}
+
+// lookPath resolves a command the way a shell would and says what to do
+// when it cannot.
+func lookPath(name string) (string, error) {
+	path, err := exec.LookPath(name)
+	if err != nil {
+		if strings.Contains(name, "/") {
+			return "", fmt.Errorf("supervisor: command %q: %w", name, unwrapExec(err))
+		}
+		return "", fmt.Errorf("supervisor: command %q not found in PATH (%s): install it or give its full path", name, os.Getenv("PATH"))
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", fmt.Errorf("supervisor: command %q: %w", name, err)
+	}
+	return abs, nil
+}
+
+func unwrapExec(err error) error {
+	var e *exec.Error
+	if errors.As(err, &e) {
+		return e.Err
+	}
+	return err
+}
+
+// Fork adds one worker, as the Node.js cluster module's fork does. Called
+// before Run, it sets the initial workers instead of Options.Workers; while
+// Run runs, it starts the new worker at once and returns its slot.
+func (s *Supervisor) Fork() (int, error) {
+	if !s.ran.Load() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.preForks++
+		return s.preForks, nil
+	}
+	var id int
+	if !s.do(func() {
+		if s.stopping {
+			return
+		}
+		id = s.nextSlotID()
+		s.start(s.addSlot(id))
+	}) || id == 0 {
+		return 0, errors.New("supervisor: fork: the supervisor is stopping")
+	}
+	return id, nil
+}
+
+// Scale sets the number of workers. New slots start at once; removed slots,
+// the highest first, go through the graceful stop.
+func (s *Supervisor) Scale(n int) error {
+	if n < 1 {
+		return fmt.Errorf("supervisor: scale to %d: want 1 or more", n)
+	}
+	var err error
+	if !s.do(func() { err = s.scale(n) }) {
+		return errors.New("supervisor: scale: the supervisor is not running")
+	}
+	return err
+}
+
+// WorkerStatus is a snapshot of one slot.
+type WorkerStatus struct {
+	ID       int           // the slot
+	PID      int           // 0 when no process fills the slot now
+	State    State         // Dead when no process fills the slot now
+	Uptime   time.Duration // of the current process
+	Starts   int           // processes started in this slot
+	Requests uint64        // requests reported from this slot, across restarts
+}
+
+// Status returns a snapshot of every slot, ordered by slot. It returns nil
+// when Run is not running.
+func (s *Supervisor) Status() []WorkerStatus {
+	var out []WorkerStatus
+	s.do(func() {
+		for _, sl := range s.slots {
+			st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Requests: sl.requests.Load()}
+			if w := sl.w; w != nil {
+				st.PID, st.State, st.Uptime = w.pid, w.state, time.Since(w.started)
+			}
+			out = append(out, st)
+		}
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Requests returns the number of requests all workers have reported, ever.
+func (s *Supervisor) Requests() uint64 { return uint64(s.requested.Load()) }
+
+// Send sends v, encoded as one JSON line, to the worker in slot id. It never
+// blocks: when the worker's queue is full the message is dropped, counted,
+// and an error says so.
+func (s *Supervisor) Send(id int, v any) error {
+	frame, err := ipc.Encode(v)
+	if err != nil {
+		return fmt.Errorf("supervisor: send to worker %d: %w", id, err)
+	}
+	var sendErr error
+	if !s.do(func() { sendErr = s.sendFrame(id, frame) }) {
+		return errors.New("supervisor: send: the supervisor is not running")
+	}
+	return sendErr
+}
+
+// Broadcast sends v to every running worker. It returns an error naming the
+// workers whose queue was full.
+func (s *Supervisor) Broadcast(v any) error {
+	frame, err := ipc.Encode(v)
+	if err != nil {
+		return fmt.Errorf("supervisor: broadcast: %w", err)
+	}
+	var errs []error
+	if !s.do(func() {
+		for _, id := range s.slotIDs() {
+			if s.slots[id].w == nil {
+				continue
+			}
+			if err := s.sendFrame(id, frame); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}) {
+		return errors.New("supervisor: broadcast: the supervisor is not running")
+	}
+	return errors.Join(errs...)
+}
+
+// do runs f on the loop goroutine and waits for it. It reports false when
+// Run is not running.
+func (s *Supervisor) do(f func()) bool {
+	if !s.ran.Load() {
+		return false
+	}
+	ran := make(chan struct{})
+	select {
+	case s.calls <- func() { f(); close(ran) }:
+	case <-s.done:
+		return false
+	}
+	select {
+	case <-ran:
+		return true
+	case <-s.done:
+		return false
+	}
+}
+
+// Run starts the workers and supervises them until ctx is cancelled, then
+// stops them gracefully: SIGTERM, StopTimeout, SIGKILL. It returns nil after
+// a requested stop, an error wrapping ErrTooManyRestarts after giving up,
+// and, with RestartNever or RestartOnFailure, an error when the last worker
+// has died unless all exited with status 0. Run may be called once.
+func (s *Supervisor) Run(ctx context.Context) error {
+	if !s.ran.CompareAndSwap(false, true) {
+		return errors.New("supervisor: Run called twice")
+	}
+	defer close(s.done)
+
+	// Register for SIGCHLD before anything is forked, so no exit is missed.
+	sigchld := make(chan os.Signal, 1)
+	signal.Notify(sigchld, syscall.SIGCHLD)
+	defer signal.Stop(sigchld)
+
+	if s.opts.Subreaper || os.Getpid() == 1 {
+		s.opts.Subreaper = true
+		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+			return fmt.Errorf("supervisor: become child subreaper: %w", err)
+		}
+	}
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return fmt.Errorf("supervisor: open %s for the workers' stdin: %w", os.DevNull, err)
+	}
+	s.devnull = devnull
+	defer devnull.Close()
+	s.forker = startForker()
+	defer s.forker.stop()
+
+	n := s.opts.Workers
+	s.mu.Lock()
+	if s.preForks > 0 {
+		n = s.preForks
+	}
+	s.mu.Unlock()
+	if n == 0 {
+		n = AvailableCPUs()
+	}
+	s.log.Info().Int("workers", n).Str("command", strings.Join(s.argv, " ")).Int("port", s.opts.Port).
+		Str("restart", s.opts.Restart.String()).Msg("starting workers")
+	s.checkPortFree()
+	for id := 1; id <= n; id++ {
+		s.start(s.addSlot(id))
+	}
+
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	ctxDone := ctx.Done()
+	for {
+		if s.finished() {
+			return s.exitErr
+		}
+		timer.Reset(s.nextWake(time.Now()))
+		select {
+		case <-ctxDone:
+			ctxDone = nil
+			s.log.Info().Msg("stopping all workers")
+			s.beginStop("stop")
+		case <-sigchld:
+			s.reap()
+		case <-timer.C:
+			s.tick(time.Now())
+		case f := <-s.calls:
+			f()
+		case m := <-s.msgs:
+			s.handleMsg(m)
+		}
+	}
+}
+
+// checkPortFree warns when the port has listeners before any worker: a
+// socket bound without SO_REUSEPORT, or by another user, makes every
+// worker's bind fail; one that joined the group takes a share of the
+// connections.
+func (s *Supervisor) checkPortFree() {
+	if s.opts.Port == 0 {
+		return
+	}
+	socks, err := reuseport.Listeners(s.opts.Port)
+	if err != nil || len(socks) == 0 {
+		return
+	}
+	uids := make([]uint32, 0, len(socks))
+	for _, sk := range socks {
+		uids = append(uids, sk.UID)
+	}
+	s.log.Warn().Int("port", s.opts.Port).Int("sockets", len(socks)).Interface("uids", uids).
+		Msgf("port %d already has %d listening socket(s) before any worker started: if it was bound without SO_REUSEPORT or by another user, the workers cannot bind it; find the owner with 'ss -ltnp sport = :%d'", s.opts.Port, len(socks), s.opts.Port)
+}
+
+// finished reports whether Run should return now.
+func (s *Supervisor) finished() bool {
+	for _, sl := range s.slots {
+		if sl.w != nil {
+			return false
+		}
+		if !s.stopping && !sl.finished {
+			return false
+		}
+	}
+	if !s.stopping && s.exitErr == nil && s.failed != nil {
+		s.exitErr = fmt.Errorf("supervisor: every worker has exited and none is to be restarted (restart policy %s); worker %d ended with %s",
+			s.opts.Restart, s.failed.Worker, s.failed.Status())
+	}
+	return true
+}
+
+func (s *Supervisor) addSlot(id int) *slot {
+	sl := &slot{id: id}
+	s.slots[id] = sl
+	return sl
+}
+
+func (s *Supervisor) nextSlotID() int {
+	id := 1
+	for s.slots[id] != nil {
+		id++
+	}
+	return id
+}
+
+func (s *Supervisor) slotIDs() []int {
+	ids := make([]int, 0, len(s.slots))
+	for id := range s.slots {
+		ids = append(ids, id)
+	}
+	sort.Ints(ids)
+	return ids
+}
+
+func (s *Supervisor) emit(e Event) {
+	if s.opts.OnEvent != nil {
+		e.Time = time.Now()
+		s.opts.OnEvent(e)
+	}
+}
+
+// start forks a process into sl.
+func (s *Supervisor) start(sl *slot) {
+	sl.restartAt = time.Time{}
+	sl.starts++
+	master, peer, err := ipc.Pair()
+	if err != nil {
+		s.startFailed(sl, fmt.Errorf("create the message channel: %w", err))
+		return
+	}
+	attr := &os.ProcAttr{
+		Dir:   s.opts.Dir,
+		Env:   s.env(sl.id),
+		Files: []*os.File{s.devnull, s.opts.Stdout, s.opts.Stderr, peer},
+		Sys: &syscall.SysProcAttr{
+			Setpgid:   true,            // Ctrl-C at a terminal reaches the master only
+			Pdeathsig: syscall.SIGKILL, // the master's death ends the worker
+		},
+	}
+	w := &worker{slot: sl, state: Starting}
+	proc, err := s.forker.start(s.path, s.argv, attr)
+	peer.Close()
+	if err != nil {
+		master.Close()
+		s.startFailed(sl, err)
+		return
+	}
+	w.proc, w.pid, w.started = proc, proc.Pid, time.Now()
+	sl.w = w
+	s.byPID[w.pid] = w
+	w.ch = ipc.NewChannel(master, ipc.ChannelOptions{
+		MaxMessage: s.opts.MaxMessage,
+		QueueLen:   s.opts.QueueLen,
+		OnMessage:  func(m ipc.Message) { s.onMessage(w, m) },
+		OnError: func(err error) {
+			s.log.Warn().Int("worker", sl.id).Int("pid", w.pid).Err(err).Msg("bad message from worker skipped")
+		},
+	})
+	go func(ch *ipc.Channel) {
+		<-ch.Done()
+		select {
+		case s.msgs <- workerMsg{w: w, msg: ipc.Message{Cmd: "disconnect"}}:
+		case <-s.done:
+		}
+	}(w.ch)
+	s.log.Info().Int("worker", sl.id).Int("pid", w.pid).Msg("worker started")
+	s.emit(Event{Type: EventFork, Worker: sl.id, PID: w.pid})
+	w.state = Online
+	s.emit(Event{Type: EventOnline, Worker: sl.id, PID: w.pid})
+	if s.opts.Ready == ReadyListen && s.opts.Port == 0 {
+		s.setListening(w)
+	}
+}
+
+// startFailed treats a failed fork like a death, so backoff applies.
+func (s *Supervisor) startFailed(sl *slot, err error) {
+	d := &Death{Worker: sl.id, ExitCode: -1, Err: err}
+	s.log.Error().Int("worker", sl.id).Err(err).Str("command", s.path).Msg("worker could not be started")
+	s.emit(Event{Type: EventDeath, Worker: sl.id, Death: d})
+	s.afterDeath(sl, d)
+}
+
+// env builds a worker's environment: the master's (unless CleanEnv)
+// without its SHOAL_ and NODE_CHANNEL_ variables, then Options.Env, then the
+// worker contract. A later entry replaces an earlier one with the same name.
+func (s *Supervisor) env(id int) []string {
+	var env []string
+	if !s.opts.CleanEnv {
+		for _, kv := range os.Environ() {
+			k, _, _ := strings.Cut(kv, "=")
+			if strings.HasPrefix(k, "SHOAL_") || strings.HasPrefix(k, "NODE_CHANNEL_") || k == "NODE_UNIQUE_ID" {
+				continue
+			}
+			env = append(env, kv)
+		}
+	}
+	env = append(env, s.opts.Env...)
+	env = append(env,
+		EnvWorkerID+"="+strconv.Itoa(id),
+		EnvMasterPID+"="+strconv.Itoa(os.Getpid()),
+		ipc.EnvFD+"=3",
+		"NODE_CHANNEL_FD=3",
+		"NODE_CHANNEL_SERIALIZATION_MODE=json",
+	)
+	if s.opts.Port != 0 {
+		env = append(env, EnvPort+"="+strconv.Itoa(s.opts.Port))
+	}
+	return dedupEnv(env)
+}
+
+// dedupEnv keeps only the last entry of each name.
+func dedupEnv(env []string) []string {
+	last := make(map[string]int, len(env))
+	for i, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		last[k] = i
+	}
+	out := env[:0:0]
+	for i, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		if last[k] == i {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
+// onMessage runs on the worker's channel goroutine. Request reports are
+// counted right here, so the hot path costs an atomic add and no hand-off.
+func (s *Supervisor) onMessage(w *worker, m ipc.Message) {
+	switch m.Cmd {
+	case ipc.CmdNotifyRequest:
+		w.slot.requests.Add(1)
+		s.requested.Add(1)
+	case ipc.CmdRequests:
+		w.slot.requests.Add(uint64(m.N))
+		s.requested.Add(m.N)
+	case ipc.CmdHeartbeat:
+	case ipc.CmdReady, ipc.CmdSend:
+		raw := append([]byte(nil), m.Raw...)
+		m.Msg = append([]byte(nil), m.Msg...)
+		select {
+		case s.msgs <- workerMsg{w: w, msg: m, raw: raw}:
+		case <-s.done:
+		}
+	default:
+		s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).RawJSON("message", m.Raw).Msg("message from worker")
+		if s.opts.OnMessage != nil {
+			s.opts.OnMessage(Message{Worker: w.slot.id, PID: w.pid, Cmd: m.Cmd, Raw: append([]byte(nil), m.Raw...)})
+		}
+	}
+}
+
+// handleMsg runs on the loop goroutine for messages that change state.
+func (s *Supervisor) handleMsg(m workerMsg) {
+	w := m.w
+	switch m.msg.Cmd {
+	case "disconnect":
+		s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).Msg("worker channel closed")
+		s.emit(Event{Type: EventDisconnect, Worker: w.slot.id, PID: w.pid})
+	case ipc.CmdReady:
+		if s.opts.Ready == ReadyMessage && w.state == Online {
+			s.setListening(w)
+		}
+	case ipc.CmdSend:
+		s.relay(w, m.msg)
+	}
+}
+
+// relay delivers a shoal:send message to the workers it names.
+func (s *Supervisor) relay(from *worker, m ipc.Message) {
+	frame := append(append([]byte(nil), m.Msg...), '\n')
+	if len(m.Msg) == 0 {
+		s.log.Warn().Int("worker", from.slot.id).Msg(`shoal:send without "msg" ignored`)
+		return
+	}
+	if m.To == "all" {
+		for _, id := range s.slotIDs() {
+			if id != from.slot.id && s.slots[id].w != nil {
+				s.sendFrame(id, frame)
+			}
+		}
+		return
+	}
+	id, err := strconv.Atoi(m.To)
+	if err != nil || s.slots[id] == nil {
+		s.log.Warn().Int("worker", from.slot.id).Str("to", m.To).Msg(`shoal:send to no such worker ignored: "to" must be a slot number or "all"`)
+		return
+	}
+	s.sendFrame(id, frame)
+}
+
+func (s *Supervisor) sendFrame(id int, frame []byte) error {
+	sl := s.slots[id]
+	if sl == nil || sl.w == nil || sl.w.ch == nil {
+		return fmt.Errorf("supervisor: send to worker %d: no such running worker", id)
+	}
+	if !sl.w.ch.Send(frame) {
+		s.log.Warn().Int("worker", id).Int("pid", sl.w.pid).Msg("message to worker dropped: its queue is full (is it reading fd 3?)")
+		return fmt.Errorf("supervisor: send to worker %d: its queue is full, message dropped", id)
+	}
+	return nil
+}
+
+func (s *Supervisor) setListening(w *worker) {
+	w.state = Listening
+	s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Dur("after", time.Since(w.started)).Msg("worker listening")
+	s.emit(Event{Type: EventListening, Worker: w.slot.id, PID: w.pid})
+}
+
+// reap collects every exited child without blocking. As a subreaper it
+// collects orphans too; otherwise only its own workers.
+func (s *Supervisor) reap() {
+	if s.opts.Subreaper {
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil || pid <= 0 {
+				return
+			}
+			if w := s.byPID[pid]; w != nil {
+				s.exited(w, ws)
+			} else {
+				s.log.Debug().Int("pid", pid).Msg("reaped an orphan")
+			}
+		}
+	}
+	for pid, w := range s.byPID {
+		var ws unix.WaitStatus
+		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		for err == unix.EINTR {
+			got, err = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		}
+		if got == pid {
+			s.exited(w, ws)
+		}
+	}
+}
+
+// exited records the death of w and applies the restart policy.
+func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
+	sl := w.slot
+	delete(s.byPID, w.pid)
+	sl.w = nil
+	w.state = Dead
+	w.proc.Release()
+	go w.ch.Close() // Close waits for the reader, which may be handing the loop a message
+	d := &Death{Worker: sl.id, PID: w.pid, ExitCode: ws.ExitStatus(), Uptime: time.Since(w.started), Reason: w.reason}
+	if ws.Signaled() {
+		d.ExitCode, d.Signal = -1, ws.Signal()
+	}
+	ev := s.log.Info()
+	if w.reason == "" && !d.Clean() {
+		ev = s.log.Warn()
+	}
+	ev = ev.Int("worker", sl.id).Int("pid", w.pid).Dur("uptime", d.Uptime)
+	if d.Signal != 0 {
+		ev = ev.Str("signal", unix.SignalName(d.Signal))
+	} else {
+		ev = ev.Int("exit_code", d.ExitCode)
+	}
+	if w.reason != "" {
+		ev = ev.Str("reason", w.reason)
+	}
+	ev.Msg("worker died")
+	s.emit(Event{Type: EventDeath, Worker: sl.id, PID: w.pid, Death: d})
+	s.afterDeath(sl, d)
+}
+
+// afterDeath decides what follows a death in sl.
+func (s *Supervisor) afterDeath(sl *slot, d *Death) {
+	if s.stopping || d.Reason == "stop" {
+		return
+	}
+	if sl.removed {
+		delete(s.slots, sl.id)
+		return
+	}
+	if d.Uptime >= s.opts.Backoff.StableAfter {
+		sl.failures = 0
+	}
+	restart := false
+	switch s.opts.Restart {
+	case RestartAlways:
+		restart = true
+	case RestartOnFailure:
+		restart = !d.Clean()
+	}
+	if !restart {
+		sl.finished = true
+		if !d.Clean() {
+			s.failed = d
+		}
+		return
+	}
+	sl.failures++
+	if !s.limiter.allow(time.Now()) {
+		s.exitErr = fmt.Errorf("%w: %d restarts within %s (--max-restarts %d --restart-window %s); the last, worker %d, ended with %s: fix the command, then start shoal again",
+			ErrTooManyRestarts, s.opts.MaxRestarts, s.opts.RestartWindow, s.opts.MaxRestarts, s.opts.RestartWindow, sl.id, d.Status())
+		s.log.Error().Err(s.exitErr).Msg("giving up")
+		s.beginStop("stop")
+		return
+	}
+	delay := s.opts.Backoff.Delay(sl.failures - 1)
+	if delay == 0 {
+		s.start(sl)
+		return
+	}
+	sl.restartAt = time.Now().Add(delay)
+	s.log.Info().Int("worker", sl.id).Dur("delay", delay).Int("quick_deaths", sl.failures).Msg("restarting worker after backoff")
+}
+
+// scale sets the number of slots.
+func (s *Supervisor) scale(n int) error {
+	if s.stopping {
+		return errors.New("supervisor: scale: the supervisor is stopping")
+	}
+	var live []int
+	for _, id := range s.slotIDs() {
+		if !s.slots[id].removed {
+			live = append(live, id)
+		}
+	}
+	for len(live) < n {
+		id := s.nextSlotID()
+		s.start(s.addSlot(id))
+		live = append(live, id)
+	}
+	for len(live) > n {
+		id := live[len(live)-1]
+		live = live[:len(live)-1]
+		sl := s.slots[id]
+		sl.removed = true
+		if sl.w == nil {
+			delete(s.slots, id)
+			continue
+		}
+		s.terminate(sl.w, "scale", time.Now())
+	}
+	s.log.Info().Int("workers", n).Msg("scaled")
+	return nil
+}
+
+// beginStop asks every worker to stop.
+func (s *Supervisor) beginStop(reason string) {
+	if s.stopping {
+		return
+	}
+	s.stopping = true
+	now := time.Now()
+	s.abandonAt = now.Add(s.opts.StopTimeout + 5*time.Second)
+	for _, id := range s.slotIDs() {
+		sl := s.slots[id]
+		sl.restartAt = time.Time{}
+		if sl.w != nil {
+			s.terminate(sl.w, reason, now)
+		}
+	}
+}
+
+// stopDeadline is when w gets SIGKILL if it has not exited.
+func (s *Supervisor) stopDeadline(w *worker) time.Time {
+	return w.stopAt.Add(s.opts.StopTimeout)
+}
+
+// terminate sends SIGTERM to w's process group. The bare pid is safe here:
+// only this goroutine reaps, and w is not reaped yet, so the pid and its
+// group cannot have been reused.
+func (s *Supervisor) terminate(w *worker, reason string, now time.Time) {
+	if w.state == Stopping {
+		return
+	}
+	w.state, w.reason, w.stopAt = Stopping, reason, now
+	s.signal(w, syscall.SIGTERM)
+}
+
+func (s *Supervisor) signal(w *worker, sig syscall.Signal) {
+	if err := unix.Kill(-w.pid, sig); err != nil {
+		// The worker left its process group: signal the process alone.
+		if err := w.proc.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Err(err).Msgf("send %s", unix.SignalName(sig))
+		}
+	}
+}
+
+// tick does what is due at now: delayed restarts, SIGKILL for workers past
+// their stop timeout, and the check for workers that started listening.
+func (s *Supervisor) tick(now time.Time) {
+	for _, id := range s.slotIDs() {
+		sl := s.slots[id]
+		if sl.w == nil && !sl.restartAt.IsZero() && !now.Before(sl.restartAt) && !s.stopping {
+			s.start(sl)
+		}
+		if w := sl.w; w != nil && w.state == Stopping && !w.killed && !now.Before(s.stopDeadline(w)) {
+			w.killed = true
+			s.log.Warn().Int("worker", id).Int("pid", w.pid).Dur("stop_timeout", s.opts.StopTimeout).Msg("worker did not exit after SIGTERM: sending SIGKILL")
+			s.signal(w, syscall.SIGKILL)
+		}
+	}
+	if s.stopping && !s.abandonAt.IsZero() && !now.Before(s.abandonAt) {
+		for pid, w := range s.byPID {
+			s.log.Error().Int("worker", w.slot.id).Int("pid", pid).Msg("worker survived SIGKILL (stuck in the kernel?): giving up on it")
+			w.proc.Release()
+			w.slot.w = nil
+			delete(s.byPID, pid)
+		}
+	}
+	s.pollListening(now)
+}
+
+// nextWake returns how long the loop may sleep.
+func (s *Supervisor) nextWake(now time.Time) time.Duration {
+	next := now.Add(time.Hour)
+	earlier := func(t time.Time) {
+		if !t.IsZero() && t.Before(next) {
+			next = t
+		}
+	}
+	for _, sl := range s.slots {
+		if sl.w == nil {
+			if !s.stopping {
+				earlier(sl.restartAt)
+			}
+			continue
+		}
+		w := sl.w
+		switch w.state {
+		case Stopping:
+			if !w.killed {
+				earlier(s.stopDeadline(w))
+			}
+		case Online:
+			if s.opts.Ready == ReadyListen && s.opts.Port != 0 {
+				earlier(w.nextPoll(now))
+			}
+		}
+	}
+	if s.stopping {
+		earlier(s.abandonAt)
+	}
+	d := next.Sub(now)
+	if d < time.Millisecond {
+		d = time.Millisecond
+	}
+	return d
+}
+
+// nextPoll is when to look again whether w listens: often while it is
+// young, so restarts are seen within milliseconds, then less often.
+func (w *worker) nextPoll(now time.Time) time.Time {
+	if now.Sub(w.started) < 2*time.Second {
+		return w.polled.Add(10 * time.Millisecond)
+	}
+	return w.polled.Add(100 * time.Millisecond)
+}
+
+// pollListening asks the kernel which of the online workers listen.
+func (s *Supervisor) pollListening(now time.Time) {
+	if s.opts.Ready != ReadyListen || s.opts.Port == 0 {
+		return
+	}
+	var due []*worker
+	for _, w := range s.byPID {
+		if w.state == Online && !now.Before(w.nextPoll(now)) {
+			due = append(due, w)
+		}
+	}
+	if len(due) == 0 {
+		return
+	}
+	socks, err := reuseport.Listeners(s.opts.Port)
+	if err != nil {
+		s.log.Warn().Err(err).Int("port", s.opts.Port).Msg("cannot read the kernel's listening sockets")
+	}
+	inodes := make(map[uint64]bool, len(socks))
+	for _, sk := range socks {
+		inodes[sk.Inode] = true
+	}
+	for _, w := range due {
+		w.polled = now
+		if len(inodes) == 0 {
+			continue
+		}
+		held, err := reuseport.Inodes(w.pid)
+		if err != nil {
+			continue
+		}
+		for ino := range held {
+			if inodes[ino] {
+				s.setListening(w)
+				break
+			}
+		}
+	}
+}

@@ -1,0 +1,298 @@
+package supervisor
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/shoal-sh/shoal/ipc"
+	"github.com/shoal-sh/shoal/reuseport"
+)
+
+// TestMain doubles as the workers' main: with no Command the supervisor
+// re-executes this test binary, and the copies see IsWorker() == true.
+func TestMain(m *testing.M) {
+	if IsWorker() {
+		os.Exit(testWorker())
+	}
+	os.Exit(m.Run())
+}
+
+// testWorker listens on 127.0.0.1:$PORT, reports two requests, and answers
+// messages: {"echo":X} comes back as {"echoed":X,"from":ID}; {"relay":TO}
+// sends {"hello":ID} to worker TO through the master; {"exit":N} exits N.
+func testWorker() int {
+	c, err := ipc.FromEnv()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 3
+	}
+	if port := os.Getenv(EnvPort); port != "" {
+		ln, err := reuseport.Listen("tcp4", "127.0.0.1:"+port)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 4
+		}
+		defer ln.Close()
+	}
+	c.Send(map[string]string{"cmd": ipc.CmdNotifyRequest})
+	c.Send(map[string]any{"cmd": ipc.CmdRequests, "n": 1})
+	exit := make(chan int, 1)
+	c.Handle(func(m ipc.Message) {
+		var in struct {
+			Echo  any  `json:"echo"`
+			Relay int  `json:"relay"`
+			Exit  *int `json:"exit"`
+			Hello int  `json:"hello"`
+		}
+		json.Unmarshal(m.Raw, &in)
+		switch {
+		case in.Echo != nil:
+			c.Send(map[string]any{"echoed": in.Echo, "from": WorkerID()})
+		case in.Relay != 0:
+			c.Send(map[string]any{"cmd": ipc.CmdSend, "to": in.Relay, "msg": map[string]int{"hello": WorkerID()}})
+		case in.Hello != 0:
+			c.Send(map[string]any{"gotHelloFrom": in.Hello, "from": WorkerID()})
+		case in.Exit != nil:
+			exit <- *in.Exit
+		}
+	})
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM)
+	select {
+	case <-sig:
+		return 0
+	case <-c.Done():
+		return 0
+	case code := <-exit:
+		return code
+	}
+}
+
+// run starts s in the background and returns a function that stops it and
+// returns Run's error.
+func run(t *testing.T, s *Supervisor) (stop func() error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- s.Run(ctx) }()
+	var err error
+	stopped := false
+	stop = func() error {
+		if stopped {
+			return err
+		}
+		stopped = true
+		cancel()
+		select {
+		case err = <-errc:
+		case <-time.After(20 * time.Second):
+			t.Fatal("Run did not return within 20s of cancel")
+		}
+		return err
+	}
+	t.Cleanup(func() { stop() })
+	return stop
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// waitEvent waits for an event that matches.
+func waitEvent(t *testing.T, events <-chan Event, what string, match func(Event) bool) Event {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case e := <-events:
+			if match(e) {
+				return e
+			}
+		case <-deadline:
+			t.Fatalf("no %s within 10s", what)
+		}
+	}
+}
+
+func waitMessage(t *testing.T, msgs <-chan Message, match func(map[string]any) bool) Message {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case m := <-msgs:
+			var v map[string]any
+			json.Unmarshal(m.Raw, &v)
+			if match(v) {
+				return m
+			}
+		case <-deadline:
+			t.Fatal("no matching message within 10s")
+		}
+	}
+}
+
+func TestLibraryLifecycleAndMessages(t *testing.T) {
+	events := make(chan Event, 256)
+	msgs := make(chan Message, 256)
+	s, err := New(Options{
+		Workers:     2,
+		Port:        freePort(t),
+		StopTimeout: 5 * time.Second,
+		OnEvent:     func(e Event) { events <- e },
+		OnMessage:   func(m Message) { msgs <- m },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+
+	seen := map[EventType]int{}
+	for len(seen) < 3 || seen[EventListening] < 2 {
+		e := waitEvent(t, events, "fork, online and listening for 2 workers", func(Event) bool { return true })
+		seen[e.Type]++
+	}
+	if seen[EventFork] != 2 || seen[EventOnline] != 2 {
+		t.Errorf("events %v, want 2 fork, 2 online, 2 listening", seen)
+	}
+
+	// Master -> worker -> master round trip, to one worker and to all.
+	if err := s.Send(1, map[string]any{"echo": "ping"}); err != nil {
+		t.Fatal(err)
+	}
+	m := waitMessage(t, msgs, func(v map[string]any) bool { return v["echoed"] == "ping" })
+	if m.Worker != 1 {
+		t.Errorf("echo came from worker %d, want 1", m.Worker)
+	}
+	if err := s.Broadcast(map[string]any{"echo": "all"}); err != nil {
+		t.Fatal(err)
+	}
+	from := map[int]bool{}
+	for len(from) < 2 {
+		from[waitMessage(t, msgs, func(v map[string]any) bool { return v["echoed"] == "all" }).Worker] = true
+	}
+	// Worker 1 -> master -> worker 2 relay.
+	s.Send(1, map[string]any{"relay": 2})
+	m = waitMessage(t, msgs, func(v map[string]any) bool { return v["gotHelloFrom"] == float64(1) })
+	if m.Worker != 2 {
+		t.Errorf("relay answered by worker %d, want 2", m.Worker)
+	}
+	if err := s.Send(7, map[string]any{"echo": 1}); err == nil {
+		t.Error("Send to a slot that does not exist succeeded")
+	}
+
+	// Each worker reports 1 + 1 requests at start.
+	deadline := time.Now().Add(5 * time.Second)
+	for s.Requests() != 4 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := s.Requests(); got != 4 {
+		t.Errorf("Requests() = %d, want 4", got)
+	}
+
+	// Fork adds slot 3; a death is replaced in its slot; Scale removes the
+	// highest slots first.
+	id, err := s.Fork()
+	if err != nil || id != 3 {
+		t.Fatalf("Fork() = %d, %v; want slot 3", id, err)
+	}
+	waitEvent(t, events, "slot 3 listening", func(e Event) bool { return e.Type == EventListening && e.Worker == 3 })
+	s.Send(2, map[string]any{"exit": 7})
+	d := waitEvent(t, events, "death of worker 2", func(e Event) bool { return e.Type == EventDeath && e.Worker == 2 })
+	if d.Death.ExitCode != 7 || d.Death.Clean() || d.Death.Status() != "exit status 7" {
+		t.Errorf("death = %+v, want exit status 7", d.Death)
+	}
+	waitEvent(t, events, "slot 2 listening again", func(e Event) bool { return e.Type == EventListening && e.Worker == 2 })
+	if err := s.Scale(1); err != nil {
+		t.Fatal(err)
+	}
+	for gone := map[int]bool{}; len(gone) < 2; {
+		e := waitEvent(t, events, "deaths of workers 2 and 3", func(e Event) bool { return e.Type == EventDeath })
+		if e.Worker == 1 || e.Death.Reason != "scale" {
+			t.Errorf("scale down ended worker %d (reason %q), want workers 2 and 3 (reason scale)", e.Worker, e.Death.Reason)
+		}
+		gone[e.Worker] = true
+	}
+	st := s.Status()
+	if len(st) != 1 || st[0].ID != 1 || st[0].State != Listening || st[0].Requests != 2 {
+		t.Errorf("Status() = %+v, want slot 1 listening with 2 requests", st)
+	}
+	if err := stop(); err != nil {
+		t.Errorf("Run = %v, want nil after cancel", err)
+	}
+	if s.Status() != nil {
+		t.Error("Status() after Run returned is not nil")
+	}
+}
+
+func TestForkBeforeRunSetsTheCount(t *testing.T) {
+	events := make(chan Event, 64)
+	s, err := New(Options{Workers: 5, OnEvent: func(e Event) { events <- e }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Fork()
+	s.Fork()
+	stop := run(t, s)
+	for i := 0; i < 2; i++ {
+		waitEvent(t, events, "online", func(e Event) bool { return e.Type == EventOnline })
+	}
+	if n := len(s.Status()); n != 2 {
+		t.Errorf("%d workers, want the 2 forked before Run", n)
+	}
+	stop()
+}
+
+func TestGiveUpAfterMaxRestarts(t *testing.T) {
+	s, err := New(Options{
+		Command:     []string{"sh", "-c", "exit 1"},
+		Workers:     1,
+		MaxRestarts: 2,
+		Backoff:     Backoff{Initial: time.Millisecond},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- s.Run(context.Background()) }()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, ErrTooManyRestarts) {
+			t.Errorf("Run = %v, want ErrTooManyRestarts", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not give up within 10s")
+	}
+}
+
+func TestNewRejectsBadOptions(t *testing.T) {
+	for _, o := range []Options{
+		{Workers: -1},
+		{Port: 70000},
+		{Command: []string{"no-such-command-for-shoal"}},
+	} {
+		if _, err := New(o); err == nil {
+			t.Errorf("New(%+v) succeeded, want an error", o)
+		}
+	}
+}
+
+func TestEnvironmentDedup(t *testing.T) {
+	got := dedupEnv([]string{"A=1", "B=2", "A=3"})
+	if fmt.Sprint(got) != "[B=2 A=3]" && fmt.Sprint(got) != "[A=3 B=2]" {
+		t.Errorf("dedupEnv = %v, want the last A", got)
+	}
+}
