@@ -1,0 +1,231 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/shoal-sh/shoal/supervisor"
+)
+
+var errHelp = errors.New("help shown")
+
+// config is what the command line and the environment ask for.
+type config struct {
+	opts      supervisor.Options
+	host      string
+	logFormat string
+	logLevel  string
+	version   bool
+}
+
+const usageHead = `shoal runs N copies of a server that all serve one port.
+
+Each worker binds the port itself with SO_REUSEPORT and the kernel spreads
+connections over them. shoal forks the workers, replaces the dead, and stops
+them cleanly. With no command it runs its built-in hello-world HTTP worker.
+
+Usage:
+  shoal [flags] [-- COMMAND [ARGS...]]
+  shoal version
+
+Examples:
+  shoal                                   # hello world on :8000, one worker per CPU
+  shoal --workers 4 --port 3000 -- node server.js
+  shoal --restart on-failure --max-restarts 5 -- ./my-server
+  SHOAL_WORKERS=2 SHOAL_PORT=8080 shoal -- nginx -c /etc/nginx/shoal.conf
+
+Workers get SHOAL_WORKER_ID (1..N), SHOAL_MASTER_PID, PORT, and fd 3, a Unix
+socket to the master (SHOAL_IPC_FD=3, NODE_CHANNEL_FD=3).
+
+Signals: SIGTERM or SIGINT stop the workers gracefully (SIGTERM, then SIGKILL
+after --stop-timeout). Exit codes: 0 after a requested stop, 1 after giving up
+or when the workers failed, 2 for bad usage (nothing started).
+
+Flags (each also read from the environment variable shown):
+`
+
+// intFlag is an int flag with bounds and a message that says what is wanted.
+type intFlag struct {
+	v        *int
+	min, max int
+	what     string
+}
+
+func (f intFlag) String() string {
+	if f.v == nil {
+		return ""
+	}
+	return strconv.Itoa(*f.v)
+}
+
+func (f intFlag) Set(s string) error {
+	n, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil || n < f.min || n > f.max {
+		return fmt.Errorf("want %s", f.what)
+	}
+	*f.v = n
+	return nil
+}
+
+// durationFlag is a duration flag that accepts 10s, 1m30s or 500ms.
+type durationFlag struct {
+	v   *time.Duration
+	min time.Duration
+}
+
+func (f durationFlag) String() string {
+	if f.v == nil {
+		return ""
+	}
+	return f.v.String()
+}
+
+func (f durationFlag) Set(s string) error {
+	d, err := time.ParseDuration(strings.TrimSpace(s))
+	if err != nil || d < f.min {
+		return fmt.Errorf("want a duration such as 10s, 1m30s or 500ms, at least %s", f.min)
+	}
+	*f.v = d
+	return nil
+}
+
+// choiceFlag accepts one of a few words.
+type choiceFlag struct {
+	v       *string
+	choices []string
+}
+
+func (f choiceFlag) String() string {
+	if f.v == nil {
+		return ""
+	}
+	return *f.v
+}
+
+func (f choiceFlag) Set(s string) error {
+	s = strings.ToLower(strings.TrimSpace(s))
+	for _, c := range f.choices {
+		if s == c {
+			*f.v = s
+			return nil
+		}
+	}
+	return fmt.Errorf("want one of %s", strings.Join(f.choices, ", "))
+}
+
+// stringFlag is a plain string flag.
+type stringFlag struct{ v *string }
+
+func (f *stringFlag) String() string {
+	if f.v == nil {
+		return ""
+	}
+	return *f.v
+}
+
+func (f *stringFlag) Set(s string) error { *f.v = s; return nil }
+
+// parseConfig reads flags from args and, for flags not given there, from
+// the environment (SHOAL_ and the flag's name in upper case).
+func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Writer) (config, error) {
+	var (
+		c        config
+		restart  = "always"
+		ready    = "listen"
+		workers  = 0
+		maxMsg   = 1 << 20
+		fs       = flag.NewFlagSet("shoal", flag.ContinueOnError)
+		envNames = map[string]string{}
+	)
+	c.opts.Port = 8000
+	c.opts.StopTimeout = 10 * time.Second
+	c.opts.RestartWindow = time.Minute
+	c.logFormat, c.logLevel = "auto", "info"
+
+	def := func(name string, v flag.Value, usage string) {
+		env := "SHOAL_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
+		envNames[name] = env
+		fs.Var(v, name, usage+" ($"+env+")")
+	}
+	def("workers", intFlag{&workers, 1, 1 << 16, "a whole number of workers, 1 or more"},
+		"number of workers (default: the CPUs this process may use, after affinity and cgroup quota)")
+	def("port", intFlag{&c.opts.Port, 0, 65535, "a port number 1..65535, or 0 for none"},
+		"port exported to workers as PORT and watched for their LISTEN sockets; 0 for none")
+	def("host", &stringFlag{&c.host},
+		"address exported to workers as HOST; the built-in worker listens there (default: all addresses)")
+	def("restart", choiceFlag{&restart, []string{"always", "on-failure", "never"}},
+		"restart policy: always, on-failure or never")
+	def("stop-timeout", durationFlag{&c.opts.StopTimeout, 0},
+		"time a worker has to exit after SIGTERM before SIGKILL")
+	def("max-restarts", intFlag{&c.opts.MaxRestarts, 0, 1 << 30, "a whole number, 0 (no limit) or more"},
+		"give up and exit 1 after this many restarts within --restart-window; 0 for no limit")
+	def("restart-window", durationFlag{&c.opts.RestartWindow, time.Second},
+		"window for --max-restarts")
+	def("ready", choiceFlag{&ready, []string{"listen", "message"}},
+		`how a worker counts as serving: "listen" (the kernel shows its LISTEN socket on the port) or "message" (it sends {"cmd":"shoal:ready"})`)
+	def("ipc-max-message", intFlag{&maxMsg, 64, 1 << 30, "a size in bytes, 64 or more"},
+		"largest message a worker may send, in bytes; longer ones are skipped and counted")
+	def("log-format", choiceFlag{&c.logFormat, []string{"auto", "json", "console"}},
+		"log format: json, console, or auto (console when stderr is a terminal)")
+	def("log-level", choiceFlag{&c.logLevel, []string{"debug", "info", "warn", "error"}},
+		"log level: debug, info, warn or error")
+
+	// The flag package prints its own complaint and the whole usage on
+	// any error; shoal prints one line instead, and the usage on -h only.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, usageHead)
+			fs.SetOutput(stdout)
+			fs.PrintDefaults()
+			return c, errHelp
+		}
+		return c, err
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := envNames[f.Name]
+		if set[f.Name] || envErr != nil {
+			return
+		}
+		if v := getenv(env); v != "" {
+			if err := f.Value.Set(v); err != nil {
+				envErr = fmt.Errorf("%s=%q: %v", env, v, err)
+			}
+		}
+	})
+	if envErr != nil {
+		return c, envErr
+	}
+
+	rest := fs.Args()
+	if len(rest) == 1 && rest[0] == "version" {
+		c.version = true
+		return c, nil
+	}
+	c.opts.Command = rest
+	if c.host != "" {
+		c.opts.Env = append(c.opts.Env, "HOST="+c.host)
+	}
+	c.opts.Workers = workers
+	c.opts.MaxMessage = maxMsg
+	var err error
+	if c.opts.Restart, err = supervisor.ParseRestartPolicy(restart); err != nil {
+		return c, err
+	}
+	if c.opts.Ready, err = supervisor.ParseReadyMode(ready); err != nil {
+		return c, err
+	}
+	if len(rest) == 0 && c.opts.Port == 0 {
+		return c, errors.New("the built-in worker needs a port: give --port 1..65535")
+	}
+	return c, nil
+}

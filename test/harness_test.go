@@ -1,0 +1,363 @@
+// Package test holds shoal's end-to-end tests: they build the binary once,
+// then drive it with real processes, ports and signals on loopback.
+package test
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// shoalBin is the binary under test, built once by TestMain.
+var shoalBin string
+
+func TestMain(m *testing.M) {
+	if h := os.Getenv("E2E_HELPER"); h != "" {
+		os.Exit(runHelper(h))
+	}
+	dir, err := os.MkdirTemp("", "shoal-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	shoalBin = filepath.Join(dir, "shoal")
+	args := []string{"build", "-o", shoalBin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, "..")...)
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintf(os.Stderr, "build shoal: %v\n", err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// requirePeer skips a test whose outside program is missing, unless
+// SHOAL_REQUIRE_PEERS=1 (set by .ci/run), where a missing peer fails it.
+func requirePeer(t *testing.T, name string) string {
+	t.Helper()
+	path, err := exec.LookPath(name)
+	if err == nil {
+		return path
+	}
+	if os.Getenv("SHOAL_REQUIRE_PEERS") == "1" {
+		t.Fatalf("%s is required (SHOAL_REQUIRE_PEERS=1) but not found in PATH: run .ci/run, which installs it", name)
+	}
+	t.Skipf("%s not found in PATH; .ci/run installs it", name)
+	return ""
+}
+
+// freePort returns a TCP port that is free on 127.0.0.1 now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// entry is one JSON log line of the master.
+type entry map[string]any
+
+func (e entry) str(k string) string { s, _ := e[k].(string); return s }
+func (e entry) num(k string) int    { f, _ := e[k].(float64); return int(f) }
+
+// logs collects the master's stderr, line by line.
+type logs struct {
+	mu      sync.Mutex
+	partial []byte
+	lines   []string
+	changed chan struct{}
+}
+
+func newLogs() *logs { return &logs{changed: make(chan struct{})} }
+
+func (l *logs) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.partial = append(l.partial, p...)
+	for {
+		i := bytes.IndexByte(l.partial, '\n')
+		if i < 0 {
+			break
+		}
+		l.lines = append(l.lines, string(l.partial[:i]))
+		l.partial = l.partial[i+1:]
+	}
+	close(l.changed)
+	l.changed = make(chan struct{})
+	return len(p), nil
+}
+
+func (l *logs) snapshot() ([]string, chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.lines...), l.changed
+}
+
+func (l *logs) String() string {
+	lines, _ := l.snapshot()
+	return strings.Join(lines, "\n")
+}
+
+// entries returns the JSON lines that match.
+func (l *logs) entries(match func(entry) bool) []entry {
+	lines, _ := l.snapshot()
+	var out []entry
+	for _, line := range lines {
+		var e entry
+		if json.Unmarshal([]byte(line), &e) != nil {
+			continue
+		}
+		if match(e) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// master is one shoal process under test.
+type master struct {
+	t      *testing.T
+	cmd    *exec.Cmd
+	logs   *logs
+	stdout *logs
+	done   chan struct{}
+	state  *os.ProcessState
+}
+
+// startShoal starts the binary with args and env (added to the test's).
+// The process is killed and reaped when the test ends.
+func startShoal(t *testing.T, env []string, args ...string) *master {
+	t.Helper()
+	m := &master{t: t, logs: newLogs(), stdout: newLogs(), done: make(chan struct{})}
+	m.cmd = exec.Command(shoalBin, args...)
+	m.cmd.Env = append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug"), env...)
+	m.cmd.Stderr = m.logs
+	m.cmd.Stdout = m.stdout
+	if err := m.cmd.Start(); err != nil {
+		t.Fatalf("start shoal: %v", err)
+	}
+	go func() {
+		m.cmd.Wait()
+		m.state = m.cmd.ProcessState
+		close(m.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-m.done:
+		default:
+			m.cmd.Process.Kill()
+			select {
+			case <-m.done:
+			case <-time.After(10 * time.Second):
+				t.Errorf("shoal (pid %d) not reaped 10s after SIGKILL", m.cmd.Process.Pid)
+			}
+		}
+		if t.Failed() {
+			t.Logf("shoal log:\n%s", m.logs)
+		}
+	})
+	return m
+}
+
+func (m *master) pid() int { return m.cmd.Process.Pid }
+
+// signal sends sig to the master.
+func (m *master) signal(sig syscall.Signal) {
+	m.t.Helper()
+	if err := m.cmd.Process.Signal(sig); err != nil {
+		m.t.Fatalf("signal shoal: %v", err)
+	}
+}
+
+// wait waits for the master to exit and returns its exit code.
+func (m *master) wait(timeout time.Duration) int {
+	m.t.Helper()
+	select {
+	case <-m.done:
+		return m.state.ExitCode()
+	case <-time.After(timeout):
+		m.t.Fatalf("shoal did not exit within %s", timeout)
+		return -1
+	}
+}
+
+// waitFor waits until match holds for at least n log entries and returns
+// them.
+func (m *master) waitFor(timeout time.Duration, n int, what string, match func(entry) bool) []entry {
+	m.t.Helper()
+	deadline := time.After(timeout)
+	for {
+		_, changed := m.logs.snapshot()
+		if got := m.logs.entries(match); len(got) >= n {
+			return got
+		}
+		select {
+		case <-changed:
+		case <-m.done:
+			if got := m.logs.entries(match); len(got) >= n {
+				return got
+			}
+			m.t.Fatalf("shoal exited (%v) before %s", m.state, what)
+		case <-deadline:
+			m.t.Fatalf("no %s within %s", what, timeout)
+		}
+	}
+}
+
+func msg(text string) func(entry) bool {
+	return func(e entry) bool { return e.str("message") == text }
+}
+
+// listening waits until n distinct slots have a listening worker and
+// returns the newest pid of each slot.
+func (m *master) listening(timeout time.Duration, n int) map[int]int {
+	m.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		pids := m.current()
+		if len(pids) >= n {
+			return pids
+		}
+		if time.Now().After(deadline) {
+			m.t.Fatalf("want %d listening workers within %s, have %v", n, timeout, pids)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// current returns, per slot, the pid of its live listening worker, read
+// from the log: the last "worker listening" not followed by its death.
+func (m *master) current() map[int]int {
+	out := map[int]int{}
+	for _, e := range m.logs.entries(func(e entry) bool {
+		return e.str("message") == "worker listening" || e.str("message") == "worker died"
+	}) {
+		if e.str("message") == "worker listening" {
+			out[e.num("worker")] = e.num("pid")
+		} else if out[e.num("worker")] == e.num("pid") {
+			delete(out, e.num("worker"))
+		}
+	}
+	return out
+}
+
+// get does one HTTP request on a fresh connection and returns the body.
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
+
+// waitGone waits until none of pids is alive.
+func waitGone(t *testing.T, timeout time.Duration, pids ...int) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		var left []int
+		for _, p := range pids {
+			if alive(p) {
+				left = append(left, p)
+			}
+		}
+		if len(left) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			for _, p := range left {
+				syscall.Kill(p, syscall.SIGKILL)
+			}
+			t.Fatalf("processes %v still alive %s later", left, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// zombiesOf returns the zombie children of ppid.
+func zombiesOf(ppid int) []int {
+	dirs, _ := os.ReadDir("/proc")
+	var out []int
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + d.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(s[i+1:])
+		if len(f) > 1 && f[0] == "Z" && f[1] == strconv.Itoa(ppid) {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// environ returns a process's environment as a map.
+func environ(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
+	if err != nil {
+		t.Fatalf("read environment of pid %d: %v", pid, err)
+	}
+	out := map[string]string{}
+	for _, kv := range strings.Split(string(b), "\x00") {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// scanLines calls f for each line of r until it returns true or r ends.
+func scanLines(r io.Reader, f func(string) bool) {
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		if f(sc.Text()) {
+			return
+		}
+	}
+}
