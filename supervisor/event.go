@@ -89,6 +89,29 @@ type Death struct {
 // Clean reports whether the worker exited with status 0.
 func (d Death) Clean() bool { return d.Err == nil && d.Signal == 0 && d.ExitCode == 0 }
 
+// Class returns a bounded label for how the worker ended, for metrics:
+// "exit_zero", "exit_nonzero", "start_failed", or "signal_" and the
+// signal's name for the common fatal signals (SIGKILL, SIGTERM, SIGINT,
+// SIGQUIT, SIGHUP, SIGSEGV, SIGBUS, SIGABRT, SIGILL, SIGFPE, SIGPIPE), and
+// "signal_other" for the rest.
+func (d Death) Class() string {
+	switch {
+	case d.Err != nil:
+		return "start_failed"
+	case d.Signal != 0:
+		switch d.Signal {
+		case unix.SIGKILL, unix.SIGTERM, unix.SIGINT, unix.SIGQUIT, unix.SIGHUP, unix.SIGSEGV,
+			unix.SIGBUS, unix.SIGABRT, unix.SIGILL, unix.SIGFPE, unix.SIGPIPE:
+			return "signal_" + unix.SignalName(d.Signal)
+		}
+		return "signal_other"
+	case d.ExitCode == 0:
+		return "exit_zero"
+	default:
+		return "exit_nonzero"
+	}
+}
+
 // Status says how the worker ended: "exit status 1", "signal killed",
 // "start failed: ...".
 func (d Death) Status() string {

@@ -120,6 +120,12 @@ type Options struct {
 	MaxRestarts int
 	// RestartWindow is the window of MaxRestarts; 0 means one minute.
 	RestartWindow time.Duration
+	// ReadyTimeout bounds how long a reload waits for a replacement to
+	// serve before it aborts; 0 means 30 seconds.
+	ReadyTimeout time.Duration
+	// ReloadSurge is how many slots a reload rolls at a time; 0 means 1.
+	ReloadSurge int
+
 	// StopTimeout is how long a worker has to exit after SIGTERM before it
 	// and its process group get SIGKILL. 0 means 10 seconds.
 	StopTimeout time.Duration
@@ -168,6 +174,9 @@ var ErrTooManyRestarts = fmt.Errorf("supervisor: too many restarts")
 func (o Options) withDefaults() Options {
 	if o.StopTimeout <= 0 {
 		o.StopTimeout = 10 * time.Second
+	}
+	if o.ReadyTimeout <= 0 {
+		o.ReadyTimeout = 30 * time.Second
 	}
 	if o.RestartWindow <= 0 {
 		o.RestartWindow = time.Minute

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -37,20 +39,27 @@ type Supervisor struct {
 	done  chan struct{}  // closed when Run returns
 	ran   atomic.Bool
 
-	mu        sync.Mutex // guards preForks
+	mu        sync.Mutex // guards preForks and handlers
 	preForks  int
-	requested atomic.Int64 // requests reported by all workers, ever
+	handlers  map[int]func(Message) // per-slot message handlers
+	requested atomic.Int64          // requests reported by all workers, ever
 
 	// Owned by the loop goroutine.
-	slots     map[int]*slot
-	byPID     map[int]*worker
-	forker    *forker
-	devnull   *os.File
-	limiter   restartLimiter
-	stopping  bool
-	abandonAt time.Time // when Run stops waiting for SIGKILLed workers
-	exitErr   error
-	failed    *Death // an unclean death that will not be replaced
+	slots      map[int]*slot
+	byPID      map[int]*worker
+	forker     *forker
+	devnull    *os.File
+	limiter    restartLimiter
+	stopping   bool
+	abandonAt  time.Time // when Run stops waiting for SIGKILLed workers
+	exitErr    error
+	failed     *Death // an unclean death that will not be replaced
+	restarts   uint64 // replacements started after a death
+	giveUps    uint64
+	reload     *reload // the rolling reload in progress, or nil
+	advancing  bool    // advanceReload is on the stack
+	reloads    uint64  // reloads finished
+	reloadErrs uint64  // reloads aborted
 }
 
 // slot is one worker position, 1..N. It outlives the processes that fill it,
@@ -58,12 +67,16 @@ type Supervisor struct {
 type slot struct {
 	id        int
 	w         *worker   // the current process, or nil
+	next      *worker   // a reload's replacement, until it serves
 	failures  int       // quick deaths in a row, for the backoff
 	restartAt time.Time // when a delayed replacement is due; zero if none
 	starts    int
 	finished  bool // dead and not to be replaced
 	removed   bool // scaled away: delete on death
 	requests  atomic.Uint64
+	deaths    map[string]uint64 // by Death.Class
+	ipcBase   ipc.Stats         // folded stats of channels closed for good
+	retired   []*ipc.Channel    // channels of dead workers not folded yet
 }
 
 // worker is one process filling a slot.
@@ -78,6 +91,7 @@ type worker struct {
 	stopAt  time.Time // when it was sent SIGTERM
 	killed  bool      // it was sent SIGKILL
 	polled  time.Time // when the kernel was last asked whether it listens
+	inodes  []uint64  // its LISTEN sockets on the port, as first seen
 }
 
 type workerMsg struct {
@@ -152,15 +166,15 @@ func unwrapExec(err error) error {
 	return err
 }
 
-// Fork adds one worker, as the Node.js cluster module's fork does. Called
-// before Run, it sets the initial workers instead of Options.Workers; while
-// Run runs, it starts the new worker at once and returns its slot.
-func (s *Supervisor) Fork() (int, error) {
+// Fork adds one worker, as the Node.js cluster module's fork does, and
+// returns its slot. Called before Run, it sets the initial workers instead
+// of Options.Workers; while Run runs, it starts the new worker at once.
+func (s *Supervisor) Fork() (*Worker, error) {
 	if !s.ran.Load() {
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		s.preForks++
-		return s.preForks, nil
+		return s.Worker(s.preForks), nil
 	}
 	var id int
 	if !s.do(func() {
@@ -170,9 +184,42 @@ func (s *Supervisor) Fork() (int, error) {
 		id = s.nextSlotID()
 		s.start(s.addSlot(id))
 	}) || id == 0 {
-		return 0, errors.New("supervisor: fork: the supervisor is stopping")
+		return nil, errors.New("supervisor: fork: the supervisor is stopping")
 	}
-	return id, nil
+	return s.Worker(id), nil
+}
+
+// Worker is a handle on one slot, valid across the processes that fill it:
+// the Node.js cluster module's worker object.
+type Worker struct {
+	s  *Supervisor
+	id int
+}
+
+// Worker returns the handle of slot id. The slot need not exist yet.
+func (s *Supervisor) Worker(id int) *Worker { return &Worker{s: s, id: id} }
+
+// ID returns the slot, 1..N.
+func (w *Worker) ID() int { return w.id }
+
+// Send sends v to the process now in the slot: worker.send in Node.js.
+func (w *Worker) Send(v any) error { return w.s.Send(w.id, v) }
+
+// Handle sets the handler for application messages from this slot, in
+// place of Options.OnMessage: worker.on('message') in Node.js. It runs on
+// the worker's channel goroutine and must be safe to call concurrently with
+// other slots' handlers. A nil h removes it.
+func (w *Worker) Handle(h func(Message)) {
+	w.s.mu.Lock()
+	defer w.s.mu.Unlock()
+	if w.s.handlers == nil {
+		w.s.handlers = map[int]func(Message){}
+	}
+	if h == nil {
+		delete(w.s.handlers, w.id)
+		return
+	}
+	w.s.handlers[w.id] = h
 }
 
 // Scale sets the number of workers. New slots start at once; removed slots,
@@ -190,29 +237,80 @@ func (s *Supervisor) Scale(n int) error {
 
 // WorkerStatus is a snapshot of one slot.
 type WorkerStatus struct {
-	ID       int           // the slot
-	PID      int           // 0 when no process fills the slot now
-	State    State         // Dead when no process fills the slot now
-	Uptime   time.Duration // of the current process
-	Starts   int           // processes started in this slot
-	Requests uint64        // requests reported from this slot, across restarts
+	ID       int               // the slot
+	PID      int               // 0 when no process fills the slot now
+	State    State             // Dead when no process fills the slot now
+	Started  time.Time         // start of the current process
+	Uptime   time.Duration     // of the current process, on the monotonic clock
+	Starts   int               // processes started in this slot
+	Requests uint64            // requests reported from this slot, across restarts
+	Deaths   map[string]uint64 // deaths in this slot by Death.Class
+	Backoff  time.Duration     // delay before the pending restart, if one is pending
+	IPC      ipc.Stats         // the slot's message counters, across restarts
+	Sockets  []uint64          // inodes of the LISTEN sockets on Port in which the master saw the current process listen
+}
+
+// Snapshot is the supervisor's state at one moment.
+type Snapshot struct {
+	Desired  int            // slots wanted
+	Port     int            // the port workers listen on; 0 for none
+	Restarts uint64         // replacements started after deaths
+	GiveUps  uint64         // times MaxRestarts ended the supervisor
+	Stopping bool           // a stop was requested or the supervisor gave up
+	Reloads  uint64         // reloads that finished
+	// ReloadFailures counts reloads aborted by a broken replacement.
+	ReloadFailures uint64
+	Reloading      bool // a reload runs now
+	Workers  []WorkerStatus // by slot
 }
 
 // Status returns a snapshot of every slot, ordered by slot. It returns nil
 // when Run is not running.
 func (s *Supervisor) Status() []WorkerStatus {
-	var out []WorkerStatus
-	s.do(func() {
-		for _, sl := range s.slots {
-			st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Requests: sl.requests.Load()}
-			if w := sl.w; w != nil {
-				st.PID, st.State, st.Uptime = w.pid, w.state, time.Since(w.started)
+	snap, ok := s.Snapshot()
+	if !ok {
+		return nil
+	}
+	return snap.Workers
+}
+
+// Snapshot returns the supervisor's state; ok is false when Run is not
+// running. It costs one hand-off to the supervisor's goroutine.
+func (s *Supervisor) Snapshot() (snap Snapshot, ok bool) {
+	snap, err := s.SnapshotContext(context.Background())
+	return snap, err == nil
+}
+
+// SnapshotContext is Snapshot bounded by ctx: a health check uses it to
+// tell a live supervisor from a stuck one. It fails when Run is not running
+// or ctx ends first.
+func (s *Supervisor) SnapshotContext(ctx context.Context) (Snapshot, error) {
+	var snap Snapshot
+	err := s.doContext(ctx, func() {
+		now := time.Now()
+		snap = Snapshot{Port: s.opts.Port, Restarts: s.restarts, GiveUps: s.giveUps, Stopping: s.stopping,
+			Reloads: s.reloads, ReloadFailures: s.reloadErrs, Reloading: s.reload != nil}
+		for _, id := range s.slotIDs() {
+			sl := s.slots[id]
+			if !sl.removed && !sl.finished {
+				snap.Desired++
 			}
-			out = append(out, st)
+			st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}
+			addStats(&st.IPC, sl.ipcBase)
+			for _, ch := range sl.retired {
+				addStats(&st.IPC, ch.Stats())
+			}
+			if w := sl.w; w != nil {
+				st.PID, st.State, st.Started, st.Uptime = w.pid, w.state, w.started, now.Sub(w.started)
+				st.Sockets = slices.Clone(w.inodes)
+				addStats(&st.IPC, w.ch.Stats())
+			} else if !sl.restartAt.IsZero() {
+				st.Backoff = sl.restartAt.Sub(now)
+			}
+			snap.Workers = append(snap.Workers, st)
 		}
 	})
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
-	return out
+	return snap, err
 }
 
 // Requests returns the number of requests all workers have reported, ever.
@@ -259,20 +357,33 @@ func (s *Supervisor) Broadcast(v any) error {
 // do runs f on the loop goroutine and waits for it. It reports false when
 // Run is not running.
 func (s *Supervisor) do(f func()) bool {
+	return s.doContext(context.Background(), f) == nil
+}
+
+// errNotRunning is returned by doContext when Run is not running.
+var errNotRunning = errors.New("supervisor: not running")
+
+// doContext runs f on the loop goroutine and waits for it or for ctx. Once
+// f was handed over it always runs, even if ctx ends first.
+func (s *Supervisor) doContext(ctx context.Context, f func()) error {
 	if !s.ran.Load() {
-		return false
+		return errNotRunning
 	}
 	ran := make(chan struct{})
 	select {
 	case s.calls <- func() { f(); close(ran) }:
 	case <-s.done:
-		return false
+		return errNotRunning
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 	select {
 	case <-ran:
-		return true
+		return nil
 	case <-s.done:
-		return false
+		return errNotRunning
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 
@@ -370,10 +481,10 @@ func (s *Supervisor) checkPortFree() {
 
 // finished reports whether Run should return now.
 func (s *Supervisor) finished() bool {
+	if len(s.byPID) > 0 {
+		return false
+	}
 	for _, sl := range s.slots {
-		if sl.w != nil {
-			return false
-		}
 		if !s.stopping && !sl.finished {
 			return false
 		}
@@ -386,7 +497,7 @@ func (s *Supervisor) finished() bool {
 }
 
 func (s *Supervisor) addSlot(id int) *slot {
-	sl := &slot{id: id}
+	sl := &slot{id: id, deaths: map[string]uint64{}}
 	s.slots[id] = sl
 	return sl
 }
@@ -415,14 +526,26 @@ func (s *Supervisor) emit(e Event) {
 	}
 }
 
-// start forks a process into sl.
+// start forks a process into sl. A process that cannot be started counts
+// as a death, so the backoff applies.
 func (s *Supervisor) start(sl *slot) {
 	sl.restartAt = time.Time{}
+	w, err := s.spawn(sl)
+	if err != nil {
+		s.startFailed(sl, err)
+		return
+	}
+	sl.w = w
+	s.online(w)
+}
+
+// spawn forks a process for sl without putting it in the slot: start puts
+// it there, a reload keeps it aside until it serves.
+func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 	sl.starts++
 	master, peer, err := ipc.Pair()
 	if err != nil {
-		s.startFailed(sl, fmt.Errorf("create the message channel: %w", err))
-		return
+		return nil, fmt.Errorf("create the message channel: %w", err)
 	}
 	attr := &os.ProcAttr{
 		Dir:   s.opts.Dir,
@@ -438,11 +561,9 @@ func (s *Supervisor) start(sl *slot) {
 	peer.Close()
 	if err != nil {
 		master.Close()
-		s.startFailed(sl, err)
-		return
+		return nil, err
 	}
 	w.proc, w.pid, w.started = proc, proc.Pid, time.Now()
-	sl.w = w
 	s.byPID[w.pid] = w
 	w.ch = ipc.NewChannel(master, ipc.ChannelOptions{
 		MaxMessage: s.opts.MaxMessage,
@@ -461,8 +582,13 @@ func (s *Supervisor) start(sl *slot) {
 	}(w.ch)
 	s.log.Info().Int("worker", sl.id).Int("pid", w.pid).Msg("worker started")
 	s.emit(Event{Type: EventFork, Worker: sl.id, PID: w.pid})
+	return w, nil
+}
+
+// online marks a started process as running.
+func (s *Supervisor) online(w *worker) {
 	w.state = Online
-	s.emit(Event{Type: EventOnline, Worker: sl.id, PID: w.pid})
+	s.emit(Event{Type: EventOnline, Worker: w.slot.id, PID: w.pid})
 	if s.opts.Ready == ReadyListen && s.opts.Port == 0 {
 		s.setListening(w)
 	}
@@ -541,8 +667,14 @@ func (s *Supervisor) onMessage(w *worker, m ipc.Message) {
 		}
 	default:
 		s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).RawJSON("message", m.Raw).Msg("message from worker")
-		if s.opts.OnMessage != nil {
-			s.opts.OnMessage(Message{Worker: w.slot.id, PID: w.pid, Cmd: m.Cmd, Raw: append([]byte(nil), m.Raw...)})
+		s.mu.Lock()
+		h := s.handlers[w.slot.id]
+		s.mu.Unlock()
+		if h == nil {
+			h = s.opts.OnMessage
+		}
+		if h != nil {
+			h(Message{Worker: w.slot.id, PID: w.pid, Cmd: m.Cmd, Raw: append([]byte(nil), m.Raw...)})
 		}
 	}
 }
@@ -602,6 +734,9 @@ func (s *Supervisor) setListening(w *worker) {
 	w.state = Listening
 	s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Dur("after", time.Since(w.started)).Msg("worker listening")
 	s.emit(Event{Type: EventListening, Worker: w.slot.id, PID: w.pid})
+	if r := s.reload; r != nil && r.active[w.slot.id] == w {
+		s.replacementServes(w)
+	}
 }
 
 // reap collects every exited child without blocking. As a subreaper it
@@ -640,10 +775,18 @@ func (s *Supervisor) reap() {
 func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 	sl := w.slot
 	delete(s.byPID, w.pid)
-	sl.w = nil
 	w.state = Dead
 	w.proc.Release()
-	go w.ch.Close() // Close waits for the reader, which may be handing the loop a message
+	sl.retired = append(sl.retired, w.ch)
+	go func(ch *ipc.Channel) {
+		// Close waits for the reader, which may be handing the loop a
+		// message: so not on the loop. The loop folds the final stats.
+		ch.Close()
+		select {
+		case s.calls <- func() { s.fold(sl, ch) }:
+		case <-s.done:
+		}
+	}(w.ch)
 	d := &Death{Worker: sl.id, PID: w.pid, ExitCode: ws.ExitStatus(), Uptime: time.Since(w.started), Reason: w.reason}
 	if ws.Signaled() {
 		d.ExitCode, d.Signal = -1, ws.Signal()
@@ -663,11 +806,59 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 	}
 	ev.Msg("worker died")
 	s.emit(Event{Type: EventDeath, Worker: sl.id, PID: w.pid, Death: d})
-	s.afterDeath(sl, d)
+	replacement := s.reload != nil && s.reload.active[sl.id] == w
+	switch w {
+	case sl.next:
+		sl.next = nil
+		sl.deaths[d.Class()]++
+	case sl.w:
+		sl.w = nil
+		if sl.next != nil {
+			// The old process died during a reload: its replacement
+			// takes the slot now instead of a restart.
+			sl.deaths[d.Class()]++
+			sl.w, sl.next = sl.next, nil
+			break
+		}
+		s.afterDeath(sl, d)
+	default:
+		// A process the slot no longer counts on, replaced by a reload.
+		sl.deaths[d.Class()]++
+	}
+	if replacement {
+		s.abortReload(fmt.Errorf("%w: worker %d's replacement (pid %d) ended with %s before it served",
+			ErrReloadAborted, sl.id, w.pid, d.Status()))
+	}
+}
+
+// fold adds a closed channel's final counters to its slot's.
+func (s *Supervisor) fold(sl *slot, ch *ipc.Channel) {
+	for i, c := range sl.retired {
+		if c == ch {
+			sl.retired = append(sl.retired[:i], sl.retired[i+1:]...)
+			addStats(&sl.ipcBase, ch.Stats())
+			return
+		}
+	}
+}
+
+func addStats(dst *ipc.Stats, src ipc.Stats) {
+	dst.MessagesIn += src.MessagesIn
+	dst.BytesIn += src.BytesIn
+	dst.MessagesOut += src.MessagesOut
+	dst.BytesOut += src.BytesOut
+	dst.Dropped += src.Dropped
+	if dst.Errors == nil {
+		dst.Errors = map[string]uint64{}
+	}
+	for k, v := range src.Errors {
+		dst.Errors[k] += v
+	}
 }
 
 // afterDeath decides what follows a death in sl.
 func (s *Supervisor) afterDeath(sl *slot, d *Death) {
+	sl.deaths[d.Class()]++
 	if s.stopping || d.Reason == "stop" {
 		return
 	}
@@ -696,10 +887,12 @@ func (s *Supervisor) afterDeath(sl *slot, d *Death) {
 	if !s.limiter.allow(time.Now()) {
 		s.exitErr = fmt.Errorf("%w: %d restarts within %s (--max-restarts %d --restart-window %s); the last, worker %d, ended with %s: fix the command, then start shoal again",
 			ErrTooManyRestarts, s.opts.MaxRestarts, s.opts.RestartWindow, s.opts.MaxRestarts, s.opts.RestartWindow, sl.id, d.Status())
+		s.giveUps++
 		s.log.Error().Err(s.exitErr).Msg("giving up")
 		s.beginStop("stop")
 		return
 	}
+	s.restarts++
 	delay := s.opts.Backoff.Delay(sl.failures - 1)
 	if delay == 0 {
 		s.start(sl)
@@ -730,6 +923,9 @@ func (s *Supervisor) scale(n int) error {
 		live = live[:len(live)-1]
 		sl := s.slots[id]
 		sl.removed = true
+		if sl.next != nil {
+			s.terminate(sl.next, "scale", time.Now())
+		}
 		if sl.w == nil {
 			delete(s.slots, id)
 			continue
@@ -748,13 +944,13 @@ func (s *Supervisor) beginStop(reason string) {
 	s.stopping = true
 	now := time.Now()
 	s.abandonAt = now.Add(s.opts.StopTimeout + 5*time.Second)
-	for _, id := range s.slotIDs() {
-		sl := s.slots[id]
+	for _, sl := range s.slots {
 		sl.restartAt = time.Time{}
-		if sl.w != nil {
-			s.terminate(sl.w, reason, now)
-		}
 	}
+	for _, w := range s.byPID {
+		s.terminate(w, reason, now)
+	}
+	s.endReload(errors.New("supervisor: reload: stopped before it finished"))
 }
 
 // stopDeadline is when w gets SIGKILL if it has not exited.
@@ -790,9 +986,11 @@ func (s *Supervisor) tick(now time.Time) {
 		if sl.w == nil && !sl.restartAt.IsZero() && !now.Before(sl.restartAt) && !s.stopping {
 			s.start(sl)
 		}
-		if w := sl.w; w != nil && w.state == Stopping && !w.killed && !now.Before(s.stopDeadline(w)) {
+	}
+	for _, w := range s.byPID {
+		if w.state == Stopping && !w.killed && !now.Before(s.stopDeadline(w)) {
 			w.killed = true
-			s.log.Warn().Int("worker", id).Int("pid", w.pid).Dur("stop_timeout", s.opts.StopTimeout).Msg("worker did not exit after SIGTERM: sending SIGKILL")
+			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Dur("stop_timeout", s.opts.StopTimeout).Msg("worker did not exit after SIGTERM: sending SIGKILL")
 			s.signal(w, syscall.SIGKILL)
 		}
 	}
@@ -800,11 +998,17 @@ func (s *Supervisor) tick(now time.Time) {
 		for pid, w := range s.byPID {
 			s.log.Error().Int("worker", w.slot.id).Int("pid", pid).Msg("worker survived SIGKILL (stuck in the kernel?): giving up on it")
 			w.proc.Release()
-			w.slot.w = nil
+			if w.slot.w == w {
+				w.slot.w = nil
+			}
+			if w.slot.next == w {
+				w.slot.next = nil
+			}
 			delete(s.byPID, pid)
 		}
 	}
 	s.pollListening(now)
+	s.checkReload(now)
 }
 
 // nextWake returns how long the loop may sleep.
@@ -816,13 +1020,14 @@ func (s *Supervisor) nextWake(now time.Time) time.Duration {
 		}
 	}
 	for _, sl := range s.slots {
-		if sl.w == nil {
-			if !s.stopping {
-				earlier(sl.restartAt)
-			}
-			continue
+		if sl.w == nil && !s.stopping {
+			earlier(sl.restartAt)
 		}
-		w := sl.w
+	}
+	if s.reload != nil {
+		earlier(s.reload.nextDeadline())
+	}
+	for _, w := range s.byPID {
 		switch w.state {
 		case Stopping:
 			if !w.killed {
@@ -886,9 +1091,12 @@ func (s *Supervisor) pollListening(now time.Time) {
 		}
 		for ino := range held {
 			if inodes[ino] {
-				s.setListening(w)
-				break
+				w.inodes = append(w.inodes, ino)
 			}
+		}
+		if len(w.inodes) > 0 {
+			slices.Sort(w.inodes)
+			s.setListening(w)
 		}
 	}
 }

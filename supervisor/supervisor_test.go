@@ -8,6 +8,8 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -29,6 +31,23 @@ func TestMain(m *testing.M) {
 // messages: {"echo":X} comes back as {"echoed":X,"from":ID}; {"relay":TO}
 // sends {"hello":ID} to worker TO through the master; {"exit":N} exits N.
 func testWorker() int {
+	if os.Getenv("SUP_TEST_MODE") == "deaf" {
+		// Never reads its channel.
+		sig := make(chan os.Signal, 1)
+		signal.Notify(sig, syscall.SIGTERM)
+		<-sig
+		return 0
+	}
+	if f := os.Getenv("SUP_TEST_RELEASE"); f != "" {
+		// The "release" on disk: a file that says how this worker behaves.
+		b, _ := os.ReadFile(f)
+		switch strings.TrimSpace(string(b)) {
+		case "broken":
+			return 1
+		case "hang":
+			time.Sleep(time.Hour)
+		}
+	}
 	c, err := ipc.FromEnv()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -205,11 +224,26 @@ func TestLibraryLifecycleAndMessages(t *testing.T) {
 
 	// Fork adds slot 3; a death is replaced in its slot; Scale removes the
 	// highest slots first.
-	id, err := s.Fork()
-	if err != nil || id != 3 {
-		t.Fatalf("Fork() = %d, %v; want slot 3", id, err)
+	w3, err := s.Fork()
+	if err != nil || w3.ID() != 3 {
+		t.Fatalf("Fork() = %v, %v; want slot 3", w3, err)
 	}
 	waitEvent(t, events, "slot 3 listening", func(e Event) bool { return e.Type == EventListening && e.Worker == 3 })
+	// A per-worker handler takes that worker's messages instead of
+	// Options.OnMessage: worker.on('message').
+	mine := make(chan Message, 8)
+	w3.Handle(func(m Message) { mine <- m })
+	if err := w3.Send(map[string]any{"echo": "three"}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-mine:
+		if m.Worker != 3 || !strings.Contains(string(m.Raw), `"three"`) {
+			t.Errorf("worker 3's handler got %+v", m)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("worker 3's handler got nothing within 10s")
+	}
 	s.Send(2, map[string]any{"exit": 7})
 	d := waitEvent(t, events, "death of worker 2", func(e Event) bool { return e.Type == EventDeath && e.Worker == 2 })
 	if d.Death.ExitCode != 7 || d.Death.Clean() || d.Death.Status() != "exit status 7" {
@@ -295,4 +329,182 @@ func TestEnvironmentDedup(t *testing.T) {
 	if fmt.Sprint(got) != "[B=2 A=3]" && fmt.Sprint(got) != "[A=3 B=2]" {
 		t.Errorf("dedupEnv = %v, want the last A", got)
 	}
+}
+
+func TestWorkerThatStopsReadingNeverBlocksTheMaster(t *testing.T) {
+	events := make(chan Event, 64)
+	s, err := New(Options{Workers: 1, QueueLen: 16, Env: []string{"SUP_TEST_MODE=deaf"}, OnEvent: func(e Event) { events <- e }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	waitEvent(t, events, "online", func(e Event) bool { return e.Type == EventOnline })
+	big := strings.Repeat("x", 64<<10)
+	var dropped int
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < 200; i++ { // 12.8 MiB: far more than the socket buffer and the queue
+			if err := s.Send(1, map[string]string{"pad": big}); err != nil {
+				if !strings.Contains(err.Error(), "queue is full") {
+					t.Errorf("Send error %q does not say the queue is full", err)
+				}
+				dropped++
+			}
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Send blocked on a worker that does not read")
+	}
+	if dropped == 0 {
+		t.Fatal("no message dropped although the worker never reads")
+	}
+	st := s.Status()
+	if len(st) != 1 || st[0].IPC.Dropped != uint64(dropped) {
+		t.Errorf("IPC.Dropped = %+v, want %d", st, dropped)
+	}
+	// The master still answers.
+	if _, ok := s.Snapshot(); !ok {
+		t.Error("Snapshot failed while a worker's queue is full")
+	}
+	if err := stop(); err != nil {
+		t.Errorf("Run = %v", err)
+	}
+}
+
+// listeningSet follows events and keeps the set of serving pids; it
+// records the smallest size seen after it first reached want.
+type listeningSet struct {
+	pids    map[int]bool
+	want    int
+	reached bool
+	min     int
+}
+
+func (l *listeningSet) add(e Event) {
+	switch e.Type {
+	case EventListening:
+		l.pids[e.PID] = true
+	case EventDeath, EventDisconnect:
+		delete(l.pids, e.PID)
+	}
+	if len(l.pids) >= l.want {
+		l.reached = true
+	}
+	if l.reached && len(l.pids) < l.min {
+		l.min = len(l.pids)
+	}
+}
+
+func TestReloadRollsEverySlotWithoutLosingCapacity(t *testing.T) {
+	events := make(chan Event, 1024)
+	s, err := New(Options{Workers: 3, Port: freePort(t), OnEvent: func(e Event) { events <- e }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	set := &listeningSet{pids: map[int]bool{}, want: 3, min: 3}
+	for !set.reached {
+		set.add(waitEvent(t, events, "3 listening", func(Event) bool { return true }))
+	}
+	before := s.Status()
+	// Two reloads asked at once are one reload.
+	errs := make(chan error, 2)
+	for i := 0; i < 2; i++ {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			errs <- s.Reload(ctx)
+		}()
+	}
+	for i := 0; i < 2; i++ {
+		if err := <-errs; err != nil {
+			t.Fatalf("Reload = %v", err)
+		}
+	}
+	// Drain the events of the reload.
+	deadline := time.After(10 * time.Second)
+	for deaths := 0; deaths < 3; {
+		select {
+		case e := <-events:
+			set.add(e)
+			if e.Type == EventDeath {
+				deaths++
+				if e.Death.Reason != "reload" {
+					t.Errorf("death during reload with reason %q, want reload", e.Death.Reason)
+				}
+			}
+		case <-deadline:
+			t.Fatal("old workers not all gone 10s after the reload")
+		}
+	}
+	if set.min < 3 {
+		t.Errorf("serving workers fell to %d during the reload, want never below 3", set.min)
+	}
+	after := s.Status()
+	for i := range after {
+		if after[i].PID == before[i].PID || after[i].State != Listening {
+			t.Errorf("slot %d: pid %d -> %d, state %s; want a new listening pid", after[i].ID, before[i].PID, after[i].PID, after[i].State)
+		}
+		if after[i].Starts != 2 {
+			t.Errorf("slot %d started %d processes, want 2: two reloads asked at once are one", after[i].ID, after[i].Starts)
+		}
+	}
+	snap, _ := s.Snapshot()
+	if snap.Reloads != 1 || snap.Reloading {
+		t.Errorf("Snapshot reloads=%d reloading=%v, want 1 and false", snap.Reloads, snap.Reloading)
+	}
+	stop()
+}
+
+func TestBrokenReloadKeepsTheOldWorkers(t *testing.T) {
+	release := filepath.Join(t.TempDir(), "release")
+	os.WriteFile(release, []byte("good"), 0o644)
+	events := make(chan Event, 1024)
+	s, err := New(Options{
+		Workers:      2,
+		Port:         freePort(t),
+		ReadyTimeout: time.Second,
+		Env:          []string{"SUP_TEST_RELEASE=" + release},
+		OnEvent:      func(e Event) { events <- e },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	for n := 0; n < 2; {
+		waitEvent(t, events, "listening", func(e Event) bool { return e.Type == EventListening })
+		n++
+	}
+	before := s.Status()
+	for _, tc := range []struct{ release, want string }{
+		{"broken", "before it served"},
+		{"hang", "did not serve within 1s"},
+	} {
+		os.WriteFile(release, []byte(tc.release), 0o644)
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := s.Reload(ctx)
+		cancel()
+		if !errors.Is(err, ErrReloadAborted) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("reload to a %s release = %v, want ErrReloadAborted saying %q", tc.release, err, tc.want)
+		}
+		now := s.Status()
+		for i := range now {
+			if now[i].PID != before[i].PID || now[i].State != Listening {
+				t.Errorf("%s release: slot %d pid %d -> %d (%s), want the old worker serving", tc.release, now[i].ID, before[i].PID, now[i].PID, now[i].State)
+			}
+		}
+	}
+	snap, _ := s.Snapshot()
+	if snap.ReloadFailures != 2 {
+		t.Errorf("ReloadFailures = %d, want 2", snap.ReloadFailures)
+	}
+	// A good release rolls.
+	os.WriteFile(release, []byte("good"), 0o644)
+	if err := s.Reload(context.Background()); err != nil {
+		t.Errorf("reload to a good release = %v", err)
+	}
+	stop()
 }

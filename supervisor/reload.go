@@ -1,0 +1,192 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// reload is a rolling reload in progress. The loop goroutine owns it.
+type reload struct {
+	todo    []int                 // slots not rolled yet, in order
+	active  map[int]*worker       // slot -> replacement that does not serve yet
+	readyBy map[*worker]time.Time // when each replacement must serve
+	waiters []chan error          // callers of Reload, told the outcome
+	started time.Time
+	surge   int
+}
+
+// nextDeadline is the earliest ready deadline, or zero.
+func (r *reload) nextDeadline() time.Time {
+	var next time.Time
+	for _, t := range r.readyBy {
+		if next.IsZero() || t.Before(next) {
+			next = t
+		}
+	}
+	return next
+}
+
+// ErrReloadAborted is wrapped by the error Reload returns when a
+// replacement failed to start or to serve in time. The old workers then
+// keep serving: capacity is never reduced for a broken release.
+var ErrReloadAborted = errors.New("supervisor: reload aborted")
+
+// Reload rolls every worker over without reducing capacity: for each slot
+// in turn (Options.ReloadSurge at a time) it starts a replacement running
+// the command as it is on disk now, waits until the replacement serves (see
+// Options.Ready), and only then stops the old process gracefully (SIGTERM,
+// StopTimeout, SIGKILL). A replacement that dies or does not serve within
+// Options.ReadyTimeout aborts the reload: the remaining old workers keep
+// serving, and Reload returns an error wrapping ErrReloadAborted.
+//
+// A reload requested while one runs joins it and gets its outcome. Reload
+// returns when the reload has ended or ctx is done; in the latter case the
+// reload goes on.
+func (s *Supervisor) Reload(ctx context.Context) error {
+	result := make(chan error, 1)
+	if err := s.doContext(ctx, func() { s.requestReload(result) }); err != nil {
+		return fmt.Errorf("supervisor: reload: %w", err)
+	}
+	select {
+	case err := <-result:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-s.done:
+		select {
+		case err := <-result:
+			return err
+		default:
+			return fmt.Errorf("supervisor: reload: %w", errNotRunning)
+		}
+	}
+}
+
+func (s *Supervisor) requestReload(result chan error) {
+	if s.stopping {
+		result <- errors.New("supervisor: reload: the supervisor is stopping")
+		return
+	}
+	if r := s.reload; r != nil {
+		r.waiters = append(r.waiters, result)
+		s.log.Info().Msg("reload requested while one runs: joining it")
+		return
+	}
+	r := &reload{
+		active:  map[int]*worker{},
+		readyBy: map[*worker]time.Time{},
+		waiters: []chan error{result},
+		started: time.Now(),
+		surge:   max(1, s.opts.ReloadSurge),
+	}
+	for _, id := range s.slotIDs() {
+		if sl := s.slots[id]; !sl.removed && !sl.finished {
+			r.todo = append(r.todo, id)
+		}
+	}
+	s.reload = r
+	s.log.Info().Int("workers", len(r.todo)).Int("surge", r.surge).Msg("reload started")
+	s.advanceReload()
+}
+
+// advanceReload starts replacements up to the surge, and ends the reload
+// when every slot has rolled.
+func (s *Supervisor) advanceReload() {
+	r := s.reload
+	if r == nil || s.advancing {
+		return
+	}
+	s.advancing = true
+	defer func() { s.advancing = false }()
+	for s.reload == r && len(r.active) < r.surge && len(r.todo) > 0 {
+		id := r.todo[0]
+		r.todo = r.todo[1:]
+		sl := s.slots[id]
+		if sl == nil || sl.removed || sl.w == nil {
+			// A dead slot restarts with the command as it is now anyway.
+			continue
+		}
+		w, err := s.spawn(sl)
+		if err != nil {
+			sl.deaths["start_failed"]++
+			s.abortReload(fmt.Errorf("%w: worker %d's replacement could not be started: %v", ErrReloadAborted, id, err))
+			return
+		}
+		sl.next = w
+		r.active[id] = w
+		r.readyBy[w] = time.Now().Add(s.opts.ReadyTimeout)
+		s.online(w) // with no port to watch, it serves at once
+	}
+	if s.reload == r && len(r.active) == 0 && len(r.todo) == 0 {
+		s.reloads++
+		s.log.Info().Dur("took", time.Since(r.started)).Msg("reload finished")
+		s.endReload(nil)
+	}
+}
+
+// replacementServes puts a reload's replacement in its slot and stops the
+// process it replaces.
+func (s *Supervisor) replacementServes(w *worker) {
+	r := s.reload
+	sl := w.slot
+	delete(r.active, sl.id)
+	delete(r.readyBy, w)
+	old := sl.w
+	sl.w, sl.next = w, nil
+	if old != nil && old != w {
+		s.log.Info().Int("worker", sl.id).Int("old_pid", old.pid).Int("pid", w.pid).Msg("replacement serves: stopping the old worker")
+		s.terminate(old, "reload", time.Now())
+	}
+	s.advanceReload()
+}
+
+// checkReload aborts the reload when a replacement is late.
+func (s *Supervisor) checkReload(now time.Time) {
+	r := s.reload
+	if r == nil {
+		return
+	}
+	for w, t := range r.readyBy {
+		if now.Before(t) {
+			continue
+		}
+		s.abortReload(fmt.Errorf("%w: worker %d's replacement (pid %d) did not serve within %s (ready timeout)",
+			ErrReloadAborted, w.slot.id, w.pid, s.opts.ReadyTimeout))
+		return
+	}
+}
+
+// abortReload stops the replacements that do not serve yet and leaves the
+// old workers serving.
+func (s *Supervisor) abortReload(err error) {
+	r := s.reload
+	if r == nil {
+		return
+	}
+	now := time.Now()
+	for _, w := range r.active {
+		if w.slot.next == w {
+			w.slot.next = nil
+		}
+		if w.state != Dead {
+			s.terminate(w, "reload-abort", now)
+		}
+	}
+	s.reloadErrs++
+	s.log.Error().Err(err).Msg("reload aborted: the old workers keep serving")
+	s.endReload(err)
+}
+
+// endReload tells every caller the outcome and forgets the reload.
+func (s *Supervisor) endReload(err error) {
+	r := s.reload
+	if r == nil {
+		return
+	}
+	s.reload = nil
+	for _, ch := range r.waiters {
+		ch <- err
+	}
+}
