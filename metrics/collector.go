@@ -1,0 +1,361 @@
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/procfs"
+
+	"github.com/shoal-sh/shoal/ipc"
+	"github.com/shoal-sh/shoal/reuseport"
+	"github.com/shoal-sh/shoal/supervisor"
+)
+
+// scrapeTimeout bounds the snapshot behind one scrape. A variable so that
+// tests can shorten it.
+var scrapeTimeout = 5 * time.Second
+
+// readInodes is reuseport.Inodes; tests count its calls.
+var readInodes = reuseport.Inodes
+
+var (
+	byWorker       = []string{"worker"}
+	byWorkerReason = []string{"worker", "reason"}
+
+	descRequests   = newDesc("requests_total", "Requests the slot's workers reported, across restarts.", byWorker)
+	descDesired    = newDesc("workers_desired", "Worker slots wanted.", nil)
+	descRunning    = newDesc("workers_running", "Worker slots whose process exists.", nil)
+	descListening  = newDesc("workers_listening", "Worker slots whose process is listening.", nil)
+	descUp         = newDesc("worker_up", "1 when the slot's process is listening, else 0.", byWorker)
+	descStarts     = newDesc("worker_starts_total", "Processes started in the slot.", byWorker)
+	descDeaths     = newDesc("worker_deaths_total", "Deaths in the slot by how the process ended.", byWorkerReason)
+	descStartTime  = newDesc("worker_start_time_seconds", "Start time of the slot's current process since the unix epoch.", byWorker)
+	descBackoff    = newDesc("worker_backoff_seconds", "Delay left before the slot's pending restart; 0 when none is pending.", byWorker)
+	descRestarts   = newDesc("restarts_total", "Replacements started after worker deaths.", nil)
+	descGiveUps    = newDesc("give_ups_total", "Times the restart limit made the supervisor give up.", nil)
+	descReloads    = newDesc("reloads_total", "Rolling reloads by result: ok, or aborted by a replacement that failed to start or serve.", []string{"result"})
+	descReloading  = newDesc("reloading", "1 while a rolling reload runs.", nil)
+	descIPCInMsgs  = newDesc("ipc_received_messages_total", "Good messages read from the slot's workers.", byWorker)
+	descIPCInBytes = newDesc("ipc_received_bytes_total", "Bytes read from the slot's workers.", byWorker)
+	descIPCOutMsgs = newDesc("ipc_sent_messages_total", "Messages written to the slot's workers.", byWorker)
+	descIPCOutByte = newDesc("ipc_sent_bytes_total", "Bytes written to the slot's workers.", byWorker)
+	descIPCDropped = newDesc("ipc_dropped_messages_total", "Messages to the slot's workers dropped: queue full or channel closed.", byWorker)
+	descIPCErrors  = newDesc("ipc_errors_total", "Bad messages from the slot's workers, by reason.", byWorkerReason)
+	descQueue      = newDesc("worker_listen_queue", "Connections waiting in the accept queues of the slot's LISTEN sockets.", byWorker)
+	descBacklog    = newDesc("worker_listen_backlog", "Accept-queue limits of the slot's LISTEN sockets, summed.", byWorker)
+	descPortSocks  = newDesc("port_listen_sockets", "LISTEN sockets on the workers' port, of any process.", nil)
+	descForeign    = newDesc("port_foreign_listen_sockets", "LISTEN sockets on the workers' port held by no current worker.", nil)
+	descCPU        = newDesc("worker_cpu_seconds_total", "User and system CPU time of the slot's processes; the time since the last scrape of a process that died is not counted.", byWorker)
+	descRSS        = newDesc("worker_resident_memory_bytes", "Resident memory of the slot's current process.", byWorker)
+
+	allDescs = []*prometheus.Desc{
+		descRequests, descDesired, descRunning, descListening, descUp, descStarts,
+		descDeaths, descStartTime, descBackoff, descRestarts, descGiveUps, descReloads, descReloading,
+		descIPCInMsgs, descIPCInBytes, descIPCOutMsgs, descIPCOutByte, descIPCDropped, descIPCErrors,
+		descQueue, descBacklog, descPortSocks, descForeign, descCPU, descRSS,
+	}
+
+	// ipcReasons are emitted for every slot, 0 until they happen.
+	ipcReasons = []string{ipc.ReasonTooLong, ipc.ReasonInvalidJSON, ipc.ReasonInvalidUTF8, ipc.ReasonBadField}
+)
+
+func newDesc(name, help string, labels []string) *prometheus.Desc {
+	return prometheus.NewDesc("shoal_"+name, help, labels, nil)
+}
+
+// collector is the prometheus.Collector of one supervisor.
+type collector struct {
+	sup   *supervisor.Supervisor
+	fs    procfs.FS
+	fsErr error
+
+	mu    sync.Mutex            // serializes scrapes; guards what follows
+	cpu   map[int]*cpuAccount   // by slot
+	socks map[int]*socketsCache // by pid
+}
+
+// cpuAccount keeps a slot's CPU counter monotonic across its processes.
+type cpuAccount struct {
+	pid     int
+	started time.Time
+	last    float64 // last reading of the current process
+	base    float64 // last readings of the slot's earlier processes, summed
+}
+
+// socketsCache is what /proc said about a worker's LISTEN sockets, for
+// workers whose snapshot does not name them.
+type socketsCache struct {
+	started time.Time
+	inodes  []uint64            // the process's LISTEN sockets on the port when read
+	seen    map[uint64]struct{} // every LISTEN socket on the port when read
+}
+
+// NewCollector returns a collector of the shoal_ series of sup. Each scrape
+// takes one snapshot of sup, reads the port's LISTEN sockets from the
+// kernel once, and each worker's /proc/PID/stat. Scrapes through one
+// collector are serialized.
+func NewCollector(sup *supervisor.Supervisor) prometheus.Collector {
+	fs, err := procfs.NewDefaultFS()
+	return &collector{
+		sup:   sup,
+		fs:    fs,
+		fsErr: err,
+		cpu:   make(map[int]*cpuAccount),
+		socks: make(map[int]*socketsCache),
+	}
+}
+
+// Describe sends the descriptors of every series the collector emits.
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range allDescs {
+		ch <- d
+	}
+}
+
+// Collect takes one snapshot and sends its series.
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
+	snap, err := c.sup.SnapshotContext(ctx)
+	cancel()
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) {
+			ch <- prometheus.NewInvalidMetric(descDesired,
+				fmt.Errorf("shoal: the supervisor did not answer within %s", scrapeTimeout))
+		}
+		return // not running: no series
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+
+	running, listening := 0, 0
+	for _, w := range snap.Workers {
+		if w.PID != 0 {
+			running++
+		}
+		if w.State == supervisor.Listening {
+			listening++
+		}
+	}
+	gauge(ch, descDesired, float64(snap.Desired))
+	gauge(ch, descRunning, float64(running))
+	gauge(ch, descListening, float64(listening))
+	counter(ch, descRestarts, float64(snap.Restarts))
+	counter(ch, descGiveUps, float64(snap.GiveUps))
+	counter(ch, descReloads, float64(snap.Reloads), "ok")
+	counter(ch, descReloads, float64(snap.ReloadFailures), "aborted")
+	reloading := 0.0
+	if snap.Reloading {
+		reloading = 1
+	}
+	gauge(ch, descReloading, reloading)
+
+	for _, w := range snap.Workers {
+		id := strconv.Itoa(w.ID)
+		counter(ch, descRequests, float64(w.Requests), id)
+		up := 0.0
+		if w.State == supervisor.Listening {
+			up = 1
+		}
+		gauge(ch, descUp, up, id)
+		counter(ch, descStarts, float64(w.Starts), id)
+		for _, reason := range slices.Sorted(maps.Keys(w.Deaths)) {
+			counter(ch, descDeaths, float64(w.Deaths[reason]), id, reason)
+		}
+		if w.PID != 0 && !w.Started.IsZero() {
+			gauge(ch, descStartTime, float64(w.Started.UnixNano())/1e9, id)
+		}
+		gauge(ch, descBackoff, max(w.Backoff, 0).Seconds(), id)
+
+		counter(ch, descIPCInMsgs, float64(w.IPC.MessagesIn), id)
+		counter(ch, descIPCInBytes, float64(w.IPC.BytesIn), id)
+		counter(ch, descIPCOutMsgs, float64(w.IPC.MessagesOut), id)
+		counter(ch, descIPCOutByte, float64(w.IPC.BytesOut), id)
+		counter(ch, descIPCDropped, float64(w.IPC.Dropped), id)
+		for _, reason := range ipcReasons {
+			counter(ch, descIPCErrors, float64(w.IPC.Errors[reason]), id, reason)
+		}
+		for _, reason := range slices.Sorted(maps.Keys(w.IPC.Errors)) {
+			if !slices.Contains(ipcReasons, reason) {
+				counter(ch, descIPCErrors, float64(w.IPC.Errors[reason]), id, reason)
+			}
+		}
+	}
+	c.collectProc(ch, snap)
+	if snap.Port != 0 {
+		c.collectSockets(ch, snap)
+	}
+}
+
+// collectProc sends the CPU and memory series of each slot.
+func (c *collector) collectProc(ch chan<- prometheus.Metric, snap supervisor.Snapshot) {
+	if c.fsErr != nil {
+		return // no /proc
+	}
+	seen := make(map[int]bool, len(snap.Workers))
+	for _, w := range snap.Workers {
+		seen[w.ID] = true
+		acct := c.cpu[w.ID]
+		if acct == nil {
+			acct = &cpuAccount{}
+			c.cpu[w.ID] = acct
+		}
+		if acct.pid != w.PID || !acct.started.Equal(w.Started) {
+			// Another process fills the slot now, or none: its
+			// predecessor's last reading is all that will be known of it.
+			acct.base += acct.last
+			acct.pid, acct.started, acct.last = w.PID, w.Started, 0
+		}
+		if w.PID != 0 {
+			if st, err := c.stat(w.PID); err == nil {
+				acct.last = max(acct.last, st.CPUTime())
+				gauge(ch, descRSS, float64(st.ResidentMemory()), strconv.Itoa(w.ID))
+			}
+		}
+		counter(ch, descCPU, acct.base+acct.last, strconv.Itoa(w.ID))
+	}
+	for id := range c.cpu {
+		if !seen[id] {
+			delete(c.cpu, id) // scaled away
+		}
+	}
+}
+
+func (c *collector) stat(pid int) (procfs.ProcStat, error) {
+	p, err := c.fs.Proc(pid)
+	if err != nil {
+		return procfs.ProcStat{}, err
+	}
+	return p.Stat()
+}
+
+// collectSockets sends the kernel's view of the port: each worker's accept
+// queues, and the LISTEN sockets no worker holds.
+func (c *collector) collectSockets(ch chan<- prometheus.Metric, snap supervisor.Snapshot) {
+	socks, err := reuseport.Listeners(snap.Port)
+	if err != nil {
+		return
+	}
+	byInode := make(map[uint64]reuseport.Socket, len(socks))
+	for _, s := range socks {
+		byInode[s.Inode] = s
+	}
+	// held finds the LISTEN sockets of w: those the supervisor saw it
+	// listen on, or else those /proc shows it holding.
+	held := make(map[int][]uint64, len(snap.Workers)) // by slot
+	claimed := make(map[uint64]bool, len(socks))
+	var unknown []supervisor.WorkerStatus
+	for _, w := range snap.Workers {
+		if w.PID == 0 {
+			continue
+		}
+		inodes := listening(w.Sockets, byInode)
+		if len(inodes) == 0 {
+			if sc := c.socks[w.PID]; sc != nil && sc.started.Equal(w.Started) {
+				inodes = listening(sc.inodes, byInode)
+			}
+		}
+		if len(inodes) == 0 {
+			unknown = append(unknown, w)
+		}
+		held[w.ID] = inodes
+		for _, ino := range inodes {
+			claimed[ino] = true
+		}
+	}
+	// Read /proc/PID/fd, which costs one readlink per descriptor, only for
+	// workers whose sockets are unknown, and only when a LISTEN socket that
+	// no worker claims appeared since the worker's last reading: a foreign
+	// socket that stays costs one reading per worker, not one per scrape.
+	for _, w := range unknown {
+		var seen map[uint64]struct{}
+		if sc := c.socks[w.PID]; sc != nil && sc.started.Equal(w.Started) {
+			seen = sc.seen
+		}
+		if !unexplained(byInode, claimed, seen) {
+			continue
+		}
+		sc := &socketsCache{started: w.Started, seen: make(map[uint64]struct{}, len(byInode))}
+		for ino := range byInode {
+			sc.seen[ino] = struct{}{}
+		}
+		if all, err := readInodes(w.PID); err == nil {
+			for ino := range all {
+				if _, ok := byInode[ino]; ok {
+					sc.inodes = append(sc.inodes, ino)
+				}
+			}
+			slices.Sort(sc.inodes)
+		}
+		c.socks[w.PID] = sc
+		held[w.ID] = sc.inodes
+		for _, ino := range sc.inodes {
+			claimed[ino] = true
+		}
+	}
+	pids := make(map[int]bool, len(snap.Workers))
+	for _, w := range snap.Workers {
+		pids[w.PID] = true
+		inodes := held[w.ID]
+		if len(inodes) == 0 {
+			continue
+		}
+		var queue, backlog float64
+		for _, ino := range inodes {
+			queue += float64(byInode[ino].Queue)
+			backlog += float64(byInode[ino].Backlog)
+		}
+		id := strconv.Itoa(w.ID)
+		gauge(ch, descQueue, queue, id)
+		gauge(ch, descBacklog, backlog, id)
+	}
+	for pid := range c.socks {
+		if !pids[pid] {
+			delete(c.socks, pid)
+		}
+	}
+	foreign := 0
+	for ino := range byInode {
+		if !claimed[ino] {
+			foreign++
+		}
+	}
+	gauge(ch, descPortSocks, float64(len(byInode)))
+	gauge(ch, descForeign, float64(foreign))
+}
+
+// unexplained reports whether a LISTEN socket that no worker claims is
+// missing from seen.
+func unexplained(now map[uint64]reuseport.Socket, claimed map[uint64]bool, seen map[uint64]struct{}) bool {
+	for ino := range now {
+		if _, ok := seen[ino]; !ok && !claimed[ino] {
+			return true
+		}
+	}
+	return false
+}
+
+// listening returns those of inodes that are LISTEN sockets now.
+func listening(inodes []uint64, now map[uint64]reuseport.Socket) []uint64 {
+	var out []uint64
+	for _, ino := range inodes {
+		if _, ok := now[ino]; ok {
+			out = append(out, ino)
+		}
+	}
+	return out
+}
+
+func gauge(ch chan<- prometheus.Metric, d *prometheus.Desc, v float64, labels ...string) {
+	ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+}
+
+func counter(ch chan<- prometheus.Metric, d *prometheus.Desc, v float64, labels ...string) {
+	ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
+}
