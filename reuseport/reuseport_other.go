@@ -17,3 +17,12 @@ func inodes(int) (map[uint64]struct{}, error) { return nil, errNoProc }
 
 // errNoProc is returned by Listeners and Inodes on platforms other than Linux.
 var errNoProc = errors.New("reuseport: reading sockets from the kernel needs Linux")
+
+// ErrNoMigrateReq is returned where there is no net.ipv4.tcp_migrate_req.
+var ErrNoMigrateReq = errors.New("reuseport: net.ipv4.tcp_migrate_req needs Linux 5.14 or later")
+
+// MigrateReq reports ErrNoMigrateReq on platforms other than Linux.
+func MigrateReq() (bool, error) { return false, ErrNoMigrateReq }
+
+// SetMigrateReq reports ErrNoMigrateReq on platforms other than Linux.
+func SetMigrateReq(bool) error { return ErrNoMigrateReq }
