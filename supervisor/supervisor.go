@@ -235,6 +235,32 @@ func (s *Supervisor) Scale(n int) error {
 	return err
 }
 
+// ScaleBy adds delta workers (or removes them, when delta is negative) and
+// returns the new count; it never goes below 1. SIGTTIN and SIGTTOU do this
+// with +1 and -1.
+func (s *Supervisor) ScaleBy(delta int) (int, error) {
+	var n int
+	var err error
+	if !s.do(func() {
+		n = max(1, s.desired()+delta)
+		err = s.scale(n)
+	}) {
+		return 0, errors.New("supervisor: scale: the supervisor is not running")
+	}
+	return n, err
+}
+
+// desired counts the slots that are wanted.
+func (s *Supervisor) desired() int {
+	n := 0
+	for _, sl := range s.slots {
+		if !sl.removed && !sl.finished {
+			n++
+		}
+	}
+	return n
+}
+
 // WorkerStatus is a snapshot of one slot.
 type WorkerStatus struct {
 	ID       int               // the slot
@@ -252,16 +278,16 @@ type WorkerStatus struct {
 
 // Snapshot is the supervisor's state at one moment.
 type Snapshot struct {
-	Desired  int            // slots wanted
-	Port     int            // the port workers listen on; 0 for none
-	Restarts uint64         // replacements started after deaths
-	GiveUps  uint64         // times MaxRestarts ended the supervisor
-	Stopping bool           // a stop was requested or the supervisor gave up
-	Reloads  uint64         // reloads that finished
+	Desired  int    // slots wanted
+	Port     int    // the port workers listen on; 0 for none
+	Restarts uint64 // replacements started after deaths
+	GiveUps  uint64 // times MaxRestarts ended the supervisor
+	Stopping bool   // a stop was requested or the supervisor gave up
+	Reloads  uint64 // reloads that finished
 	// ReloadFailures counts reloads aborted by a broken replacement.
 	ReloadFailures uint64
-	Reloading      bool // a reload runs now
-	Workers  []WorkerStatus // by slot
+	Reloading      bool           // a reload runs now
+	Workers        []WorkerStatus // by slot
 }
 
 // Status returns a snapshot of every slot, ordered by slot. It returns nil
@@ -288,13 +314,10 @@ func (s *Supervisor) SnapshotContext(ctx context.Context) (Snapshot, error) {
 	var snap Snapshot
 	err := s.doContext(ctx, func() {
 		now := time.Now()
-		snap = Snapshot{Port: s.opts.Port, Restarts: s.restarts, GiveUps: s.giveUps, Stopping: s.stopping,
+		snap = Snapshot{Desired: s.desired(), Port: s.opts.Port, Restarts: s.restarts, GiveUps: s.giveUps, Stopping: s.stopping,
 			Reloads: s.reloads, ReloadFailures: s.reloadErrs, Reloading: s.reload != nil}
 		for _, id := range s.slotIDs() {
 			sl := s.slots[id]
-			if !sl.removed && !sl.finished {
-				snap.Desired++
-			}
 			st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}
 			addStats(&st.IPC, sl.ipcBase)
 			for _, ch := range sl.retired {
@@ -779,8 +802,18 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 	w.proc.Release()
 	sl.retired = append(sl.retired, w.ch)
 	go func(ch *ipc.Channel) {
-		// Close waits for the reader, which may be handing the loop a
-		// message: so not on the loop. The loop folds the final stats.
+		// What the worker wrote before it died is still in the socket:
+		// let the reader take it all, up to EOF, so no report is lost.
+		// A child that inherited fd 3 may hold the channel open: wait
+		// for EOF only so long. Close waits for the reader, which may be
+		// handing the loop a message, so none of this runs on the loop.
+		drain := time.NewTimer(2 * time.Second)
+		select {
+		case <-ch.Done():
+		case <-drain.C:
+		case <-s.done:
+		}
+		drain.Stop()
 		ch.Close()
 		select {
 		case s.calls <- func() { s.fold(sl, ch) }:
@@ -909,7 +942,7 @@ func (s *Supervisor) scale(n int) error {
 	}
 	var live []int
 	for _, id := range s.slotIDs() {
-		if !s.slots[id].removed {
+		if sl := s.slots[id]; !sl.removed && !sl.finished {
 			live = append(live, id)
 		}
 	}
