@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/shoal-sh/shoal/control"
 	"github.com/shoal-sh/shoal/supervisor"
 )
 
@@ -16,11 +17,15 @@ var errHelp = errors.New("help shown")
 
 // config is what the command line and the environment ask for.
 type config struct {
-	opts      supervisor.Options
-	host      string
-	logFormat string
-	logLevel  string
-	version   bool
+	opts       supervisor.Options
+	host       string
+	metrics    string // address for /metrics, /healthz, /readyz; "" for none
+	minReady   int
+	control    string // the control socket's path; "" for none
+	migrateReq string // auto, on or off
+	logFormat  string
+	logLevel   string
+	version    bool
 }
 
 const usageHead = `shoal runs N copies of a server that all serve one port.
@@ -132,7 +137,7 @@ func (f *stringFlag) Set(s string) error { *f.v = s; return nil }
 
 // parseConfig reads flags from args and, for flags not given there, from
 // the environment (SHOAL_ and the flag's name in upper case).
-func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Writer) (config, error) {
+func parseConfig(args []string, lookupEnv func(string) (string, bool), stdout, stderr io.Writer) (config, error) {
 	var (
 		c        config
 		restart  = "always"
@@ -146,6 +151,11 @@ func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Wr
 	c.opts.StopTimeout = 10 * time.Second
 	c.opts.RestartWindow = time.Minute
 	c.logFormat, c.logLevel = "auto", "info"
+	c.metrics = ":9441"
+	c.migrateReq = "auto"
+	c.control = control.DefaultPath()
+	c.opts.ReloadSurge = 1
+	c.opts.ReadyTimeout = 30 * time.Second
 
 	def := func(name string, v flag.Value, usage string) {
 		env := "SHOAL_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
@@ -170,6 +180,18 @@ func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Wr
 		`how a worker counts as serving: "listen" (the kernel shows its LISTEN socket on the port) or "message" (it sends {"cmd":"shoal:ready"})`)
 	def("ipc-max-message", intFlag{&maxMsg, 64, 1 << 30, "a size in bytes, 64 or more"},
 		"largest message a worker may send, in bytes; longer ones are skipped and counted")
+	def("metrics-addr", &stringFlag{&c.metrics},
+		`address of the master's /metrics, /healthz and /readyz; "" turns them off`)
+	def("min-ready", intFlag{&c.minReady, 0, 1 << 16, "a whole number, 0 (all workers) or more"},
+		"workers that must be listening for /readyz to answer 200; 0 means all")
+	def("reload-surge", intFlag{&c.opts.ReloadSurge, 1, 1 << 16, "a whole number of workers, 1 or more"},
+		"workers a reload (SIGHUP, shoal ctl reload) rolls at a time")
+	def("ready-timeout", durationFlag{&c.opts.ReadyTimeout, time.Millisecond},
+		"how long a reload waits for a replacement to serve before it aborts, keeping the old workers")
+	def("migrate-req", choiceFlag{&c.migrateReq, []string{"auto", "on", "off"}},
+		"net.ipv4.tcp_migrate_req, so a stopping worker's queued connections move to the others: auto (set it when allowed, else warn), on (fail if it cannot be set), off (leave it)")
+	def("control", &stringFlag{&c.control},
+		`path of the control socket for 'shoal ctl'; "" turns it off`)
 	def("log-format", choiceFlag{&c.logFormat, []string{"auto", "json", "console"}},
 		"log format: json, console, or auto (console when stderr is a terminal)")
 	def("log-level", choiceFlag{&c.logLevel, []string{"debug", "info", "warn", "error"}},
@@ -196,7 +218,10 @@ func parseConfig(args []string, getenv func(string) string, stdout, stderr io.Wr
 		if set[f.Name] || envErr != nil {
 			return
 		}
-		if v := getenv(env); v != "" {
+		// An empty variable counts as unset, but for a string flag,
+		// where empty is a value: SHOAL_METRICS_ADDR= turns metrics off.
+		_, isString := f.Value.(*stringFlag)
+		if v, ok := lookupEnv(env); ok && (v != "" || isString) {
 			if err := f.Value.Set(v); err != nil {
 				envErr = fmt.Errorf("%s=%q: %v", env, v, err)
 			}

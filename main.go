@@ -12,10 +12,18 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+
+	"github.com/shoal-sh/shoal/metrics"
+	"github.com/shoal-sh/shoal/reuseport"
 	"github.com/shoal-sh/shoal/supervisor"
 )
 
@@ -33,19 +41,22 @@ func main() {
 	if supervisor.IsWorker() {
 		os.Exit(runHello())
 	}
+	if len(os.Args) > 1 && os.Args[1] == "ctl" {
+		os.Exit(runCtl(os.Args[2:], os.Stdout, os.Stderr))
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
 // run is the master's main: it parses args and supervises until a signal
 // or a give-up, and returns the exit code.
 func run(args []string, stdout, stderr io.Writer) int {
-	// Handle the stop signals before anything is forked: a Go PID 1 that
-	// does not would die of SIGTERM with no drain.
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	// Handle signals before anything is forked: a Go PID 1 that does not
+	// would die of SIGTERM with no drain.
+	sigs := make(chan os.Signal, 8)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
 	defer signal.Stop(sigs)
 
-	cfg, err := parseConfig(args, os.Getenv, stdout, stderr)
+	cfg, err := parseConfig(args, os.LookupEnv, stdout, stderr)
 	if errors.Is(err, errHelp) {
 		return exitOK
 	}
@@ -69,18 +80,122 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go func() {
-		select {
-		case sig := <-sigs:
-			log.Info().Str("signal", sig.String()).Msg("stop requested")
-			cancel()
-		case <-ctx.Done():
+	if cfg.metrics != "" {
+		stop, err := serveMetrics(cfg.metrics, sup, metrics.Options{MinReady: cfg.minReady}, &log)
+		if err != nil {
+			fmt.Fprintf(stderr, "shoal: %v\n", err)
+			return exitUsage
 		}
-	}()
+		defer stop()
+	}
+	if cfg.control != "" {
+		stop, err := serveControl(ctx, cfg.control, sup, cancel, &log)
+		if err != nil {
+			fmt.Fprintf(stderr, "shoal: %v\n", err)
+			return exitUsage
+		}
+		defer stop()
+	}
+	if err := setupMigrateReq(cfg.migrateReq, &log); err != nil {
+		fmt.Fprintf(stderr, "shoal: %v\n", err)
+		return exitUsage
+	}
+	go handleSignals(ctx, sigs, sup, cancel, &log)
 	if err := sup.Run(ctx); err != nil {
 		log.Error().Err(err).Msg("shoal stopped")
 		return exitFailure
 	}
 	log.Info().Msg("shoal stopped")
 	return exitOK
+}
+
+// handleSignals turns signals to the master into supervisor calls until ctx
+// ends.
+func handleSignals(ctx context.Context, sigs <-chan os.Signal, sup *supervisor.Supervisor, stop func(), log *zerolog.Logger) {
+	for {
+		var sig os.Signal
+		select {
+		case sig = <-sigs:
+		case <-ctx.Done():
+			return
+		}
+		switch sig {
+		case syscall.SIGTERM, syscall.SIGINT:
+			log.Info().Str("signal", sig.String()).Msg("stop requested")
+			stop()
+		case syscall.SIGHUP:
+			log.Info().Msg("reload requested (SIGHUP)")
+			go func() {
+				if err := sup.Reload(ctx); err != nil && ctx.Err() == nil {
+					log.Error().Err(err).Msg("reload failed")
+				}
+			}()
+		case syscall.SIGTTIN, syscall.SIGTTOU:
+			delta := 1
+			if sig == syscall.SIGTTOU {
+				delta = -1
+			}
+			if n, err := sup.ScaleBy(delta); err != nil {
+				log.Error().Err(err).Msg("scale failed")
+			} else {
+				log.Info().Str("signal", unix.SignalName(sig.(syscall.Signal))).Int("workers", n).Msg("scale requested")
+			}
+		}
+	}
+}
+
+// setupMigrateReq applies --migrate-req: with "auto" it turns
+// net.ipv4.tcp_migrate_req on when it may and otherwise warns once with the
+// fix; with "on" failing to turn it on is an error; "off" leaves it alone.
+func setupMigrateReq(mode string, log *zerolog.Logger) error {
+	if mode == "off" {
+		return nil
+	}
+	on, err := reuseport.MigrateReq()
+	if err == nil && on {
+		return nil
+	}
+	if err == nil {
+		err = reuseport.SetMigrateReq(true)
+	}
+	if err == nil {
+		log.Info().Msg("set net.ipv4.tcp_migrate_req=1 in this network namespace: a stopping worker's queued connections move to the others")
+		return nil
+	}
+	if mode == "on" {
+		return fmt.Errorf("--migrate-req on: %w", err)
+	}
+	log.Warn().Err(err).Msg("net.ipv4.tcp_migrate_req is not 1 and shoal cannot set it: when a worker stops (reload, scale down, restart), " +
+		"the connections waiting in its accept queue are reset. Fix: 'sysctl -w net.ipv4.tcp_migrate_req=1' on the host, " +
+		"'docker run --sysctl net.ipv4.tcp_migrate_req=1', or the Kubernetes pod's securityContext.sysctls")
+	return nil
+}
+
+// serveMetrics serves /metrics, /healthz and /readyz on addr until ctx ends.
+// It fails at once when addr cannot be listened on, before any worker starts.
+func serveMetrics(addr string, sup *supervisor.Supervisor, opts metrics.Options, log *zerolog.Logger) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: %w (give another --metrics-addr, or \"\" to turn metrics off)", err)
+	}
+	srv := &http.Server{
+		Handler:           metrics.Handler(sup, metrics.NewRegistry(sup), opts),
+		ReadHeaderTimeout: 5 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+	}
+	log.Info().Str("addr", ln.Addr().String()).Msg("serving /metrics, /healthz and /readyz")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ln); err != nil && err != http.ErrServerClosed {
+			log.Error().Err(err).Msg("metrics server stopped")
+		}
+	}()
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+		<-done
+	}, nil
 }

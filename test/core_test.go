@@ -331,3 +331,14 @@ func TestVersionAndHelp(t *testing.T) {
 		}
 	}
 }
+
+func TestReadyByMessage(t *testing.T) {
+	// The worker says it is ready 300ms after it starts; with --ready
+	// message it is listening then, not before.
+	m := startShoal(t, nil, "--workers", "1", "--port", "0", "--ready", "message", "--", "sh", "-c",
+		`sleep 0.3; printf '{"cmd":"shoal:ready"}\n' >&3; exec sleep 60`)
+	e := m.waitFor(10*time.Second, 1, "worker listening", msg("worker listening"))[0]
+	if after := time.Duration(e["after"].(float64) * float64(time.Millisecond)); after < 300*time.Millisecond {
+		t.Errorf("listening %s after start, before the worker said it was ready (300ms)", after)
+	}
+}

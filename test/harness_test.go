@@ -28,11 +28,18 @@ func TestMain(m *testing.M) {
 	if h := os.Getenv("E2E_HELPER"); h != "" {
 		os.Exit(runHelper(h))
 	}
+	if bin := os.Getenv("E2E_SHOAL_BIN"); bin != "" {
+		// A test run re-executed in a namespace reuses the parent's build.
+		shoalBin = bin
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "shoal-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// Readable by every user: a test runs 'shoal ctl' as nobody.
+	os.Chmod(dir, 0o755)
 	shoalBin = filepath.Join(dir, "shoal")
 	args := []string{"build", "-o", shoalBin}
 	if raceEnabled {
@@ -151,7 +158,7 @@ func startShoal(t *testing.T, env []string, args ...string) *master {
 	t.Helper()
 	m := &master{t: t, logs: newLogs(), stdout: newLogs(), done: make(chan struct{})}
 	m.cmd = exec.Command(shoalBin, args...)
-	m.cmd.Env = append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug"), env...)
+	m.cmd.Env = append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_CONTROL=", "SHOAL_MIGRATE_REQ=off"), env...)
 	m.cmd.Stderr = m.logs
 	m.cmd.Stdout = m.stdout
 	if err := m.cmd.Start(); err != nil {
@@ -360,4 +367,71 @@ func scanLines(r io.Reader, f func(string) bool) {
 			return
 		}
 	}
+}
+
+// scrape fetches a Prometheus text page and returns each sample's value by
+// its series, as written: `name{label="v",...}`.
+func scrape(t *testing.T, url string) map[string]float64 {
+	t.Helper()
+	s, err := tryScrape(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func tryScrape(url string) (map[string]float64, error) {
+	c := &http.Client{Timeout: 5 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return nil, fmt.Errorf("scrape %s: %s", url, resp.Status)
+	}
+	out := map[string]float64{}
+	scanLines(resp.Body, func(line string) bool {
+		if line == "" || strings.HasPrefix(line, "#") {
+			return false
+		}
+		i := strings.LastIndexByte(line, ' ')
+		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
+			out[line[:i]] = v
+		}
+		return false
+	})
+	return out, nil
+}
+
+// sumOf adds the samples of one metric name.
+func sumOf(samples map[string]float64, name string) float64 {
+	var sum float64
+	for series, v := range samples {
+		if series == name || strings.HasPrefix(series, name+"{") {
+			sum += v
+		}
+	}
+	return sum
+}
+
+// waitMetric polls url until f(samples) holds.
+func waitMetric(t *testing.T, url string, timeout time.Duration, what string, f func(map[string]float64) bool) map[string]float64 {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		s, err := tryScrape(url)
+		if err == nil && f(s) {
+			return s
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not seen within %s; last scrape: %v", what, timeout, s)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// loopbackAddr returns a free 127.0.0.1 address.
+func loopbackAddr(t *testing.T) string {
+	return fmt.Sprintf("127.0.0.1:%d", freePort(t))
 }

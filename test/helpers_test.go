@@ -20,15 +20,15 @@ func helperCmd(name string) (env []string, argv []string) {
 // runHelper is the main of the test binary when it runs as a worker.
 func runHelper(name string) int {
 	switch name {
-	case "listen":
-		// Serves its pid on 127.0.0.1:$PORT until SIGTERM.
+	case "hello":
+		// Serves hello world on 127.0.0.1:$PORT until SIGTERM.
 		ln, err := reuseport.Listen("tcp4", "127.0.0.1:"+os.Getenv("PORT"))
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
 		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			fmt.Fprintf(w, "%d\n", os.Getpid())
+			fmt.Fprint(w, "hello world\n")
 		})}
 		go srv.Serve(ln)
 		sig := make(chan os.Signal, 1)
