@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"go.uber.org/goleak"
 	"net"
 	"os"
 	"os/exec"
@@ -25,7 +26,8 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(helperEnv); mode != "" {
 		os.Exit(helperMain(mode))
 	}
-	os.Exit(m.Run())
+	// No goroutine of a Channel or Conn outlives its Close.
+	goleak.VerifyTestMain(m)
 }
 
 // helperMain is a Go worker: it says it is ready with the package-level Send,

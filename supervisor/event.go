@@ -82,7 +82,7 @@ type Death struct {
 	ExitCode int            // the exit status, or -1 when a signal ended it
 	Signal   syscall.Signal // the signal that ended it, or 0
 	Uptime   time.Duration  // from start to reaping, on the monotonic clock
-	Reason   string         // why the master stopped it, when it did: "stop", "scale", "reload"
+	Reason   string         // why the master stopped it, when it did: "stop", "scale", "reload", "hung", "max_requests", "max_memory"
 	Err      error          // why it could not be started, when it could not
 }
 
@@ -90,11 +90,17 @@ type Death struct {
 func (d Death) Clean() bool { return d.Err == nil && d.Signal == 0 && d.ExitCode == 0 }
 
 // Class returns a bounded label for how the worker ended, for metrics:
+// "hung", "max_requests" or "max_memory" when the master stopped it for
+// that reason; otherwise
 // "exit_zero", "exit_nonzero", "start_failed", or "signal_" and the
 // signal's name for the common fatal signals (SIGKILL, SIGTERM, SIGINT,
 // SIGQUIT, SIGHUP, SIGSEGV, SIGBUS, SIGABRT, SIGILL, SIGFPE, SIGPIPE), and
 // "signal_other" for the rest.
 func (d Death) Class() string {
+	switch d.Reason {
+	case "hung", "max_requests", "max_memory":
+		return d.Reason
+	}
 	switch {
 	case d.Err != nil:
 		return "start_failed"

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -92,13 +93,27 @@ type Options struct {
 	Command []string
 	// Dir is the workers' working directory; empty means the master's.
 	Dir string
-	// Env is added to the environment every worker gets. Nil means the
-	// master's environment, without the master's own SHOAL_ and
-	// NODE_CHANNEL_ variables; the worker contract's variables come last.
+	// Env sets the workers' environment on top of what they inherit: an
+	// entry "KEY=VALUE" sets KEY, an entry "KEY" passes the master's value
+	// of KEY (if it has one).
 	Env []string
-	// CleanEnv starts workers from an empty environment plus Env, instead
-	// of the master's environment.
-	CleanEnv bool
+	// InheritEnv passes the master's whole environment to the workers
+	// (less the master's own SHOAL_ variables). Without it, workers get
+	// only the basics (PATH, HOME, USER, LOGNAME, SHELL, LANG, LANGUAGE,
+	// LC_*, TZ, TMPDIR, TERM), Env and the worker contract, so no secret of
+	// the master reaches them unless it is named.
+	InheritEnv bool
+
+	// Credential, if set, runs the workers as that user and group, with
+	// the supplementary groups it lists (none when empty): the master may
+	// be root while the workers are not. It needs the privilege to change
+	// ids (root, or CAP_SETUID and CAP_SETGID).
+	Credential *syscall.Credential
+	// AmbientCaps are capabilities the workers keep in their ambient set
+	// across the change of user and exec, e.g. unix.CAP_NET_BIND_SERVICE
+	// to bind a port below 1024 as a non-root worker. The master must have
+	// them itself.
+	AmbientCaps []uintptr
 
 	// Workers is the number of workers. 0 means AvailableCPUs(), unless Fork
 	// was called before Run: then the forked workers alone.
@@ -125,6 +140,24 @@ type Options struct {
 	ReadyTimeout time.Duration
 	// ReloadSurge is how many slots a reload rolls at a time; 0 means 1.
 	ReloadSurge int
+
+	// HeartbeatTimeout, when above 0, kills a worker that has sent a
+	// {"cmd":"shoal:heartbeat"} and then none for this long (SIGTERM, then
+	// SIGKILL after StopTimeout): its death reason is "hung". Workers that
+	// never send a heartbeat are not watched. Go workers served by package
+	// worker send one every second.
+	HeartbeatTimeout time.Duration
+
+	// MaxRequests, when above 0, recycles a worker (replaces it the way a
+	// reload does, with no lost request) once it has reported this many
+	// requests plus a random 0..MaxRequestsJitter, so workers do not all
+	// recycle at once. The death reason is "max_requests".
+	MaxRequests       uint64
+	MaxRequestsJitter uint64
+	// MaxMemory, when above 0, recycles a worker whose resident memory
+	// (from /proc, checked every second) exceeds this many bytes. The
+	// death reason is "max_memory".
+	MaxMemory uint64
 
 	// StopTimeout is how long a worker has to exit after SIGTERM before it
 	// and its process group get SIGKILL. 0 means 10 seconds.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -15,6 +16,8 @@ type reload struct {
 	waiters []chan error          // callers of Reload, told the outcome
 	started time.Time
 	surge   int
+	why     map[int]string // slot -> the death reason of its old process
+	user    bool           // asked for by Reload, not only recycling
 }
 
 // nextDeadline is the earliest ready deadline, or zero.
@@ -69,25 +72,63 @@ func (s *Supervisor) requestReload(result chan error) {
 		result <- errors.New("supervisor: reload: the supervisor is stopping")
 		return
 	}
-	if r := s.reload; r != nil {
+	r := s.reload
+	if r != nil && r.user {
 		r.waiters = append(r.waiters, result)
 		s.log.Info().Msg("reload requested while one runs: joining it")
 		return
 	}
-	r := &reload{
+	if r == nil {
+		r = s.newReload()
+		s.reload = r
+	}
+	// A recycle in progress becomes a reload of every slot.
+	r.user = true
+	r.waiters = append(r.waiters, result)
+	for _, id := range s.slotIDs() {
+		if sl := s.slots[id]; !sl.removed && !sl.finished && !r.has(id) {
+			r.todo = append(r.todo, id)
+			r.why[id] = "reload"
+		}
+	}
+	s.log.Info().Int("workers", len(r.todo)+len(r.active)).Int("surge", r.surge).Msg("reload started")
+	s.advanceReload()
+}
+
+func (s *Supervisor) newReload() *reload {
+	return &reload{
 		active:  map[int]*worker{},
 		readyBy: map[*worker]time.Time{},
-		waiters: []chan error{result},
+		why:     map[int]string{},
 		started: time.Now(),
 		surge:   max(1, s.opts.ReloadSurge),
 	}
-	for _, id := range s.slotIDs() {
-		if sl := s.slots[id]; !sl.removed && !sl.finished {
-			r.todo = append(r.todo, id)
-		}
+}
+
+// has reports whether slot id is still to roll or rolling.
+func (r *reload) has(id int) bool {
+	return r.active[id] != nil || slices.Contains(r.todo, id)
+}
+
+// recycle replaces w the way a reload does, for why: "max_requests" or
+// "max_memory". Recycles run one slot at a time, in the reload's queue.
+func (s *Supervisor) recycle(w *worker, why string) {
+	sl := w.slot
+	if s.stopping || sl.w != w || w.state != Listening {
+		return
 	}
-	s.reload = r
-	s.log.Info().Int("workers", len(r.todo)).Int("surge", r.surge).Msg("reload started")
+	r := s.reload
+	if r == nil {
+		r = s.newReload()
+		r.surge = 1
+		s.reload = r
+	}
+	if r.has(sl.id) {
+		return
+	}
+	r.todo = append(r.todo, sl.id)
+	r.why[sl.id] = why
+	s.log.Info().Int("worker", sl.id).Int("pid", w.pid).Str("reason", why).Msg("recycling worker")
 	s.advanceReload()
 }
 
@@ -120,8 +161,10 @@ func (s *Supervisor) advanceReload() {
 		s.online(w) // with no port to watch, it serves at once
 	}
 	if s.reload == r && len(r.active) == 0 && len(r.todo) == 0 {
-		s.reloads++
-		s.log.Info().Dur("took", time.Since(r.started)).Msg("reload finished")
+		if r.user {
+			s.reloads++
+			s.log.Info().Dur("took", time.Since(r.started)).Msg("reload finished")
+		}
 		s.endReload(nil)
 	}
 }
@@ -136,8 +179,9 @@ func (s *Supervisor) replacementServes(w *worker) {
 	old := sl.w
 	sl.w, sl.next = w, nil
 	if old != nil && old != w {
-		s.log.Info().Int("worker", sl.id).Int("old_pid", old.pid).Int("pid", w.pid).Msg("replacement serves: stopping the old worker")
-		s.terminate(old, "reload", time.Now())
+		why := r.why[sl.id]
+		s.log.Info().Int("worker", sl.id).Int("old_pid", old.pid).Int("pid", w.pid).Str("reason", why).Msg("replacement serves: stopping the old worker")
+		s.terminate(old, why, time.Now())
 	}
 	s.advanceReload()
 }
@@ -174,7 +218,9 @@ func (s *Supervisor) abortReload(err error) {
 			s.terminate(w, "reload-abort", now)
 		}
 	}
-	s.reloadErrs++
+	if r.user {
+		s.reloadErrs++
+	}
 	s.log.Error().Err(err).Msg("reload aborted: the old workers keep serving")
 	s.endReload(err)
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -92,6 +93,13 @@ type worker struct {
 	killed  bool      // it was sent SIGKILL
 	polled  time.Time // when the kernel was last asked whether it listens
 	inodes  []uint64  // its LISTEN sockets on the port, as first seen
+
+	// Set by its channel's reader goroutine.
+	beat      atomic.Int64  // unix nanoseconds of its last heartbeat; 0 if none yet
+	served    atomic.Uint64 // requests it reported
+	limit     uint64        // requests after which it is recycled; 0 for no limit
+	recycling atomic.Bool   // a recycle was asked for
+	memAt     time.Time     // when its memory was last read
 }
 
 type workerMsg struct {
@@ -575,11 +583,19 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 		Env:   s.env(sl.id),
 		Files: []*os.File{s.devnull, s.opts.Stdout, s.opts.Stderr, peer},
 		Sys: &syscall.SysProcAttr{
-			Setpgid:   true,            // Ctrl-C at a terminal reaches the master only
-			Pdeathsig: syscall.SIGKILL, // the master's death ends the worker
+			Setpgid:     true,            // Ctrl-C at a terminal reaches the master only
+			Pdeathsig:   syscall.SIGKILL, // the master's death ends the worker (Go sets it after the change of user)
+			Credential:  s.opts.Credential,
+			AmbientCaps: s.opts.AmbientCaps,
 		},
 	}
 	w := &worker{slot: sl, state: Starting}
+	if s.opts.MaxRequests > 0 {
+		w.limit = s.opts.MaxRequests
+		if j := s.opts.MaxRequestsJitter; j > 0 {
+			w.limit += rand.Uint64N(j + 1)
+		}
+	}
 	proc, err := s.forker.start(s.path, s.argv, attr)
 	peer.Close()
 	if err != nil {
@@ -625,21 +641,34 @@ func (s *Supervisor) startFailed(sl *slot, err error) {
 	s.afterDeath(sl, d)
 }
 
-// env builds a worker's environment: the master's (unless CleanEnv)
-// without its SHOAL_ and NODE_CHANNEL_ variables, then Options.Env, then the
-// worker contract. A later entry replaces an earlier one with the same name.
+// basicEnv names the variables workers get from the master without
+// InheritEnv: what programs need to run, nothing that is likely a secret.
+var basicEnv = []string{"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM"}
+
+// env builds a worker's environment: the basics of the master's (or all
+// of it with InheritEnv, less its SHOAL_ and NODE_CHANNEL_ variables), then
+// Options.Env, then the worker contract. A later entry replaces an earlier
+// one with the same name.
 func (s *Supervisor) env(id int) []string {
 	var env []string
-	if !s.opts.CleanEnv {
-		for _, kv := range os.Environ() {
-			k, _, _ := strings.Cut(kv, "=")
-			if strings.HasPrefix(k, "SHOAL_") || strings.HasPrefix(k, "NODE_CHANNEL_") || k == "NODE_UNIQUE_ID" {
-				continue
-			}
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		switch {
+		case strings.HasPrefix(k, "SHOAL_"), strings.HasPrefix(k, "NODE_CHANNEL_"), k == "NODE_UNIQUE_ID":
+		case s.opts.InheritEnv, slices.Contains(basicEnv, k), strings.HasPrefix(k, "LC_"):
 			env = append(env, kv)
 		}
 	}
-	env = append(env, s.opts.Env...)
+	for _, kv := range s.opts.Env {
+		if !strings.Contains(kv, "=") {
+			// A bare name passes the master's value.
+			if v, ok := os.LookupEnv(kv); ok {
+				env = append(env, kv+"="+v)
+			}
+			continue
+		}
+		env = append(env, kv)
+	}
 	env = append(env,
 		EnvWorkerID+"="+strconv.Itoa(id),
 		EnvMasterPID+"="+strconv.Itoa(os.Getpid()),
@@ -677,10 +706,19 @@ func (s *Supervisor) onMessage(w *worker, m ipc.Message) {
 	case ipc.CmdNotifyRequest:
 		w.slot.requests.Add(1)
 		s.requested.Add(1)
+		s.served(w, 1)
 	case ipc.CmdRequests:
 		w.slot.requests.Add(uint64(m.N))
 		s.requested.Add(m.N)
+		s.served(w, uint64(m.N))
 	case ipc.CmdHeartbeat:
+		if w.beat.Swap(time.Now().UnixNano()) == 0 && s.opts.HeartbeatTimeout > 0 {
+			// The first one: the loop starts watching w.
+			select {
+			case s.msgs <- workerMsg{w: w, msg: m}:
+			case <-s.done:
+			}
+		}
 	case ipc.CmdReady, ipc.CmdSend:
 		raw := append([]byte(nil), m.Raw...)
 		m.Msg = append([]byte(nil), m.Msg...)
@@ -702,6 +740,18 @@ func (s *Supervisor) onMessage(w *worker, m ipc.Message) {
 	}
 }
 
+// served counts requests of w's process and asks for its recycle once it
+// reaches its limit. It runs on the channel's goroutine.
+func (s *Supervisor) served(w *worker, n uint64) {
+	if w.limit == 0 || w.served.Add(n) < w.limit || !w.recycling.CompareAndSwap(false, true) {
+		return
+	}
+	select {
+	case s.msgs <- workerMsg{w: w, msg: ipc.Message{Cmd: "recycle"}}:
+	case <-s.done:
+	}
+}
+
 // handleMsg runs on the loop goroutine for messages that change state.
 func (s *Supervisor) handleMsg(m workerMsg) {
 	w := m.w
@@ -715,6 +765,9 @@ func (s *Supervisor) handleMsg(m workerMsg) {
 		}
 	case ipc.CmdSend:
 		s.relay(w, m.msg)
+	case "recycle":
+		s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Uint64("requests", w.served.Load()).Uint64("max_requests", w.limit).Msg("worker reached its request limit")
+		s.recycle(w, "max_requests")
 	}
 }
 
@@ -1042,6 +1095,59 @@ func (s *Supervisor) tick(now time.Time) {
 	}
 	s.pollListening(now)
 	s.checkReload(now)
+	s.checkHealth(now)
+}
+
+// checkHealth kills workers whose heartbeats stopped and recycles those
+// over the memory limit.
+func (s *Supervisor) checkHealth(now time.Time) {
+	if s.stopping {
+		return
+	}
+	for _, w := range s.byPID {
+		if w.state != Online && w.state != Listening {
+			continue
+		}
+		if at := w.beatDeadline(s.opts.HeartbeatTimeout); !at.IsZero() && !now.Before(at) {
+			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Dur("heartbeat_timeout", s.opts.HeartbeatTimeout).
+				Msg("worker hung: no heartbeat within the timeout; stopping it")
+			s.terminate(w, "hung", now)
+			continue
+		}
+		if s.opts.MaxMemory > 0 && w.state == Listening && !now.Before(w.memAt.Add(time.Second)) {
+			w.memAt = now
+			if rss, err := residentBytes(w.pid); err == nil && rss > s.opts.MaxMemory && !w.recycling.Swap(true) {
+				s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Uint64("rss", rss).Uint64("max_memory", s.opts.MaxMemory).Msg("worker over its memory limit")
+				s.recycle(w, "max_memory")
+			}
+		}
+	}
+}
+
+// beatDeadline is when w counts as hung, or zero when it is not watched.
+func (w *worker) beatDeadline(timeout time.Duration) time.Time {
+	b := w.beat.Load()
+	if timeout <= 0 || b == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, b).Add(timeout)
+}
+
+// residentBytes reads a process's resident set size from /proc.
+func residentBytes(pid int) (uint64, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/statm")
+	if err != nil {
+		return 0, err
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return 0, fmt.Errorf("supervisor: /proc/%d/statm: %q", pid, b)
+	}
+	pages, err := strconv.ParseUint(f[1], 10, 64)
+	if err != nil {
+		return 0, err
+	}
+	return pages * uint64(os.Getpagesize()), nil
 }
 
 // nextWake returns how long the loop may sleep.
@@ -1061,6 +1167,12 @@ func (s *Supervisor) nextWake(now time.Time) time.Duration {
 		earlier(s.reload.nextDeadline())
 	}
 	for _, w := range s.byPID {
+		if w.state == Online || w.state == Listening {
+			earlier(w.beatDeadline(s.opts.HeartbeatTimeout))
+			if s.opts.MaxMemory > 0 && w.state == Listening {
+				earlier(w.memAt.Add(time.Second))
+			}
+		}
 		switch w.state {
 		case Stopping:
 			if !w.killed {

@@ -9,10 +9,14 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
 
 	"github.com/shoal-sh/shoal/ipc"
 	"github.com/shoal-sh/shoal/reuseport"
@@ -24,13 +28,57 @@ func TestMain(m *testing.M) {
 	if IsWorker() {
 		os.Exit(testWorker())
 	}
-	os.Exit(m.Run())
+	// Every goroutine a supervisor starts ends when Run returns; only
+	// os/signal's own stays.
+	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("os/signal.signal_recv"), goleak.IgnoreTopFunction("os/signal.loop"))
 }
 
 // testWorker listens on 127.0.0.1:$PORT, reports two requests, and answers
 // messages: {"echo":X} comes back as {"echoed":X,"from":ID}; {"relay":TO}
 // sends {"hello":ID} to worker TO through the master; {"exit":N} exits N.
 func testWorker() int {
+	switch os.Getenv("SUP_TEST_MODE") {
+	case "hang":
+		// One heartbeat, then silence.
+		c, _ := ipc.FromEnv()
+		c.Send(map[string]string{"cmd": ipc.CmdHeartbeat})
+		time.Sleep(time.Hour)
+	case "busy":
+		// Serves (listens) and reports 10 requests every 20ms.
+		ln, err := reuseport.Listen("tcp4", "127.0.0.1:"+os.Getenv(EnvPort))
+		if err != nil {
+			return 4
+		}
+		defer ln.Close()
+		c, _ := ipc.FromEnv()
+		for {
+			if c.Send(map[string]any{"cmd": ipc.CmdRequests, "n": 10}) != nil {
+				return 0
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	case "report":
+		// Tells the master who it runs as and what it sees.
+		c, _ := ipc.FromEnv()
+		groups, _ := os.Getgroups()
+		env := map[string]string{}
+		for _, k := range []string{"SECRET", "PASSED", "SET", "PATH", "SHOAL_WORKER_ID"} {
+			if v, ok := os.LookupEnv(k); ok {
+				env[k] = v
+			}
+		}
+		bindErr := ""
+		if p := os.Getenv("PRIV_PORT"); p != "" {
+			if ln, err := net.Listen("tcp4", "127.0.0.1:"+p); err != nil {
+				bindErr = err.Error()
+			} else {
+				ln.Close()
+			}
+		}
+		c.Send(map[string]any{"uid": os.Getuid(), "gid": os.Getgid(), "groups": groups, "env": env, "bind": bindErr})
+		<-c.Done()
+		return 0
+	}
 	if os.Getenv("SUP_TEST_MODE") == "deaf" {
 		// Never reads its channel.
 		sig := make(chan os.Signal, 1)
@@ -507,4 +555,175 @@ func TestBrokenReloadKeepsTheOldWorkers(t *testing.T) {
 		t.Errorf("reload to a good release = %v", err)
 	}
 	stop()
+}
+
+func TestHungWorkerIsReplaced(t *testing.T) {
+	events := make(chan Event, 64)
+	s, err := New(Options{Workers: 1, HeartbeatTimeout: 300 * time.Millisecond, StopTimeout: time.Second,
+		Env: []string{"SUP_TEST_MODE=hang"}, OnEvent: func(e Event) { events <- e }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	first := waitEvent(t, events, "fork", func(e Event) bool { return e.Type == EventFork })
+	d := waitEvent(t, events, "death of the hung worker", func(e Event) bool { return e.Type == EventDeath })
+	if d.PID != first.PID || d.Death.Reason != "hung" || d.Death.Class() != "hung" {
+		t.Errorf("death %+v, want pid %d with reason hung", d.Death, first.PID)
+	}
+	next := waitEvent(t, events, "replacement", func(e Event) bool { return e.Type == EventFork })
+	if next.Worker != 1 || next.PID == first.PID {
+		t.Errorf("replacement %+v, want a new process in slot 1", next)
+	}
+	stop()
+}
+
+func TestWorkersWithoutHeartbeatsAreNotWatched(t *testing.T) {
+	events := make(chan Event, 64)
+	s, err := New(Options{Workers: 1, HeartbeatTimeout: 100 * time.Millisecond, Env: []string{"SUP_TEST_MODE=deaf"},
+		OnEvent: func(e Event) { events <- e }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	waitEvent(t, events, "online", func(e Event) bool { return e.Type == EventOnline })
+	time.Sleep(500 * time.Millisecond)
+	for len(events) > 0 {
+		if e := <-events; e.Type == EventDeath {
+			t.Errorf("a worker that never sent a heartbeat was stopped: %+v", e.Death)
+		}
+	}
+	stop()
+}
+
+func TestMaxRequestsRecyclesThroughTheReloadPath(t *testing.T) {
+	events := make(chan Event, 256)
+	s, err := New(Options{Workers: 1, Port: freePort(t), MaxRequests: 50, MaxRequestsJitter: 20,
+		Env: []string{"SUP_TEST_MODE=busy"}, OnEvent: func(e Event) { events <- e }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	first := waitEvent(t, events, "listening", func(e Event) bool { return e.Type == EventListening })
+	// The replacement serves before the old worker is stopped.
+	next := waitEvent(t, events, "the replacement listening", func(e Event) bool { return e.Type == EventListening })
+	d := waitEvent(t, events, "the old worker's death", func(e Event) bool { return e.Type == EventDeath })
+	if next.PID == first.PID || d.PID != first.PID || d.Death.Reason != "max_requests" {
+		t.Errorf("first %d, next %d, death %+v; want the first recycled (max_requests) after the next listened", first.PID, next.PID, d.Death)
+	}
+	if st := s.Status(); st[0].Requests < 50 {
+		t.Errorf("slot requests %d, want at least the 50 of the recycled worker (never decreasing)", st[0].Requests)
+	}
+	stop()
+}
+
+func TestMaxMemoryRecycles(t *testing.T) {
+	events := make(chan Event, 256)
+	s, err := New(Options{Workers: 1, Port: freePort(t), MaxMemory: 1 << 20, // every Go process is above 1 MiB
+		Env: []string{"SUP_TEST_MODE=busy"}, OnEvent: func(e Event) { events <- e }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	d := waitEvent(t, events, "a recycle", func(e Event) bool { return e.Type == EventDeath })
+	if d.Death.Reason != "max_memory" || d.Death.Class() != "max_memory" {
+		t.Errorf("death %+v, want reason max_memory", d.Death)
+	}
+	stop()
+}
+
+func reportFrom(t *testing.T, opts Options) map[string]any {
+	t.Helper()
+	msgs := make(chan Message, 4)
+	opts.Workers = 1
+	opts.Env = append(opts.Env, "SUP_TEST_MODE=report")
+	opts.OnMessage = func(m Message) { msgs <- m }
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := run(t, s)
+	defer stop()
+	select {
+	case m := <-msgs:
+		var v map[string]any
+		json.Unmarshal(m.Raw, &v)
+		return v
+	case <-time.After(10 * time.Second):
+		t.Fatal("no report from the worker within 10s")
+		return nil
+	}
+}
+
+func TestCleanEnvironmentByDefault(t *testing.T) {
+	t.Setenv("SECRET", "hunter2")
+	t.Setenv("PASSED", "yes")
+	v := reportFrom(t, Options{Env: []string{"PASSED", "SET=1"}})
+	env := v["env"].(map[string]any)
+	if _, ok := env["SECRET"]; ok {
+		t.Error("the master's SECRET reached the worker")
+	}
+	if env["PASSED"] != "yes" || env["SET"] != "1" || env["PATH"] == nil || env["SHOAL_WORKER_ID"] != "1" {
+		t.Errorf("worker environment %v, want PASSED=yes, SET=1, PATH and the contract", env)
+	}
+	v = reportFrom(t, Options{InheritEnv: true})
+	if env := v["env"].(map[string]any); env["SECRET"] != "hunter2" {
+		t.Errorf("with InheritEnv the worker sees %v, want SECRET", env)
+	}
+}
+
+// TestWorkersRunAsAnotherUser runs the master as root and the workers as
+// nobody, with no supplementary groups, and checks that the ambient
+// CAP_NET_BIND_SERVICE lets them bind a port below 1024.
+func TestWorkersRunAsAnotherUser(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("changing the workers' user needs root")
+	}
+	// nobody must be able to execute the test binary.
+	dir, err := os.MkdirTemp("", "shoal-nobody-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	bin := filepath.Join(dir, "worker")
+	data, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	port := privilegedPort(t)
+	cred := &syscall.Credential{Uid: 65534, Gid: 65534, Groups: []uint32{}}
+	env := []string{"PRIV_PORT=" + strconv.Itoa(port)}
+	v := reportFrom(t, Options{Command: []string{bin}, Credential: cred, Env: env})
+	groups, _ := v["groups"].([]any)
+	if v["uid"] != float64(65534) || v["gid"] != float64(65534) || len(groups) != 0 {
+		t.Errorf("worker runs as %v, want uid and gid 65534 and no supplementary groups", v)
+	}
+	if !strings.Contains(v["bind"].(string), "permission denied") {
+		t.Errorf("bind of port %d as nobody without the capability: %q, want permission denied", port, v["bind"])
+	}
+	v = reportFrom(t, Options{Command: []string{bin}, Credential: cred, Env: env, AmbientCaps: []uintptr{unix.CAP_NET_BIND_SERVICE}})
+	if v["bind"] != "" {
+		t.Errorf("bind of port %d as nobody with ambient CAP_NET_BIND_SERVICE: %q, want success", port, v["bind"])
+	}
+}
+
+// privilegedPort returns a free port below the unprivileged start on
+// 127.0.0.1, or skips.
+func privilegedPort(t *testing.T) int {
+	t.Helper()
+	start := 1024
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_unprivileged_port_start"); err == nil {
+		start, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+	}
+	for p := start - 1; p > start-200 && p > 0; p-- {
+		if ln, err := net.Listen("tcp4", "127.0.0.1:"+strconv.Itoa(p)); err == nil {
+			ln.Close()
+			return p
+		}
+	}
+	t.Skipf("no free port below %d on 127.0.0.1", start)
+	return 0
 }
