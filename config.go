@@ -5,9 +5,14 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
+	"os/user"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/shoal-sh/shoal/control"
 	"github.com/shoal-sh/shoal/supervisor"
@@ -135,17 +140,95 @@ func (f *stringFlag) String() string {
 
 func (f *stringFlag) Set(s string) error { *f.v = s; return nil }
 
+// listFlag collects repeated values. From the environment, one value per
+// line.
+type listFlag struct{ v *[]string }
+
+func (f listFlag) String() string {
+	if f.v == nil {
+		return ""
+	}
+	return strings.Join(*f.v, " ")
+}
+
+func (f listFlag) Set(s string) error {
+	for _, line := range strings.Split(s, "\n") {
+		if line = strings.TrimSpace(line); line != "" {
+			*f.v = append(*f.v, line)
+		}
+	}
+	return nil
+}
+
+// boolFlag is a flag that takes no value (--inherit-env), or true/false
+// from the environment.
+type boolFlag struct{ v *bool }
+
+func (f boolFlag) String() string {
+	if f.v == nil {
+		return "false"
+	}
+	return strconv.FormatBool(*f.v)
+}
+
+func (f boolFlag) Set(s string) error {
+	b, err := strconv.ParseBool(strings.TrimSpace(s))
+	if err != nil {
+		return errors.New("want true or false")
+	}
+	*f.v = b
+	return nil
+}
+
+func (f boolFlag) IsBoolFlag() bool { return true }
+
+// sizeFlag is a size in bytes: 536870912, 512MiB, 512M, 2GiB.
+type sizeFlag struct{ v *uint64 }
+
+func (f sizeFlag) String() string {
+	if f.v == nil {
+		return "0"
+	}
+	return strconv.FormatUint(*f.v, 10)
+}
+
+func (f sizeFlag) Set(s string) error {
+	n, err := parseSize(s)
+	if err != nil {
+		return err
+	}
+	*f.v = n
+	return nil
+}
+
+func parseSize(s string) (uint64, error) {
+	s = strings.TrimSpace(s)
+	num := strings.TrimRightFunc(s, func(r rune) bool { return r < '0' || r > '9' })
+	unit := strings.ToLower(strings.TrimSpace(s[len(num):]))
+	mult := map[string]uint64{"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+		"g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}[unit]
+	n, err := strconv.ParseUint(num, 10, 64)
+	if err != nil || mult == 0 {
+		return 0, errors.New("want a size in bytes such as 536870912, 512MiB or 2GiB")
+	}
+	return n * mult, nil
+}
+
 // parseConfig reads flags from args and, for flags not given there, from
 // the environment (SHOAL_ and the flag's name in upper case).
 func parseConfig(args []string, lookupEnv func(string) (string, bool), stdout, stderr io.Writer) (config, error) {
 	var (
-		c        config
-		restart  = "always"
-		ready    = "listen"
-		workers  = 0
-		maxMsg   = 1 << 20
-		fs       = flag.NewFlagSet("shoal", flag.ContinueOnError)
-		envNames = map[string]string{}
+		c         config
+		restart   = "always"
+		ready     = "listen"
+		workers   = 0
+		envFile   string
+		userName  string
+		groupName string
+		bindCap   bool
+		maxMsg    = 1 << 20
+		fs        = flag.NewFlagSet("shoal", flag.ContinueOnError)
+		envNames  = map[string]string{}
 	)
 	c.opts.Port = 8000
 	c.opts.StopTimeout = 10 * time.Second
@@ -155,6 +238,7 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stdout, s
 	c.migrateReq = "auto"
 	c.control = control.DefaultPath()
 	c.opts.ReloadSurge = 1
+	c.opts.Backoff.Max = 30 * time.Second
 	c.opts.ReadyTimeout = 30 * time.Second
 
 	def := func(name string, v flag.Value, usage string) {
@@ -168,6 +252,28 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stdout, s
 		"port exported to workers as PORT and watched for their LISTEN sockets; 0 for none")
 	def("host", &stringFlag{&c.host},
 		"address exported to workers as HOST; the built-in worker listens there (default: all addresses)")
+	def("env", listFlag{&c.opts.Env},
+		"set a worker environment variable (KEY=VALUE) or pass the master's (KEY); repeatable; the environment variable takes one per line")
+	def("env-file", &stringFlag{&envFile},
+		"file of KEY=VALUE lines (# comments) to set in the workers' environment")
+	def("inherit-env", boolFlag{&c.opts.InheritEnv},
+		"pass the master's whole environment to the workers; by default they get only PATH, HOME, USER, LANG, LC_*, TZ, TMPDIR, TERM, SHELL, LOGNAME, --env and --env-file")
+	def("user", &stringFlag{&userName},
+		"run the workers as this user (name or uid), with its group unless --group; supplementary groups are cleared; needs root")
+	def("group", &stringFlag{&groupName},
+		"run the workers with this group (name or gid)")
+	def("cap-net-bind-service", boolFlag{&bindCap},
+		"keep CAP_NET_BIND_SERVICE in the workers' ambient set, so a non-root worker may bind a port below 1024")
+	def("heartbeat-timeout", durationFlag{&c.opts.HeartbeatTimeout, 0},
+		`kill and replace a worker that sent {"cmd":"shoal:heartbeat"} and then none for this long (reason "hung"); 0 turns it off`)
+	def("max-requests", uint64Flag{&c.opts.MaxRequests},
+		"recycle a worker, the way a reload does, after it reported this many requests; 0 for no limit")
+	def("max-requests-jitter", uint64Flag{&c.opts.MaxRequestsJitter},
+		"add a random 0..J to each worker's --max-requests, so they do not recycle at once")
+	def("max-memory", sizeFlag{&c.opts.MaxMemory},
+		"recycle a worker whose resident memory exceeds this size (512MiB, 2GiB); 0 for no limit")
+	def("restart-delay-max", durationFlag{&c.opts.Backoff.Max, time.Millisecond},
+		"the crash-loop backoff's cap: restarts of a worker that keeps dying wait 100ms, doubling up to this")
 	def("restart", choiceFlag{&restart, []string{"always", "on-failure", "never"}},
 		"restart policy: always, on-failure or never")
 	def("stop-timeout", durationFlag{&c.opts.StopTimeout, 0},
@@ -237,8 +343,31 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stdout, s
 		return c, nil
 	}
 	c.opts.Command = rest
+	if envFile != "" {
+		fromFile, err := readEnvFile(envFile)
+		if err != nil {
+			return c, err
+		}
+		// The file first: --env wins over it.
+		c.opts.Env = append(fromFile, c.opts.Env...)
+	}
+	for _, kv := range c.opts.Env {
+		if k, _, _ := strings.Cut(kv, "="); k == "" || strings.ContainsAny(k, " \t\x00") {
+			return c, fmt.Errorf("--env %q: want KEY=VALUE or KEY", kv)
+		}
+	}
 	if c.host != "" {
 		c.opts.Env = append(c.opts.Env, "HOST="+c.host)
+	}
+	if userName != "" || groupName != "" {
+		cred, err := lookupCredential(userName, groupName)
+		if err != nil {
+			return c, err
+		}
+		c.opts.Credential = cred
+	}
+	if bindCap {
+		c.opts.AmbientCaps = []uintptr{unix.CAP_NET_BIND_SERVICE}
 	}
 	c.opts.Workers = workers
 	c.opts.MaxMessage = maxMsg
@@ -253,4 +382,82 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stdout, s
 		return c, errors.New("the built-in worker needs a port: give --port 1..65535")
 	}
 	return c, nil
+}
+
+// uint64Flag is a count.
+type uint64Flag struct{ v *uint64 }
+
+func (f uint64Flag) String() string {
+	if f.v == nil {
+		return "0"
+	}
+	return strconv.FormatUint(*f.v, 10)
+}
+
+func (f uint64Flag) Set(s string) error {
+	n, err := strconv.ParseUint(strings.TrimSpace(s), 10, 64)
+	if err != nil {
+		return errors.New("want a whole number, 0 or more")
+	}
+	*f.v = n
+	return nil
+}
+
+// readEnvFile reads KEY=VALUE lines: blank lines and # comments are
+// skipped, an "export " prefix and quotes around the value are removed.
+func readEnvFile(path string) ([]string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--env-file: %w", err)
+	}
+	var env []string
+	for i, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		line = strings.TrimPrefix(line, "export ")
+		k, v, ok := strings.Cut(line, "=")
+		k = strings.TrimSpace(k)
+		if !ok || k == "" || strings.ContainsAny(k, " \t") {
+			return nil, fmt.Errorf("--env-file %s:%d: want KEY=VALUE, got %q", path, i+1, line)
+		}
+		v = strings.TrimSpace(v)
+		if len(v) >= 2 && (v[0] == '"' && v[len(v)-1] == '"' || v[0] == '\'' && v[len(v)-1] == '\'') {
+			v = v[1 : len(v)-1]
+		}
+		env = append(env, k+"="+v)
+	}
+	return env, nil
+}
+
+// lookupCredential resolves --user and --group to the ids the workers run
+// with, with no supplementary groups.
+func lookupCredential(userName, groupName string) (*syscall.Credential, error) {
+	cred := &syscall.Credential{Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid()), Groups: []uint32{}}
+	if userName != "" {
+		u, err := user.Lookup(userName)
+		if err != nil {
+			if u, err = user.LookupId(userName); err != nil {
+				return nil, fmt.Errorf("--user %q: no such user", userName)
+			}
+		}
+		uid, _ := strconv.ParseUint(u.Uid, 10, 32)
+		gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+		cred.Uid, cred.Gid = uint32(uid), uint32(gid)
+	}
+	if groupName != "" {
+		g, err := user.LookupGroup(groupName)
+		if err != nil {
+			if g, err = user.LookupGroupId(groupName); err != nil {
+				return nil, fmt.Errorf("--group %q: no such group", groupName)
+			}
+		}
+		gid, _ := strconv.ParseUint(g.Gid, 10, 32)
+		cred.Gid = uint32(gid)
+	}
+	if os.Geteuid() != 0 && (cred.Uid != uint32(os.Geteuid()) || cred.Gid != uint32(os.Getegid())) {
+		return nil, fmt.Errorf("--user/--group: changing the workers' user needs root (shoal runs as uid %d)", os.Geteuid())
+	}
+	return cred, nil
 }

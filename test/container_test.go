@@ -323,7 +323,16 @@ func nsPIDs(pid int) []int {
 func startPID1(t *testing.T, env []string, args ...string) *nsInit {
 	t.Helper()
 	unshare, flags := pidNamespaceFlags(t)
-	env = append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_CONTROL="), env...)
+	// Workers get a clean environment: pass the script's PID1_ settings
+	// by name (SHOAL_ENV, one per line, is --env's variable).
+	var pass []string
+	for _, kv := range env {
+		if k, _, _ := strings.Cut(kv, "="); strings.HasPrefix(k, "PID1_") {
+			pass = append(pass, k)
+		}
+	}
+	env = append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_CONTROL=",
+		"SHOAL_ENV="+strings.Join(pass, "\n")), env...)
 	return startNSInit(t, unshare, flags, env, "shoal", append([]string{shoalBin}, args...)...)
 }
 

@@ -125,8 +125,8 @@ func TestMasterKilledTakesWorkersWithIt(t *testing.T) {
 }
 
 func TestStubbornWorkerKilledAtStopTimeout(t *testing.T) {
-	env, argv := helperCmd("stubborn")
-	m := startShoal(t, env, append([]string{"--workers", "2", "--port", "0", "--stop-timeout", "1s", "--"}, argv...)...)
+	flags, argv := helperCmd("stubborn")
+	m := startShoal(t, nil, append(append(flags, "--workers", "2", "--port", "0", "--stop-timeout", "1s", "--"), argv...)...)
 	started := m.waitFor(10*time.Second, 2, "2 workers started", msg("worker started"))
 	time.Sleep(200 * time.Millisecond) // let the helpers ignore SIGTERM
 	begin := time.Now()
@@ -290,7 +290,8 @@ func TestWorkerContract(t *testing.T) {
 	dir := t.TempDir()
 	port := freePort(t)
 	script := `echo "$SHOAL_WORKER_ID $SHOAL_MASTER_PID $PORT $SHOAL_IPC_FD $NODE_CHANNEL_FD $(readlink /proc/self/fd/3)" > "$OUT/$SHOAL_WORKER_ID.tmp" && mv "$OUT/$SHOAL_WORKER_ID.tmp" "$OUT/$SHOAL_WORKER_ID"; exec sleep 60`
-	m := startShoal(t, []string{"OUT=" + dir, "SHOAL_MASTER_PID=99", "NODE_UNIQUE_ID=1"}, "--workers", "2", "--port", strconv.Itoa(port), "--", "sh", "-c", script)
+	m := startShoal(t, []string{"OUT=" + dir, "SHOAL_MASTER_PID=99", "NODE_UNIQUE_ID=1", "SECRET_TOKEN=hunter2"},
+		"--workers", "2", "--port", strconv.Itoa(port), "--env", "OUT", "--", "sh", "-c", script)
 	m.waitFor(10*time.Second, 2, "2 workers started", msg("worker started"))
 	for _, slot := range []string{"1", "2"} {
 		var got []byte
@@ -309,8 +310,15 @@ func TestWorkerContract(t *testing.T) {
 		}
 	}
 	for _, pid := range m.current() {
-		if _, ok := environ(t, pid)["NODE_UNIQUE_ID"]; ok {
+		env := environ(t, pid)
+		if _, ok := env["NODE_UNIQUE_ID"]; ok {
 			t.Errorf("worker %d inherited NODE_UNIQUE_ID, which would make Node.js act as a cluster worker", pid)
+		}
+		if _, ok := env["SECRET_TOKEN"]; ok {
+			t.Errorf("worker %d got the master's SECRET_TOKEN without --env or --inherit-env", pid)
+		}
+		if env["PATH"] == "" {
+			t.Errorf("worker %d has no PATH", pid)
 		}
 	}
 }

@@ -11,10 +11,10 @@ import (
 	"github.com/shoal-sh/shoal/reuseport"
 )
 
-// helperCmd returns a command line that runs this test binary as the worker
-// helper named name.
-func helperCmd(name string) (env []string, argv []string) {
-	return []string{"E2E_HELPER=" + name}, []string{os.Args[0]}
+// helperCmd returns the flags and the command that run this test binary
+// as the worker helper named name.
+func helperCmd(name string) (flags []string, argv []string) {
+	return []string{"--env", "E2E_HELPER=" + name}, []string{os.Args[0]}
 }
 
 // runHelper is the main of the test binary when it runs as a worker.
@@ -35,6 +35,16 @@ func runHelper(name string) int {
 		signal.Notify(sig, syscall.SIGTERM)
 		<-sig
 		srv.Close()
+		return 0
+	case "stubborn-hello":
+		// Serves hello world and ignores SIGTERM.
+		signal.Ignore(syscall.SIGTERM)
+		ln, err := reuseport.Listen("tcp4", "127.0.0.1:"+os.Getenv("PORT"))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "hello world\n") }))
 		return 0
 	case "stubborn":
 		// Ignores SIGTERM and never exits by itself.

@@ -77,7 +77,7 @@ func TestSeedExampleCountsEveryRequest(t *testing.T) {
 func TestNodeRelayThroughMaster(t *testing.T) {
 	node := nodeBin(t)
 	port := freePort(t)
-	m := startShoal(t, []string{"RELAY=1"}, "--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--", node, filepath.Join("testdata", "node-worker.js"))
+	m := startShoal(t, nil, "--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--env", "RELAY=1", "--", node, filepath.Join("testdata", "node-worker.js"))
 	m.listening(15*time.Second, 2)
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(m.stdout.String(), "worker 1 got hello from 2") {

@@ -186,7 +186,7 @@ func TestReloadInNamespace(t *testing.T) {
 func TestBrokenReloadKeepsServing(t *testing.T) {
 	dir := t.TempDir()
 	release := filepath.Join(dir, "release.sh")
-	env, argv := helperCmd("hello")
+	flags, argv := helperCmd("hello")
 	write := func(body string) {
 		if err := os.WriteFile(release+".tmp", []byte("#!/bin/sh\n"+body+"\n"), 0o755); err != nil {
 			t.Fatal(err)
@@ -197,7 +197,7 @@ func TestBrokenReloadKeepsServing(t *testing.T) {
 	}
 	write(fmt.Sprintf("exec %q", argv[0]))
 	port, sock := freePort(t), filepath.Join(dir, "ctl.sock")
-	m := startShoal(t, env, "--workers", "2", "--port", strconv.Itoa(port), "--control", sock, "--ready-timeout", "2s", "--", release)
+	m := startShoal(t, nil, append(flags, "--workers", "2", "--port", strconv.Itoa(port), "--control", sock, "--ready-timeout", "2s", "--", release)...)
 	m.listening(15*time.Second, 2)
 	before := pidsOf(status(t, sock))
 	l := startLoad(fmt.Sprintf("127.0.0.1:%d", port), 2, false)
@@ -275,7 +275,7 @@ const ctlWorkers = `exec cat <&3 > "$OUT/$SHOAL_WORKER_ID"`
 func TestCtl(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "ctl.sock")
-	m := startShoal(t, []string{"OUT=" + dir}, "--workers", "2", "--port", "0", "--control", sock, "--", "sh", "-c", ctlWorkers)
+	m := startShoal(t, []string{"OUT=" + dir}, "--workers", "2", "--port", "0", "--control", sock, "--env", "OUT", "--", "sh", "-c", ctlWorkers)
 	m.listening(15*time.Second, 2)
 
 	out, code := ctl(t, sock, "status")
