@@ -120,6 +120,22 @@ func TestReloadUnderLoadLosesNothing(t *testing.T) {
 	}
 }
 
+// TestRecycleUnderLoadLosesNothing: with --max-requests, built-in workers
+// replace themselves under load through the reload path, losing nothing.
+func TestRecycleUnderLoadLosesNothing(t *testing.T) {
+	out := netnsChild(t, "TestReloadInNamespace", "E2E_KIND=go", "E2E_MIGRATE=1", "E2E_MODE=recycle")
+	m := resultLine.FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no RESULT line from the namespace run:\n%s", out)
+	}
+	ok, _ := strconv.Atoi(m[1])
+	failed, _ := strconv.Atoi(m[2])
+	t.Logf("recycling by --max-requests under load: %d requests answered, %d failed over %s recycles (%s)", ok, failed, m[3], m[4])
+	if failed != 0 || ok == 0 {
+		t.Errorf("%d failed, %d answered during recycles, want 0 failed:\n%s", failed, ok, out)
+	}
+}
+
 // TestReloadInNamespace runs only inside netnsChild.
 func TestReloadInNamespace(t *testing.T) {
 	if os.Getenv("E2E_NETNS_CHILD") != "1" {
@@ -131,6 +147,11 @@ func TestReloadInNamespace(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	args := []string{"--workers", "4", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--control", sock,
 		"--migrate-req", mode, "--stop-timeout", "10s"}
+	recycle := os.Getenv("E2E_MODE") == "recycle"
+	if recycle {
+		// Workers replace themselves after 1500..2000 requests.
+		args = append(args, "--max-requests", "1500", "--max-requests-jitter", "500")
+	}
 	if os.Getenv("E2E_KIND") == "node" {
 		args = append(args, "--", nodeBin(t), filepath.Join("testdata", "node-drain.js"))
 	}
@@ -144,7 +165,13 @@ func TestReloadInNamespace(t *testing.T) {
 	fresh := startLoad(addr, 4, false)
 	kept := startLoad(addr, 4, true)
 	time.Sleep(300 * time.Millisecond)
-	const reloads = 5
+	reloads := 5
+	if recycle {
+		reloads = 0
+		m.waitFor(60*time.Second, 4, "4 recycles", func(e entry) bool {
+			return e.str("message") == "worker died" && e.str("reason") == "max_requests"
+		})
+	}
 	for i := 0; i < reloads; i++ {
 		before := pidsOf(status(t, sock))
 		if out, code := ctl(t, sock, "reload"); code != 0 {
@@ -159,9 +186,13 @@ func TestReloadInNamespace(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	// Let the last old workers drain before counting.
-	m.waitFor(30*time.Second, 4*reloads, "every old worker gone", func(e entry) bool {
-		return e.str("message") == "worker died" && e.str("reason") == "reload"
-	})
+	if reloads > 0 {
+		m.waitFor(30*time.Second, 4*reloads, "every old worker gone", func(e entry) bool {
+			return e.str("message") == "worker died" && e.str("reason") == "reload"
+		})
+	} else {
+		time.Sleep(time.Second) // the last recycled worker drains
+	}
 	okFresh, failFresh := fresh.finish()
 	okKept, failKept := kept.finish()
 	all := map[string]int{}
@@ -175,7 +206,8 @@ func TestReloadInNamespace(t *testing.T) {
 	for _, n := range all {
 		failed += n
 	}
-	fmt.Printf("RESULT ok=%d failed=%d reloads=%d reasons=%s\n", okFresh+okKept, failed, reloads, describe(all))
+	recycled := len(m.logs.entries(func(e entry) bool { return e.str("message") == "worker died" && e.str("reason") == "max_requests" }))
+	fmt.Printf("RESULT ok=%d failed=%d reloads=%d reasons=%s\n", okFresh+okKept, failed, reloads+recycled, describe(all))
 	m.signal(syscall.SIGTERM)
 	m.wait(30 * time.Second)
 }
