@@ -165,12 +165,8 @@ func TestCrashLoopStaysIdle(t *testing.T) {
 	begin := time.Now()
 	ticks := 0
 	for alive(m.pid()) {
-		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", m.pid())); err == nil {
-			s := string(b)
-			f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-			u, _ := strconv.Atoi(f[11])
-			st, _ := strconv.Atoi(f[12])
-			ticks = u + st
+		if st, ok := readStat(m.pid()); ok {
+			ticks = st.ticks
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

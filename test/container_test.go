@@ -271,29 +271,10 @@ func (p nsProc) String() string {
 
 // hostProcs lists the host's processes.
 func hostProcs() []nsProc {
-	dirs, _ := os.ReadDir("/proc")
 	var out []nsProc
-	for _, d := range dirs {
-		pid, err := strconv.Atoi(d.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + d.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		lp, rp := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
-		if lp < 0 || rp < lp {
-			continue
-		}
-		f := strings.Fields(s[rp+1:])
-		if len(f) < 2 {
-			continue
-		}
-		ppid, _ := strconv.Atoi(f[1])
-		ns, _ := os.Readlink("/proc/" + d.Name() + "/ns/pid")
-		out = append(out, nsProc{pid: pid, ppid: ppid, state: f[0], comm: s[lp+1 : rp], ns: ns})
+	for _, st := range allStats() {
+		ns, _ := os.Readlink("/proc/" + strconv.Itoa(st.pid) + "/ns/pid")
+		out = append(out, nsProc{pid: st.pid, ppid: st.ppid, state: st.state, comm: st.comm, ns: ns})
 	}
 	return out
 }

@@ -282,15 +282,54 @@ func get(t *testing.T, url string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
-// alive reports whether pid exists and is not a zombie.
-func alive(pid int) bool {
+// procStat is what /proc/PID/stat says of a process.
+type procStat struct {
+	pid, ppid   int
+	state, comm string
+	ticks       int // user and system CPU time, in clock ticks
+}
+
+// readStat reads /proc/PID/stat; ok is false when the process is gone.
+func readStat(pid int) (st procStat, ok bool) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		return false
+		return st, false
 	}
 	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+	lp, rp := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if lp < 0 || rp < lp {
+		return st, false
+	}
+	f := strings.Fields(s[rp+1:])
+	if len(f) < 13 {
+		return st, false
+	}
+	st = procStat{pid: pid, state: f[0], comm: s[lp+1 : rp]}
+	st.ppid, _ = strconv.Atoi(f[1])
+	utime, _ := strconv.Atoi(f[11])
+	stime, _ := strconv.Atoi(f[12])
+	st.ticks = utime + stime
+	return st, true
+}
+
+// allStats reads /proc/PID/stat of every process.
+func allStats() []procStat {
+	dirs, _ := os.ReadDir("/proc")
+	var out []procStat
+	for _, d := range dirs {
+		if pid, err := strconv.Atoi(d.Name()); err == nil {
+			if st, ok := readStat(pid); ok {
+				out = append(out, st)
+			}
+		}
+	}
+	return out
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	st, ok := readStat(pid)
+	return ok && st.state != "Z"
 }
 
 // waitGone waits until none of pids is alive.
@@ -319,25 +358,10 @@ func waitGone(t *testing.T, timeout time.Duration, pids ...int) {
 
 // zombiesOf returns the zombie children of ppid.
 func zombiesOf(ppid int) []int {
-	dirs, _ := os.ReadDir("/proc")
 	var out []int
-	for _, d := range dirs {
-		pid, err := strconv.Atoi(d.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + d.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(s[i+1:])
-		if len(f) > 1 && f[0] == "Z" && f[1] == strconv.Itoa(ppid) {
-			out = append(out, pid)
+	for _, st := range allStats() {
+		if st.state == "Z" && st.ppid == ppid {
+			out = append(out, st.pid)
 		}
 	}
 	return out
