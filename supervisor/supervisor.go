@@ -233,8 +233,8 @@ func (w *Worker) Handle(h func(Message)) {
 // Scale sets the number of workers. New slots start at once; removed slots,
 // the highest first, go through the graceful stop.
 func (s *Supervisor) Scale(n int) error {
-	if n < 1 {
-		return fmt.Errorf("supervisor: scale to %d: want 1 or more", n)
+	if n < 1 || n > MaxWorkers {
+		return fmt.Errorf("supervisor: scale to %d: want 1 to %d workers", n, MaxWorkers)
 	}
 	var err error
 	if !s.do(func() { err = s.scale(n) }) {
@@ -243,6 +243,9 @@ func (s *Supervisor) Scale(n int) error {
 	return err
 }
 
+// MaxWorkers bounds Scale, so a typo cannot fork-bomb the host.
+const MaxWorkers = 1 << 16
+
 // ScaleBy adds delta workers (or removes them, when delta is negative) and
 // returns the new count; it never goes below 1. SIGTTIN and SIGTTOU do this
 // with +1 and -1.
@@ -250,7 +253,7 @@ func (s *Supervisor) ScaleBy(delta int) (int, error) {
 	var n int
 	var err error
 	if !s.do(func() {
-		n = max(1, s.desired()+delta)
+		n = min(MaxWorkers, max(1, s.desired()+delta))
 		err = s.scale(n)
 	}) {
 		return 0, errors.New("supervisor: scale: the supervisor is not running")

@@ -335,7 +335,7 @@ func TestCtl(t *testing.T) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	for _, bad := range [][]string{{"send", "9", `{}`}, {"scale", "0"}, {"send", "1", "not-json"}, {"frobnicate"}} {
+	for _, bad := range [][]string{{"send", "9", `{}`}, {"scale", "0"}, {"scale", "100000"}, {"send", "1", "not-json"}, {"frobnicate"}} {
 		if out, code := ctl(t, sock, bad...); code == 0 {
 			t.Errorf("ctl %v succeeded: %s", bad, out)
 		}
