@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/shoal-sh/shoal/internal/peer"
 	"github.com/shoal-sh/shoal/ipc"
 	"github.com/shoal-sh/shoal/reuseport"
 	"github.com/shoal-sh/shoal/supervisor"
@@ -151,21 +152,6 @@ func freePort(tb testing.TB) int {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
-}
-
-// requirePeer returns the path of an outside program, or skips the test
-// when it is missing, unless SHOAL_REQUIRE_PEERS=1, where it fails it.
-func requirePeer(t *testing.T, name string) string {
-	t.Helper()
-	path, err := exec.LookPath(name)
-	if err == nil {
-		return path
-	}
-	if os.Getenv("SHOAL_REQUIRE_PEERS") == "1" {
-		t.Fatalf("%s is required (SHOAL_REQUIRE_PEERS=1) but not found in PATH", name)
-	}
-	t.Skipf("%s not found in PATH", name)
-	return ""
 }
 
 // waitEvent waits up to 15s for an event that matches.
@@ -629,7 +615,7 @@ func TestHandler(t *testing.T) {
 		}
 	}
 	t.Run("promtool", func(t *testing.T) {
-		promtool := requirePeer(t, "promtool")
+		promtool := peer.Require(t, "promtool")
 		cmd := exec.Command(promtool, "check", "metrics")
 		cmd.Stdin = strings.NewReader(body)
 		out, err := cmd.CombinedOutput()

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/shoal-sh/shoal/internal/peer"
 )
 
 // TestMigrateReqInOwnNamespace sets net.ipv4.tcp_migrate_req inside a new
@@ -29,15 +31,9 @@ func TestMigrateReqInOwnNamespace(t *testing.T) {
 		return
 	}
 	if os.Getuid() != 0 {
-		t.Skip("a network namespace of its own needs root")
+		peer.Missing(t, "a network namespace of its own needs root")
 	}
-	unshare, err := exec.LookPath("unshare")
-	if err != nil {
-		if os.Getenv("SHOAL_REQUIRE_PEERS") == "1" {
-			t.Fatal("unshare (util-linux) is required")
-		}
-		t.Skip("unshare not found")
-	}
+	unshare := peer.Require(t, "unshare")
 	host, err := MigrateReq()
 	if err != nil {
 		t.Skip(err)

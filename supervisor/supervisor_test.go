@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 
+	"github.com/shoal-sh/shoal/internal/peer"
 	"github.com/shoal-sh/shoal/ipc"
 	"github.com/shoal-sh/shoal/reuseport"
 )
@@ -676,7 +677,7 @@ func TestCleanEnvironmentByDefault(t *testing.T) {
 // CAP_NET_BIND_SERVICE lets them bind a port below 1024.
 func TestWorkersRunAsAnotherUser(t *testing.T) {
 	if os.Getuid() != 0 {
-		t.Skip("changing the workers' user needs root")
+		peer.Missing(t, "changing the workers' user needs root")
 	}
 	// nobody must be able to execute the test binary.
 	dir, err := os.MkdirTemp("", "shoal-nobody-")

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shoal-sh/shoal/internal/peer"
 )
 
 // children returns the pids of a process's children.
@@ -291,7 +293,7 @@ func TestFloodWhileAnotherDies(t *testing.T) {
 // as nobody.
 func TestWorkersRunAsNobody(t *testing.T) {
 	if os.Getuid() != 0 {
-		t.Skip("needs root")
+		peer.Missing(t, "needs root")
 	}
 	port := freePort(t)
 	m := startShoal(t, nil, "--workers", "1", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--user", "nobody")

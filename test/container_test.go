@@ -33,6 +33,8 @@ import (
 
 	"go.yaml.in/yaml/v3"
 	"golang.org/x/sys/unix"
+
+	"github.com/shoal-sh/shoal/internal/peer"
 )
 
 // moduleRoot is the module's root, seen from this package's directory.
@@ -60,7 +62,7 @@ var unshareSupport struct {
 // there when SHOAL_REQUIRE_PEERS=1.
 func pidNamespaceFlags(t *testing.T) (string, []string) {
 	t.Helper()
-	unshare := requirePeer(t, "unshare")
+	unshare := peer.Require(t, "unshare")
 	unshareSupport.once.Do(func() {
 		tries := [][]string{{"--pid", "--fork", "--mount-proc", "--kill-child"}}
 		if os.Getuid() != 0 {
@@ -80,10 +82,7 @@ func pidNamespaceFlags(t *testing.T) (string, []string) {
 		unshareSupport.why = strings.Join(why, "; ")
 	})
 	if unshareSupport.flags == nil {
-		if os.Getenv("SHOAL_REQUIRE_PEERS") == "1" {
-			t.Fatalf("the kernel refuses a new PID namespace (SHOAL_REQUIRE_PEERS=1): %s", unshareSupport.why)
-		}
-		t.Skipf("the kernel refuses a new PID namespace: %s", unshareSupport.why)
+		peer.Missing(t, "the kernel refuses a new PID namespace: %s", unshareSupport.why)
 	}
 	return unshare, unshareSupport.flags
 }
@@ -1628,14 +1627,11 @@ func podSelectedBy(t *testing.T, where string, pods []podShoal, selector map[str
 // stops it with SIGTERM, as the kubelet does after the preStop hook.
 func TestManifestDeploymentRunsAsWritten(t *testing.T) {
 	if os.Getuid() != 0 {
-		if os.Getenv("SHOAL_REQUIRE_PEERS") == "1" {
-			t.Fatal("needs root, for a network namespace and the pod's user (SHOAL_REQUIRE_PEERS=1)")
-		}
-		t.Skip("needs root, for a network namespace and the pod's user")
+		peer.Missing(t, "needs root, for a network namespace and the pod's user")
 	}
 	unshare, _ := pidNamespaceFlags(t)
-	ip := requirePeer(t, "ip")
-	setpriv := requirePeer(t, "setpriv")
+	ip := peer.Require(t, "ip")
+	setpriv := peer.Require(t, "setpriv")
 	docs := loadManifests(t)
 	for _, p := range podsOf(t, docs) {
 		t.Run(strings.ReplaceAll(p.where, " ", "_"), func(t *testing.T) { runPodAsWritten(t, docs, p, unshare, ip, setpriv) })
@@ -2029,7 +2025,7 @@ func firstNonEmpty(a, b string) string {
 // its unit tests, and checks that every metric it names is one the binary
 // serves.
 func TestAlertRules(t *testing.T) {
-	promtool := requirePeer(t, "promtool")
+	promtool := peer.Require(t, "promtool")
 	dir := filepath.Join(moduleRoot, "deploy", "prometheus")
 	for _, args := range [][]string{{"check", "rules", "alerts.yml"}, {"test", "rules", "alerts_test.yml"}} {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -56,21 +56,6 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// requirePeer skips a test whose outside program is missing, unless
-// SHOAL_REQUIRE_PEERS=1 (set by .ci/run), where a missing peer fails it.
-func requirePeer(t *testing.T, name string) string {
-	t.Helper()
-	path, err := exec.LookPath(name)
-	if err == nil {
-		return path
-	}
-	if os.Getenv("SHOAL_REQUIRE_PEERS") == "1" {
-		t.Fatalf("%s is required (SHOAL_REQUIRE_PEERS=1) but not found in PATH: run .ci/run, which installs it", name)
-	}
-	t.Skipf("%s not found in PATH; .ci/run installs it", name)
-	return ""
-}
-
 // freePort returns a TCP port that is free on 127.0.0.1 now.
 func freePort(t *testing.T) int {
 	t.Helper()

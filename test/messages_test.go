@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shoal-sh/shoal/internal/peer"
 	"github.com/shoal-sh/shoal/ipc"
 	"github.com/shoal-sh/shoal/supervisor"
 )
@@ -57,7 +58,7 @@ func TestSeedExampleCountsEveryRequest(t *testing.T) {
 			case "node":
 				argv = []string{"--", nodeBin(t), filepath.Join("testdata", "node-worker.js")}
 			case "python":
-				argv = []string{"--", requirePeer(t, "python3"), filepath.Join("testdata", "worker.py")}
+				argv = []string{"--", peer.Require(t, "python3"), filepath.Join("testdata", "worker.py")}
 			}
 			port, maddr := freePort(t), loopbackAddr(t)
 			m := startShoal(t, nil, append([]string{"--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--metrics-addr", maddr}, argv...)...)

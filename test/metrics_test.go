@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shoal-sh/shoal/internal/peer"
 )
 
 // TestMetricsPrometheusCountsEveryRequest runs shoal with its built-in
@@ -21,8 +23,8 @@ import (
 // SIGKILLed halfway, and checks that Prometheus sees exactly K, and keeps
 // seeing K: the slot's count survives the restart.
 func TestMetricsPrometheusCountsEveryRequest(t *testing.T) {
-	promBin := requirePeer(t, "prometheus")
-	promtool := requirePeer(t, "promtool")
+	promBin := peer.Require(t, "prometheus")
+	promtool := peer.Require(t, "promtool")
 	const k = 300
 
 	port, mport := freePort(t), freePort(t)

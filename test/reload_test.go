@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shoal-sh/shoal/internal/peer"
 )
 
 // ctl runs 'shoal ctl' against a master's control socket.
@@ -72,10 +74,10 @@ func pidsOf(st ctlStatus) map[int]int {
 func netnsChild(t *testing.T, name string, env ...string) string {
 	t.Helper()
 	if os.Getuid() != 0 {
-		t.Skip("a network namespace of its own needs root")
+		peer.Missing(t, "a network namespace of its own needs root")
 	}
-	unshare := requirePeer(t, "unshare")
-	requirePeer(t, "ip")
+	unshare := peer.Require(t, "unshare")
+	peer.Require(t, "ip")
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, unshare, "--net", "sh", "-c", `ip link set lo up && exec "$0" "$@"`,
