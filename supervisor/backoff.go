@@ -14,16 +14,16 @@ type Backoff struct {
 
 func (b Backoff) withDefaults() Backoff {
 	if b.Initial <= 0 {
-		b.Initial = 100 * time.Millisecond
+		b.Initial = DefaultBackoffInitial
 	}
 	if b.Max <= 0 {
-		b.Max = 30 * time.Second
+		b.Max = DefaultBackoffMax
 	}
 	if b.Max < b.Initial {
 		b.Max = b.Initial
 	}
 	if b.StableAfter <= 0 {
-		b.StableAfter = 10 * time.Second
+		b.StableAfter = DefaultStableAfter
 	}
 	return b
 }

@@ -82,7 +82,7 @@ type Death struct {
 	ExitCode int            // the exit status, or -1 when a signal ended it
 	Signal   syscall.Signal // the signal that ended it, or 0
 	Uptime   time.Duration  // from start to reaping, on the monotonic clock
-	Reason   string         // why the master stopped it, when it did: "stop", "scale", "reload", "hung", "max_requests", "max_memory"
+	Reason   string         // why the master stopped it, when it did: one of the Reason constants; empty otherwise
 	Err      error          // why it could not be started, when it could not
 }
 
@@ -98,7 +98,7 @@ func (d Death) Clean() bool { return d.Err == nil && d.Signal == 0 && d.ExitCode
 // "signal_other" for the rest.
 func (d Death) Class() string {
 	switch d.Reason {
-	case "hung", "max_requests", "max_memory":
+	case ReasonHung, ReasonMaxRequests, ReasonMaxMemory:
 		return d.Reason
 	}
 	switch {

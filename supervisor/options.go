@@ -8,8 +8,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-
-	"github.com/shoal-sh/shoal/ipc"
 )
 
 // RestartPolicy says which deaths are followed by a replacement.
@@ -38,17 +36,30 @@ func (p RestartPolicy) String() string {
 	return fmt.Sprintf("RestartPolicy(%d)", int(p))
 }
 
-// ParseRestartPolicy parses "always", "on-failure" or "never".
+// ParseRestartPolicy parses "always", "on-failure" or "never", in any case.
 func ParseRestartPolicy(s string) (RestartPolicy, error) {
-	switch strings.ToLower(strings.TrimSpace(s)) {
+	var p RestartPolicy
+	err := p.UnmarshalText([]byte(s))
+	return p, err
+}
+
+// MarshalText returns the policy as the command line spells it.
+func (p RestartPolicy) MarshalText() ([]byte, error) { return []byte(p.String()), nil }
+
+// UnmarshalText parses "always", "on-failure" or "never", in any case. It
+// makes a RestartPolicy usable as a flag or a configuration field.
+func (p *RestartPolicy) UnmarshalText(text []byte) error {
+	switch strings.ToLower(strings.TrimSpace(string(text))) {
 	case "always":
-		return RestartAlways, nil
-	case "on-failure", "onfailure", "on_failure":
-		return RestartOnFailure, nil
-	case "never", "no":
-		return RestartNever, nil
+		*p = RestartAlways
+	case "on-failure":
+		*p = RestartOnFailure
+	case "never":
+		*p = RestartNever
+	default:
+		return fmt.Errorf("restart policy %q: want always, on-failure or never", text)
 	}
-	return 0, fmt.Errorf("supervisor: restart policy %q: want always, on-failure or never", s)
+	return nil
 }
 
 // ReadyMode says how the master learns that a worker is serving.
@@ -71,15 +82,27 @@ func (m ReadyMode) String() string {
 	return "listen"
 }
 
-// ParseReadyMode parses "listen" or "message".
+// ParseReadyMode parses "listen" or "message", in any case.
 func ParseReadyMode(s string) (ReadyMode, error) {
-	switch strings.ToLower(strings.TrimSpace(s)) {
-	case "listen", "kernel", "":
-		return ReadyListen, nil
+	var m ReadyMode
+	err := m.UnmarshalText([]byte(s))
+	return m, err
+}
+
+// MarshalText returns the mode as the command line spells it.
+func (m ReadyMode) MarshalText() ([]byte, error) { return []byte(m.String()), nil }
+
+// UnmarshalText parses "listen" or "message", in any case.
+func (m *ReadyMode) UnmarshalText(text []byte) error {
+	switch strings.ToLower(strings.TrimSpace(string(text))) {
+	case "listen":
+		*m = ReadyListen
 	case "message":
-		return ReadyMessage, nil
+		*m = ReadyMessage
+	default:
+		return fmt.Errorf("ready mode %q: want listen or message", text)
 	}
-	return 0, fmt.Errorf("supervisor: ready mode %q: want listen or message", s)
+	return nil
 }
 
 // Options configure a Supervisor. The zero value runs one copy of the
@@ -206,19 +229,19 @@ var ErrTooManyRestarts = fmt.Errorf("supervisor: too many restarts")
 
 func (o Options) withDefaults() Options {
 	if o.StopTimeout <= 0 {
-		o.StopTimeout = 10 * time.Second
+		o.StopTimeout = DefaultStopTimeout
 	}
 	if o.ReadyTimeout <= 0 {
-		o.ReadyTimeout = 30 * time.Second
+		o.ReadyTimeout = DefaultReadyTimeout
 	}
 	if o.RestartWindow <= 0 {
-		o.RestartWindow = time.Minute
+		o.RestartWindow = DefaultRestartWindow
 	}
 	if o.MaxMessage <= 0 {
-		o.MaxMessage = ipc.DefaultMaxMessage
+		o.MaxMessage = DefaultMaxMessage
 	}
 	if o.QueueLen <= 0 {
-		o.QueueLen = 1024
+		o.QueueLen = DefaultQueueLen
 	}
 	o.Backoff = o.Backoff.withDefaults()
 	if o.Stdout == nil {

@@ -88,7 +88,7 @@ func (s *Supervisor) requestReload(result chan error) {
 	for _, id := range s.slotIDs() {
 		if sl := s.slots[id]; !sl.removed && !sl.finished && !r.has(id) {
 			r.todo = append(r.todo, id)
-			r.why[id] = "reload"
+			r.why[id] = ReasonReload
 		}
 	}
 	s.log.Info().Int("workers", len(r.todo)+len(r.active)).Int("surge", r.surge).Msg("reload started")
@@ -178,6 +178,7 @@ func (s *Supervisor) replacementServes(w *worker) {
 	delete(r.readyBy, w)
 	old := sl.w
 	sl.w, sl.next = w, nil
+	sl.reloads++
 	if old != nil && old != w {
 		why := r.why[sl.id]
 		s.log.Info().Int("worker", sl.id).Int("old_pid", old.pid).Int("pid", w.pid).Str("reason", why).Msg("replacement serves: stopping the old worker")
@@ -215,7 +216,7 @@ func (s *Supervisor) abortReload(err error) {
 			w.slot.next = nil
 		}
 		if w.state != Dead {
-			s.terminate(w, "reload-abort", now)
+			s.terminate(w, ReasonReloadAbort, now)
 		}
 	}
 	if r.user {

@@ -72,6 +72,8 @@ type slot struct {
 	failures  int       // quick deaths in a row, for the backoff
 	restartAt time.Time // when a delayed replacement is due; zero if none
 	starts    int
+	restarts  int // replacements started after a death
+	reloads   int // replacements that took over from a live process: reloads and recycles
 	finished  bool // dead and not to be replaced
 	removed   bool // scaled away: delete on death
 	requests  atomic.Uint64
@@ -280,6 +282,8 @@ type WorkerStatus struct {
 	Started  time.Time         // start of the current process
 	Uptime   time.Duration     // of the current process, on the monotonic clock
 	Starts   int               // processes started in this slot
+	Restarts int               // replacements after a death in this slot
+	Reloads  int               // replacements by a reload or recycle that took over in this slot
 	Requests uint64            // requests reported from this slot, across restarts
 	Deaths   map[string]uint64 // deaths in this slot by Death.Class
 	Backoff  time.Duration     // delay before the pending restart, if one is pending
@@ -329,7 +333,7 @@ func (s *Supervisor) SnapshotContext(ctx context.Context) (Snapshot, error) {
 			Reloads: s.reloads, ReloadFailures: s.reloadErrs, Reloading: s.reload != nil}
 		for _, id := range s.slotIDs() {
 			sl := s.slots[id]
-			st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}
+			st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Restarts: sl.restarts, Reloads: sl.reloads, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}
 			addStats(&st.IPC, sl.ipcBase)
 			for _, ch := range sl.retired {
 				addStats(&st.IPC, ch.Stats())
@@ -480,7 +484,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		case <-ctxDone:
 			ctxDone = nil
 			s.log.Info().Msg("stopping all workers")
-			s.beginStop("stop")
+			s.beginStop(ReasonStop)
 		case <-sigchld:
 			s.reap()
 		case <-timer.C:
@@ -770,7 +774,7 @@ func (s *Supervisor) handleMsg(m workerMsg) {
 		s.relay(w, m.msg)
 	case "recycle":
 		s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Uint64("requests", w.served.Load()).Uint64("max_requests", w.limit).Msg("worker reached its request limit")
-		s.recycle(w, "max_requests")
+		s.recycle(w, ReasonMaxRequests)
 	}
 }
 
@@ -948,7 +952,7 @@ func addStats(dst *ipc.Stats, src ipc.Stats) {
 // afterDeath decides what follows a death in sl.
 func (s *Supervisor) afterDeath(sl *slot, d *Death) {
 	sl.deaths[d.Class()]++
-	if s.stopping || d.Reason == "stop" {
+	if s.stopping || d.Reason == ReasonStop {
 		return
 	}
 	if sl.removed {
@@ -978,10 +982,11 @@ func (s *Supervisor) afterDeath(sl *slot, d *Death) {
 			ErrTooManyRestarts, s.opts.MaxRestarts, s.opts.RestartWindow, s.opts.MaxRestarts, s.opts.RestartWindow, sl.id, d.Status())
 		s.giveUps++
 		s.log.Error().Err(s.exitErr).Msg("giving up")
-		s.beginStop("stop")
+		s.beginStop(ReasonStop)
 		return
 	}
 	s.restarts++
+	sl.restarts++
 	delay := s.opts.Backoff.Delay(sl.failures - 1)
 	if delay == 0 {
 		s.start(sl)
@@ -1013,13 +1018,13 @@ func (s *Supervisor) scale(n int) error {
 		sl := s.slots[id]
 		sl.removed = true
 		if sl.next != nil {
-			s.terminate(sl.next, "scale", time.Now())
+			s.terminate(sl.next, ReasonScale, time.Now())
 		}
 		if sl.w == nil {
 			delete(s.slots, id)
 			continue
 		}
-		s.terminate(sl.w, "scale", time.Now())
+		s.terminate(sl.w, ReasonScale, time.Now())
 	}
 	s.log.Info().Int("workers", n).Msg("scaled")
 	return nil
@@ -1114,14 +1119,14 @@ func (s *Supervisor) checkHealth(now time.Time) {
 		if at := w.beatDeadline(s.opts.HeartbeatTimeout); !at.IsZero() && !now.Before(at) {
 			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Dur("heartbeat_timeout", s.opts.HeartbeatTimeout).
 				Msg("worker hung: no heartbeat within the timeout; stopping it")
-			s.terminate(w, "hung", now)
+			s.terminate(w, ReasonHung, now)
 			continue
 		}
 		if s.opts.MaxMemory > 0 && w.state == Listening && !now.Before(w.memAt.Add(time.Second)) {
 			w.memAt = now
 			if rss, err := residentBytes(w.pid); err == nil && rss > s.opts.MaxMemory && !w.recycling.Swap(true) {
 				s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Uint64("rss", rss).Uint64("max_memory", s.opts.MaxMemory).Msg("worker over its memory limit")
-				s.recycle(w, "max_memory")
+				s.recycle(w, ReasonMaxMemory)
 			}
 		}
 	}
