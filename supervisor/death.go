@@ -1,0 +1,183 @@
+package supervisor
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/shoal-sh/shoal/ipc"
+	"golang.org/x/sys/unix"
+)
+
+// reap collects every exited child without blocking. As a subreaper it
+// collects orphans too; otherwise only its own workers.
+func (s *Supervisor) reap() {
+	if s.opts.Subreaper {
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil || pid <= 0 {
+				return
+			}
+			if w := s.byPID[pid]; w != nil {
+				s.exited(w, ws)
+			} else {
+				s.log.Debug().Int("pid", pid).Msg("reaped an orphan")
+			}
+		}
+	}
+	for pid, w := range s.byPID {
+		var ws unix.WaitStatus
+		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		for err == unix.EINTR {
+			got, err = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		}
+		if got == pid {
+			s.exited(w, ws)
+		}
+	}
+}
+
+// exited records the death of w and applies the restart policy.
+func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
+	sl := w.slot
+	delete(s.byPID, w.pid)
+	w.state = Dead
+	w.proc.Release()
+	sl.retired = append(sl.retired, w.ch)
+	go func(ch *ipc.Channel) {
+		// What the worker wrote before it died is still in the socket:
+		// let the reader take it all, up to EOF, so no report is lost.
+		// A child that inherited fd 3 may hold the channel open: wait
+		// for EOF only so long. Close waits for the reader, which may be
+		// handing the loop a message, so none of this runs on the loop.
+		drain := time.NewTimer(2 * time.Second)
+		select {
+		case <-ch.Done():
+		case <-drain.C:
+		case <-s.done:
+		}
+		drain.Stop()
+		ch.Close()
+		select {
+		case s.calls <- func() { s.fold(sl, ch) }:
+		case <-s.done:
+		}
+	}(w.ch)
+	d := &Death{Worker: sl.id, PID: w.pid, ExitCode: ws.ExitStatus(), Uptime: time.Since(w.started), Reason: w.reason}
+	if ws.Signaled() {
+		d.ExitCode, d.Signal = -1, ws.Signal()
+	}
+	ev := s.log.Info()
+	if w.reason == "" && !d.Clean() {
+		ev = s.log.Warn()
+	}
+	ev = ev.Int("worker", sl.id).Int("pid", w.pid).Dur("uptime", d.Uptime)
+	if d.Signal != 0 {
+		ev = ev.Str("signal", unix.SignalName(d.Signal))
+	} else {
+		ev = ev.Int("exit_code", d.ExitCode)
+	}
+	if w.reason != "" {
+		ev = ev.Str("reason", w.reason)
+	}
+	ev.Msg("worker died")
+	s.emit(Event{Type: EventDeath, Worker: sl.id, PID: w.pid, Death: d})
+	replacement := s.reload != nil && s.reload.active[sl.id] == w
+	switch w {
+	case sl.next:
+		sl.next = nil
+		sl.deaths[d.Class()]++
+	case sl.w:
+		sl.w = nil
+		if sl.next != nil {
+			// The old process died during a reload: its replacement
+			// takes the slot now instead of a restart.
+			sl.deaths[d.Class()]++
+			sl.w, sl.next = sl.next, nil
+			break
+		}
+		s.afterDeath(sl, d)
+	default:
+		// A process the slot no longer counts on, replaced by a reload.
+		sl.deaths[d.Class()]++
+	}
+	if replacement {
+		s.abortReload(fmt.Errorf("%w: worker %d's replacement (pid %d) ended with %s before it served",
+			ErrReloadAborted, sl.id, w.pid, d.Status()))
+	}
+}
+
+// fold adds a closed channel's final counters to its slot's.
+func (s *Supervisor) fold(sl *slot, ch *ipc.Channel) {
+	for i, c := range sl.retired {
+		if c == ch {
+			sl.retired = append(sl.retired[:i], sl.retired[i+1:]...)
+			addStats(&sl.ipcBase, ch.Stats())
+			return
+		}
+	}
+}
+
+func addStats(dst *ipc.Stats, src ipc.Stats) {
+	dst.MessagesIn += src.MessagesIn
+	dst.BytesIn += src.BytesIn
+	dst.MessagesOut += src.MessagesOut
+	dst.BytesOut += src.BytesOut
+	dst.Dropped += src.Dropped
+	if dst.Errors == nil {
+		dst.Errors = map[string]uint64{}
+	}
+	for k, v := range src.Errors {
+		dst.Errors[k] += v
+	}
+}
+
+// afterDeath decides what follows a death in sl.
+func (s *Supervisor) afterDeath(sl *slot, d *Death) {
+	sl.deaths[d.Class()]++
+	if s.stopping || d.Reason == ReasonStop {
+		return
+	}
+	if sl.removed {
+		delete(s.slots, sl.id)
+		return
+	}
+	if d.Uptime >= s.opts.Backoff.StableAfter {
+		sl.failures = 0
+	}
+	restart := false
+	switch s.opts.Restart {
+	case RestartAlways:
+		restart = true
+	case RestartOnFailure:
+		restart = !d.Clean()
+	}
+	if !restart {
+		sl.finished = true
+		if !d.Clean() {
+			s.failed = d
+		}
+		return
+	}
+	sl.failures++
+	if !s.limiter.allow(time.Now()) {
+		s.exitErr = fmt.Errorf("%w: %d restarts within %s (--max-restarts %d --restart-window %s); the last, worker %d, ended with %s: fix the command, then start shoal again",
+			ErrTooManyRestarts, s.opts.MaxRestarts, s.opts.RestartWindow, s.opts.MaxRestarts, s.opts.RestartWindow, sl.id, d.Status())
+		s.giveUps++
+		s.log.Error().Err(s.exitErr).Msg("giving up")
+		s.beginStop(ReasonStop)
+		return
+	}
+	s.restarts++
+	sl.restarts++
+	delay := s.opts.Backoff.Delay(sl.failures - 1)
+	if delay == 0 {
+		s.start(sl)
+		return
+	}
+	sl.restartAt = time.Now().Add(delay)
+	s.log.Info().Int("worker", sl.id).Dur("delay", delay).Int("quick_deaths", sl.failures).Msg("restarting worker after backoff")
+}

@@ -1,0 +1,194 @@
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/shoal-sh/shoal/ipc"
+)
+
+type workerMsg struct {
+	w   *worker
+	msg ipc.Message
+	raw []byte
+}
+
+// Worker is a handle on one slot, valid across the processes that fill it:
+// the Node.js cluster module's worker object.
+type Worker struct {
+	s  *Supervisor
+	id int
+}
+
+// Worker returns the handle of slot id. The slot need not exist yet.
+func (s *Supervisor) Worker(id int) *Worker { return &Worker{s: s, id: id} }
+
+// ID returns the slot, 1..N.
+func (w *Worker) ID() int { return w.id }
+
+// Send sends v to the process now in the slot: worker.send in Node.js.
+func (w *Worker) Send(v any) error { return w.s.Send(w.id, v) }
+
+// Handle sets the handler for application messages from this slot, in
+// place of Options.OnMessage: worker.on('message') in Node.js. It runs on
+// the worker's channel goroutine and must be safe to call concurrently with
+// other slots' handlers. A nil h removes it.
+func (w *Worker) Handle(h func(Message)) {
+	w.s.mu.Lock()
+	defer w.s.mu.Unlock()
+	if w.s.handlers == nil {
+		w.s.handlers = map[int]func(Message){}
+	}
+	if h == nil {
+		delete(w.s.handlers, w.id)
+		return
+	}
+	w.s.handlers[w.id] = h
+}
+
+// Send sends v, encoded as one JSON line, to the worker in slot id. It never
+// blocks: when the worker's queue is full the message is dropped, counted,
+// and an error says so.
+func (s *Supervisor) Send(id int, v any) error {
+	frame, err := ipc.Encode(v)
+	if err != nil {
+		return fmt.Errorf("supervisor: send to worker %d: %w", id, err)
+	}
+	var sendErr error
+	if !s.do(func() { sendErr = s.sendFrame(id, frame) }) {
+		return errors.New("supervisor: send: the supervisor is not running")
+	}
+	return sendErr
+}
+
+// Broadcast sends v to every running worker. It returns an error naming the
+// workers whose queue was full.
+func (s *Supervisor) Broadcast(v any) error {
+	frame, err := ipc.Encode(v)
+	if err != nil {
+		return fmt.Errorf("supervisor: broadcast: %w", err)
+	}
+	var errs []error
+	if !s.do(func() {
+		for _, id := range s.slotIDs() {
+			if s.slots[id].w == nil {
+				continue
+			}
+			if err := s.sendFrame(id, frame); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}) {
+		return errors.New("supervisor: broadcast: the supervisor is not running")
+	}
+	return errors.Join(errs...)
+}
+
+// onMessage runs on the worker's channel goroutine. Request reports are
+// counted right here, so the hot path costs an atomic add and no hand-off.
+func (s *Supervisor) onMessage(w *worker, m ipc.Message) {
+	switch m.Cmd {
+	case ipc.CmdNotifyRequest:
+		w.slot.requests.Add(1)
+		s.requested.Add(1)
+		s.served(w, 1)
+	case ipc.CmdRequests:
+		w.slot.requests.Add(uint64(m.N))
+		s.requested.Add(m.N)
+		s.served(w, uint64(m.N))
+	case ipc.CmdHeartbeat:
+		if w.beat.Swap(time.Now().UnixNano()) == 0 && s.opts.HeartbeatTimeout > 0 {
+			// The first one: the loop starts watching w.
+			select {
+			case s.msgs <- workerMsg{w: w, msg: m}:
+			case <-s.done:
+			}
+		}
+	case ipc.CmdReady, ipc.CmdSend:
+		raw := append([]byte(nil), m.Raw...)
+		m.Msg = append([]byte(nil), m.Msg...)
+		select {
+		case s.msgs <- workerMsg{w: w, msg: m, raw: raw}:
+		case <-s.done:
+		}
+	default:
+		s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).RawJSON("message", m.Raw).Msg("message from worker")
+		s.mu.Lock()
+		h := s.handlers[w.slot.id]
+		s.mu.Unlock()
+		if h == nil {
+			h = s.opts.OnMessage
+		}
+		if h != nil {
+			h(Message{Worker: w.slot.id, PID: w.pid, Cmd: m.Cmd, Raw: append([]byte(nil), m.Raw...)})
+		}
+	}
+}
+
+// served counts requests of w's process and asks for its recycle once it
+// reaches its limit. It runs on the channel's goroutine.
+func (s *Supervisor) served(w *worker, n uint64) {
+	if w.limit == 0 || w.served.Add(n) < w.limit || !w.recycling.CompareAndSwap(false, true) {
+		return
+	}
+	select {
+	case s.msgs <- workerMsg{w: w, msg: ipc.Message{Cmd: "recycle"}}:
+	case <-s.done:
+	}
+}
+
+// handleMsg runs on the loop goroutine for messages that change state.
+func (s *Supervisor) handleMsg(m workerMsg) {
+	w := m.w
+	switch m.msg.Cmd {
+	case "disconnect":
+		s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).Msg("worker channel closed")
+		s.emit(Event{Type: EventDisconnect, Worker: w.slot.id, PID: w.pid})
+	case ipc.CmdReady:
+		if s.opts.Ready == ReadyMessage && w.state == Online {
+			s.setListening(w)
+		}
+	case ipc.CmdSend:
+		s.relay(w, m.msg)
+	case "recycle":
+		s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Uint64("requests", w.served.Load()).Uint64("max_requests", w.limit).Msg("worker reached its request limit")
+		s.recycle(w, ReasonMaxRequests)
+	}
+}
+
+// relay delivers a shoal:send message to the workers it names.
+func (s *Supervisor) relay(from *worker, m ipc.Message) {
+	frame := append(append([]byte(nil), m.Msg...), '\n')
+	if len(m.Msg) == 0 {
+		s.log.Warn().Int("worker", from.slot.id).Msg(`shoal:send without "msg" ignored`)
+		return
+	}
+	if m.To == "all" {
+		for _, id := range s.slotIDs() {
+			if id != from.slot.id && s.slots[id].w != nil {
+				s.sendFrame(id, frame)
+			}
+		}
+		return
+	}
+	id, err := strconv.Atoi(m.To)
+	if err != nil || s.slots[id] == nil {
+		s.log.Warn().Int("worker", from.slot.id).Str("to", m.To).Msg(`shoal:send to no such worker ignored: "to" must be a slot number or "all"`)
+		return
+	}
+	s.sendFrame(id, frame)
+}
+
+func (s *Supervisor) sendFrame(id int, frame []byte) error {
+	sl := s.slots[id]
+	if sl == nil || sl.w == nil || sl.w.ch == nil {
+		return fmt.Errorf("supervisor: send to worker %d: no such running worker", id)
+	}
+	if !sl.w.ch.Send(frame) {
+		s.log.Warn().Int("worker", id).Int("pid", sl.w.pid).Msg("message to worker dropped: its queue is full (is it reading fd 3?)")
+		return fmt.Errorf("supervisor: send to worker %d: its queue is full, message dropped", id)
+	}
+	return nil
+}

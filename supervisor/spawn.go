@@ -1,0 +1,184 @@
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/shoal-sh/shoal/ipc"
+)
+
+// lookPath resolves a command the way a shell would and says what to do
+// when it cannot.
+func lookPath(name string) (string, error) {
+	path, err := exec.LookPath(name)
+	if err != nil {
+		if strings.Contains(name, "/") {
+			return "", fmt.Errorf("supervisor: command %q: %w", name, unwrapExec(err))
+		}
+		return "", fmt.Errorf("supervisor: command %q not found in PATH (%s): install it or give its full path", name, os.Getenv("PATH"))
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", fmt.Errorf("supervisor: command %q: %w", name, err)
+	}
+	return abs, nil
+}
+
+func unwrapExec(err error) error {
+	var e *exec.Error
+	if errors.As(err, &e) {
+		return e.Err
+	}
+	return err
+}
+
+// start forks a process into sl. A process that cannot be started counts
+// as a death, so the backoff applies.
+func (s *Supervisor) start(sl *slot) {
+	sl.restartAt = time.Time{}
+	w, err := s.spawn(sl)
+	if err != nil {
+		s.startFailed(sl, err)
+		return
+	}
+	sl.w = w
+	s.online(w)
+}
+
+// spawn forks a process for sl without putting it in the slot: start puts
+// it there, a reload keeps it aside until it serves.
+func (s *Supervisor) spawn(sl *slot) (*worker, error) {
+	sl.starts++
+	master, peer, err := ipc.Pair()
+	if err != nil {
+		return nil, fmt.Errorf("create the message channel: %w", err)
+	}
+	attr := &os.ProcAttr{
+		Dir:   s.opts.Dir,
+		Env:   s.env(sl.id),
+		Files: []*os.File{s.devnull, s.opts.Stdout, s.opts.Stderr, peer},
+		Sys: &syscall.SysProcAttr{
+			Setpgid:     true,            // Ctrl-C at a terminal reaches the master only
+			Pdeathsig:   syscall.SIGKILL, // the master's death ends the worker (Go sets it after the change of user)
+			Credential:  s.opts.Credential,
+			AmbientCaps: s.opts.AmbientCaps,
+		},
+	}
+	w := &worker{slot: sl, state: Starting}
+	if s.opts.MaxRequests > 0 {
+		w.limit = s.opts.MaxRequests
+		if j := s.opts.MaxRequestsJitter; j > 0 {
+			w.limit += rand.Uint64N(j + 1)
+		}
+	}
+	proc, err := s.forker.start(s.path, s.argv, attr)
+	peer.Close()
+	if err != nil {
+		master.Close()
+		return nil, err
+	}
+	w.proc, w.pid, w.started = proc, proc.Pid, time.Now()
+	s.byPID[w.pid] = w
+	w.ch = ipc.NewChannel(master, ipc.ChannelOptions{
+		MaxMessage: s.opts.MaxMessage,
+		QueueLen:   s.opts.QueueLen,
+		OnMessage:  func(m ipc.Message) { s.onMessage(w, m) },
+		OnError: func(err error) {
+			s.log.Warn().Int("worker", sl.id).Int("pid", w.pid).Err(err).Msg("bad message from worker skipped")
+		},
+	})
+	go func(ch *ipc.Channel) {
+		<-ch.Done()
+		select {
+		case s.msgs <- workerMsg{w: w, msg: ipc.Message{Cmd: "disconnect"}}:
+		case <-s.done:
+		}
+	}(w.ch)
+	s.log.Info().Int("worker", sl.id).Int("pid", w.pid).Msg("worker started")
+	s.emit(Event{Type: EventFork, Worker: sl.id, PID: w.pid})
+	return w, nil
+}
+
+// online marks a started process as running.
+func (s *Supervisor) online(w *worker) {
+	w.state = Online
+	s.emit(Event{Type: EventOnline, Worker: w.slot.id, PID: w.pid})
+	if s.opts.Ready == ReadyListen && s.opts.Port == 0 {
+		s.setListening(w)
+	}
+}
+
+// startFailed treats a failed fork like a death, so backoff applies.
+func (s *Supervisor) startFailed(sl *slot, err error) {
+	d := &Death{Worker: sl.id, ExitCode: -1, Err: err}
+	s.log.Error().Int("worker", sl.id).Err(err).Str("command", s.path).Msg("worker could not be started")
+	s.emit(Event{Type: EventDeath, Worker: sl.id, Death: d})
+	s.afterDeath(sl, d)
+}
+
+// basicEnv names the variables workers get from the master without
+// InheritEnv: what programs need to run, nothing that is likely a secret.
+var basicEnv = []string{"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM"}
+
+// env builds a worker's environment: the basics of the master's (or all
+// of it with InheritEnv, less its SHOAL_ and NODE_CHANNEL_ variables), then
+// Options.Env, then the worker contract. A later entry replaces an earlier
+// one with the same name.
+func (s *Supervisor) env(id int) []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		switch {
+		case strings.HasPrefix(k, "SHOAL_"), strings.HasPrefix(k, "NODE_CHANNEL_"), k == "NODE_UNIQUE_ID":
+		case s.opts.InheritEnv, slices.Contains(basicEnv, k), strings.HasPrefix(k, "LC_"):
+			env = append(env, kv)
+		}
+	}
+	for _, kv := range s.opts.Env {
+		if !strings.Contains(kv, "=") {
+			// A bare name passes the master's value.
+			if v, ok := os.LookupEnv(kv); ok {
+				env = append(env, kv+"="+v)
+			}
+			continue
+		}
+		env = append(env, kv)
+	}
+	env = append(env,
+		EnvWorkerID+"="+strconv.Itoa(id),
+		EnvMasterPID+"="+strconv.Itoa(os.Getpid()),
+		ipc.EnvFD+"=3",
+		"NODE_CHANNEL_FD=3",
+		"NODE_CHANNEL_SERIALIZATION_MODE=json",
+	)
+	if s.opts.Port != 0 {
+		env = append(env, EnvPort+"="+strconv.Itoa(s.opts.Port))
+	}
+	return dedupEnv(env)
+}
+
+// dedupEnv keeps only the last entry of each name.
+func dedupEnv(env []string) []string {
+	last := make(map[string]int, len(env))
+	for i, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		last[k] = i
+	}
+	out := env[:0:0]
+	for i, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		if last[k] == i {
+			out = append(out, kv)
+		}
+	}
+	return out
+}

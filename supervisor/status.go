@@ -1,0 +1,90 @@
+package supervisor
+
+import (
+	"context"
+	"maps"
+	"slices"
+	"time"
+
+	"github.com/shoal-sh/shoal/ipc"
+)
+
+// WorkerStatus is a snapshot of one slot.
+type WorkerStatus struct {
+	ID       int               // the slot
+	PID      int               // 0 when no process fills the slot now
+	State    State             // Dead when no process fills the slot now
+	Started  time.Time         // start of the current process
+	Uptime   time.Duration     // of the current process, on the monotonic clock
+	Starts   int               // processes started in this slot
+	Restarts int               // replacements after a death in this slot
+	Reloads  int               // replacements by a reload or recycle that took over in this slot
+	Requests uint64            // requests reported from this slot, across restarts
+	Deaths   map[string]uint64 // deaths in this slot by Death.Class
+	Backoff  time.Duration     // delay before the pending restart, if one is pending
+	IPC      ipc.Stats         // the slot's message counters, across restarts
+	Sockets  []uint64          // inodes of the LISTEN sockets on Port in which the master saw the current process listen
+}
+
+// Snapshot is the supervisor's state at one moment.
+type Snapshot struct {
+	Desired  int    // slots wanted
+	Port     int    // the port workers listen on; 0 for none
+	Restarts uint64 // replacements started after deaths
+	GiveUps  uint64 // times MaxRestarts ended the supervisor
+	Stopping bool   // a stop was requested or the supervisor gave up
+	Reloads  uint64 // reloads that finished
+	// ReloadFailures counts reloads aborted by a broken replacement.
+	ReloadFailures uint64
+	Reloading      bool           // a reload runs now
+	Workers        []WorkerStatus // by slot
+}
+
+// Status returns a snapshot of every slot, ordered by slot. It returns nil
+// when Run is not running.
+func (s *Supervisor) Status() []WorkerStatus {
+	snap, ok := s.Snapshot()
+	if !ok {
+		return nil
+	}
+	return snap.Workers
+}
+
+// Snapshot returns the supervisor's state; ok is false when Run is not
+// running. It costs one hand-off to the supervisor's goroutine.
+func (s *Supervisor) Snapshot() (snap Snapshot, ok bool) {
+	snap, err := s.SnapshotContext(context.Background())
+	return snap, err == nil
+}
+
+// SnapshotContext is Snapshot bounded by ctx: a health check uses it to
+// tell a live supervisor from a stuck one. It fails when Run is not running
+// or ctx ends first.
+func (s *Supervisor) SnapshotContext(ctx context.Context) (Snapshot, error) {
+	var snap Snapshot
+	err := s.doContext(ctx, func() {
+		now := time.Now()
+		snap = Snapshot{Desired: s.desired(), Port: s.opts.Port, Restarts: s.restarts, GiveUps: s.giveUps, Stopping: s.stopping,
+			Reloads: s.reloads, ReloadFailures: s.reloadErrs, Reloading: s.reload != nil}
+		for _, id := range s.slotIDs() {
+			sl := s.slots[id]
+			st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Restarts: sl.restarts, Reloads: sl.reloads, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}
+			addStats(&st.IPC, sl.ipcBase)
+			for _, ch := range sl.retired {
+				addStats(&st.IPC, ch.Stats())
+			}
+			if w := sl.w; w != nil {
+				st.PID, st.State, st.Started, st.Uptime = w.pid, w.state, w.started, now.Sub(w.started)
+				st.Sockets = slices.Clone(w.inodes)
+				addStats(&st.IPC, w.ch.Stats())
+			} else if !sl.restartAt.IsZero() {
+				st.Backoff = sl.restartAt.Sub(now)
+			}
+			snap.Workers = append(snap.Workers, st)
+		}
+	})
+	return snap, err
+}
+
+// Requests returns the number of requests all workers have reported, ever.
+func (s *Supervisor) Requests() uint64 { return uint64(s.requested.Load()) }

@@ -1,0 +1,152 @@
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Fork adds one worker, as the Node.js cluster module's fork does, and
+// returns its slot. Called before Run, it sets the initial workers instead
+// of Options.Workers; while Run runs, it starts the new worker at once.
+func (s *Supervisor) Fork() (*Worker, error) {
+	if !s.ran.Load() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.preForks++
+		return s.Worker(s.preForks), nil
+	}
+	var id int
+	if !s.do(func() {
+		if s.stopping {
+			return
+		}
+		id = s.nextSlotID()
+		s.start(s.addSlot(id))
+	}) || id == 0 {
+		return nil, errors.New("supervisor: fork: the supervisor is stopping")
+	}
+	return s.Worker(id), nil
+}
+
+// Scale sets the number of workers. New slots start at once; removed slots,
+// the highest first, go through the graceful stop.
+func (s *Supervisor) Scale(n int) error {
+	if n < 1 || n > MaxWorkers {
+		return fmt.Errorf("supervisor: scale to %d: want 1 to %d workers", n, MaxWorkers)
+	}
+	var err error
+	if !s.do(func() { err = s.scale(n) }) {
+		return errors.New("supervisor: scale: the supervisor is not running")
+	}
+	return err
+}
+
+// MaxWorkers bounds Scale, so a typo cannot fork-bomb the host.
+const MaxWorkers = 1 << 16
+
+// ScaleBy adds delta workers (or removes them, when delta is negative) and
+// returns the new count; it never goes below 1. SIGTTIN and SIGTTOU do this
+// with +1 and -1.
+func (s *Supervisor) ScaleBy(delta int) (int, error) {
+	var n int
+	var err error
+	if !s.do(func() {
+		n = min(MaxWorkers, max(1, s.desired()+delta))
+		err = s.scale(n)
+	}) {
+		return 0, errors.New("supervisor: scale: the supervisor is not running")
+	}
+	return n, err
+}
+
+// desired counts the slots that are wanted.
+func (s *Supervisor) desired() int {
+	n := 0
+	for _, sl := range s.slots {
+		if !sl.removed && !sl.finished {
+			n++
+		}
+	}
+	return n
+}
+
+// scale sets the number of slots.
+func (s *Supervisor) scale(n int) error {
+	if s.stopping {
+		return errors.New("supervisor: scale: the supervisor is stopping")
+	}
+	var live []int
+	for _, id := range s.slotIDs() {
+		if sl := s.slots[id]; !sl.removed && !sl.finished {
+			live = append(live, id)
+		}
+	}
+	for len(live) < n {
+		id := s.nextSlotID()
+		s.start(s.addSlot(id))
+		live = append(live, id)
+	}
+	for len(live) > n {
+		id := live[len(live)-1]
+		live = live[:len(live)-1]
+		sl := s.slots[id]
+		sl.removed = true
+		if sl.next != nil {
+			s.terminate(sl.next, ReasonScale, time.Now())
+		}
+		if sl.w == nil {
+			delete(s.slots, id)
+			continue
+		}
+		s.terminate(sl.w, ReasonScale, time.Now())
+	}
+	s.log.Info().Int("workers", n).Msg("scaled")
+	return nil
+}
+
+// beginStop asks every worker to stop.
+func (s *Supervisor) beginStop(reason string) {
+	if s.stopping {
+		return
+	}
+	s.stopping = true
+	now := time.Now()
+	s.abandonAt = now.Add(s.opts.StopTimeout + 5*time.Second)
+	for _, sl := range s.slots {
+		sl.restartAt = time.Time{}
+	}
+	for _, w := range s.byPID {
+		s.terminate(w, reason, now)
+	}
+	s.endReload(errors.New("supervisor: reload: stopped before it finished"))
+}
+
+// stopDeadline is when w gets SIGKILL if it has not exited.
+func (s *Supervisor) stopDeadline(w *worker) time.Time {
+	return w.stopAt.Add(s.opts.StopTimeout)
+}
+
+// terminate sends SIGTERM to w's process group. The bare pid is safe here:
+// only this goroutine reaps, and w is not reaped yet, so the pid and its
+// group cannot have been reused.
+func (s *Supervisor) terminate(w *worker, reason string, now time.Time) {
+	if w.state == Stopping {
+		return
+	}
+	w.state, w.reason, w.stopAt = Stopping, reason, now
+	s.signal(w, syscall.SIGTERM)
+}
+
+func (s *Supervisor) signal(w *worker, sig syscall.Signal) {
+	if err := unix.Kill(-w.pid, sig); err != nil {
+		// The worker left its process group: signal the process alone.
+		if err := w.proc.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Err(err).Msgf("send %s", unix.SignalName(sig))
+		}
+	}
+}
