@@ -11,31 +11,15 @@ import (
 // reap collects every exited child without blocking. As a subreaper it
 // collects orphans too; otherwise only its own workers.
 func (s *Supervisor) reap() {
-	if s.opts.Subreaper {
-		for {
-			var ws unix.WaitStatus
-			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil || pid <= 0 {
-				return
-			}
-			if w := s.byPID[pid]; w != nil {
-				s.exited(w, ws)
-			} else {
-				s.log.Debug().Int("pid", pid).Msg("reaped an orphan")
-			}
-		}
+	pids := make([]int, 0, len(s.byPID))
+	for pid := range s.byPID {
+		pids = append(pids, pid)
 	}
-	for pid, w := range s.byPID {
-		var ws unix.WaitStatus
-		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
-		for err == unix.EINTR {
-			got, err = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
-		}
-		if got == pid {
-			s.exited(w, ws)
+	for _, e := range s.sys.reap(pids, s.opts.Subreaper) {
+		if w := s.byPID[e.pid]; w != nil {
+			s.exited(w, e.status)
+		} else {
+			s.log.Debug().Int("pid", e.pid).Msg("reaped an orphan")
 		}
 	}
 }
@@ -45,7 +29,7 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 	sl := w.slot
 	delete(s.byPID, w.pid)
 	w.state = Dead
-	w.proc.Release()
+	w.proc.release()
 	sl.retired = append(sl.retired, w.ch)
 	go func(ch *ipc.Channel) {
 		// What the worker wrote before it died is still in the socket:
@@ -66,7 +50,7 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 		case <-s.done:
 		}
 	}(w.ch)
-	d := &Death{Worker: sl.id, PID: w.pid, ExitCode: ws.ExitStatus(), Uptime: time.Since(w.started), Reason: w.reason}
+	d := &Death{Worker: sl.id, PID: w.pid, ExitCode: ws.ExitStatus(), Uptime: s.now().Sub(w.started), Reason: w.reason}
 	if ws.Signaled() {
 		d.ExitCode, d.Signal = -1, ws.Signal()
 	}
@@ -163,7 +147,7 @@ func (s *Supervisor) afterDeath(sl *slot, d *Death) {
 		return
 	}
 	sl.failures++
-	if !s.limiter.allow(time.Now()) {
+	if !s.limiter.allow(s.now()) {
 		s.exitErr = fmt.Errorf("%w: %d restarts within %s (--max-restarts %d --restart-window %s); the last, worker %d, ended with %s: fix the command, then start shoal again",
 			ErrTooManyRestarts, s.opts.MaxRestarts, s.opts.RestartWindow, s.opts.MaxRestarts, s.opts.RestartWindow, sl.id, d.Status())
 		s.giveUps++
@@ -178,6 +162,6 @@ func (s *Supervisor) afterDeath(sl *slot, d *Death) {
 		s.start(sl)
 		return
 	}
-	sl.restartAt = time.Now().Add(delay)
+	sl.restartAt = s.now().Add(delay)
 	s.log.Info().Int("worker", sl.id).Dur("delay", delay).Int("quick_deaths", sl.failures).Msg("restarting worker after backoff")
 }

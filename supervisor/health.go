@@ -1,14 +1,8 @@
 package supervisor
 
 import (
-	"fmt"
-	"os"
 	"slices"
-	"strconv"
-	"strings"
 	"time"
-
-	"github.com/shoal-sh/shoal/reuseport"
 )
 
 // checkPortFree warns when the port has listeners before any worker: a
@@ -19,7 +13,7 @@ func (s *Supervisor) checkPortFree() {
 	if s.opts.Port == 0 {
 		return
 	}
-	socks, err := reuseport.Listeners(s.opts.Port)
+	socks, err := s.sys.listeners(s.opts.Port)
 	if err != nil || len(socks) == 0 {
 		return
 	}
@@ -33,7 +27,7 @@ func (s *Supervisor) checkPortFree() {
 
 func (s *Supervisor) setListening(w *worker) {
 	w.state = Listening
-	s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Dur("after", time.Since(w.started)).Msg("worker listening")
+	s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Dur("after", s.now().Sub(w.started)).Msg("worker listening")
 	s.emit(Event{Type: EventListening, Worker: w.slot.id, PID: w.pid})
 	if r := s.reload; r != nil && r.active[w.slot.id] == w {
 		s.replacementServes(w)
@@ -58,7 +52,7 @@ func (s *Supervisor) checkHealth(now time.Time) {
 		}
 		if s.opts.MaxMemory > 0 && w.state == Listening && !now.Before(w.memAt.Add(time.Second)) {
 			w.memAt = now
-			if rss, err := residentBytes(w.pid); err == nil && rss > s.opts.MaxMemory && !w.recycling.Swap(true) {
+			if rss, err := s.sys.rss(w.pid); err == nil && rss > s.opts.MaxMemory && !w.recycling.Swap(true) {
 				s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Uint64("rss", rss).Uint64("max_memory", s.opts.MaxMemory).Msg("worker over its memory limit")
 				s.recycle(w, ReasonMaxMemory)
 			}
@@ -73,23 +67,6 @@ func (w *worker) beatDeadline(timeout time.Duration) time.Time {
 		return time.Time{}
 	}
 	return time.Unix(0, b).Add(timeout)
-}
-
-// residentBytes reads a process's resident set size from /proc.
-func residentBytes(pid int) (uint64, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/statm")
-	if err != nil {
-		return 0, err
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 2 {
-		return 0, fmt.Errorf("supervisor: /proc/%d/statm: %q", pid, b)
-	}
-	pages, err := strconv.ParseUint(f[1], 10, 64)
-	if err != nil {
-		return 0, err
-	}
-	return pages * uint64(os.Getpagesize()), nil
 }
 
 // nextPoll is when to look again whether w listens: often while it is
@@ -115,7 +92,7 @@ func (s *Supervisor) pollListening(now time.Time) {
 	if len(due) == 0 {
 		return
 	}
-	socks, err := reuseport.Listeners(s.opts.Port)
+	socks, err := s.sys.listeners(s.opts.Port)
 	if err != nil {
 		s.log.Warn().Err(err).Int("port", s.opts.Port).Msg("cannot read the kernel's listening sockets")
 	}
@@ -128,7 +105,7 @@ func (s *Supervisor) pollListening(now time.Time) {
 		if len(inodes) == 0 {
 			continue
 		}
-		held, err := reuseport.Inodes(w.pid)
+		held, err := s.sys.inodes(w.pid)
 		if err != nil {
 			continue
 		}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"time"
 
 	"github.com/shoal-sh/shoal/ipc"
 )
@@ -99,7 +98,7 @@ func (s *Supervisor) onMessage(w *worker, m ipc.Message) {
 		s.requested.Add(m.N)
 		s.served(w, uint64(m.N))
 	case ipc.CmdHeartbeat:
-		if w.beat.Swap(time.Now().UnixNano()) == 0 && s.opts.HeartbeatTimeout > 0 {
+		if w.beat.Swap(s.now().UnixNano()) == 0 && s.opts.HeartbeatTimeout > 0 {
 			// The first one: the loop starts watching w.
 			select {
 			case s.msgs <- workerMsg{w: w, msg: m}:

@@ -100,7 +100,7 @@ func (s *Supervisor) newReload() *reload {
 		active:  map[int]*worker{},
 		readyBy: map[*worker]time.Time{},
 		why:     map[int]string{},
-		started: time.Now(),
+		started: s.now(),
 		surge:   max(1, s.opts.ReloadSurge),
 	}
 }
@@ -157,13 +157,13 @@ func (s *Supervisor) advanceReload() {
 		}
 		sl.next = w
 		r.active[id] = w
-		r.readyBy[w] = time.Now().Add(s.opts.ReadyTimeout)
+		r.readyBy[w] = s.now().Add(s.opts.ReadyTimeout)
 		s.online(w) // with no port to watch, it serves at once
 	}
 	if s.reload == r && len(r.active) == 0 && len(r.todo) == 0 {
 		if r.user {
 			s.reloads++
-			s.log.Info().Dur("took", time.Since(r.started)).Msg("reload finished")
+			s.log.Info().Dur("took", s.now().Sub(r.started)).Msg("reload finished")
 		}
 		s.endReload(nil)
 	}
@@ -182,7 +182,7 @@ func (s *Supervisor) replacementServes(w *worker) {
 	if old != nil && old != w {
 		why := r.why[sl.id]
 		s.log.Info().Int("worker", sl.id).Int("old_pid", old.pid).Int("pid", w.pid).Str("reason", why).Msg("replacement serves: stopping the old worker")
-		s.terminate(old, why, time.Now())
+		s.terminate(old, why, s.now())
 	}
 	s.advanceReload()
 }
@@ -210,7 +210,7 @@ func (s *Supervisor) abortReload(err error) {
 	if r == nil {
 		return
 	}
-	now := time.Now()
+	now := s.now()
 	for _, w := range r.active {
 		if w.slot.next == w {
 			w.slot.next = nil

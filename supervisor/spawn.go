@@ -80,13 +80,13 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 			w.limit += rand.Uint64N(j + 1)
 		}
 	}
-	proc, err := s.forker.start(s.path, s.argv, attr)
+	proc, err := s.sys.start(s.path, s.argv, attr)
 	peer.Close()
 	if err != nil {
 		master.Close()
 		return nil, err
 	}
-	w.proc, w.pid, w.started = proc, proc.Pid, time.Now()
+	w.proc, w.pid, w.started = proc, proc.pid(), s.now()
 	s.byPID[w.pid] = w
 	w.ch = ipc.NewChannel(master, ipc.ChannelOptions{
 		MaxMessage: s.opts.MaxMessage,

@@ -63,7 +63,7 @@ func (s *Supervisor) Snapshot() (snap Snapshot, ok bool) {
 func (s *Supervisor) SnapshotContext(ctx context.Context) (Snapshot, error) {
 	var snap Snapshot
 	err := s.doContext(ctx, func() {
-		now := time.Now()
+		now := s.now()
 		snap = Snapshot{Desired: s.desired(), Port: s.opts.Port, Restarts: s.restarts, GiveUps: s.giveUps, Stopping: s.stopping,
 			Reloads: s.reloads, ReloadFailures: s.reloadErrs, Reloading: s.reload != nil}
 		for _, id := range s.slotIDs() {

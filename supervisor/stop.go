@@ -3,7 +3,6 @@ package supervisor
 import (
 	"errors"
 	"fmt"
-	"os"
 	"syscall"
 	"time"
 
@@ -97,13 +96,13 @@ func (s *Supervisor) scale(n int) error {
 		sl := s.slots[id]
 		sl.removed = true
 		if sl.next != nil {
-			s.terminate(sl.next, ReasonScale, time.Now())
+			s.terminate(sl.next, ReasonScale, s.now())
 		}
 		if sl.w == nil {
 			delete(s.slots, id)
 			continue
 		}
-		s.terminate(sl.w, ReasonScale, time.Now())
+		s.terminate(sl.w, ReasonScale, s.now())
 	}
 	s.log.Info().Int("workers", n).Msg("scaled")
 	return nil
@@ -115,7 +114,7 @@ func (s *Supervisor) beginStop(reason string) {
 		return
 	}
 	s.stopping = true
-	now := time.Now()
+	now := s.now()
 	s.abandonAt = now.Add(s.opts.StopTimeout + 5*time.Second)
 	for _, sl := range s.slots {
 		sl.restartAt = time.Time{}
@@ -143,10 +142,7 @@ func (s *Supervisor) terminate(w *worker, reason string, now time.Time) {
 }
 
 func (s *Supervisor) signal(w *worker, sig syscall.Signal) {
-	if err := unix.Kill(-w.pid, sig); err != nil {
-		// The worker left its process group: signal the process alone.
-		if err := w.proc.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
-			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Err(err).Msgf("send %s", unix.SignalName(sig))
-		}
+	if err := w.proc.signal(sig); err != nil {
+		s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Err(err).Msgf("send %s", unix.SignalName(sig))
 	}
 }

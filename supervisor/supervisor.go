@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/signal"
 	"sort"
 	"strings"
 	"sync"
@@ -14,7 +13,6 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
-	"golang.org/x/sys/unix"
 
 	"github.com/shoal-sh/shoal/ipc"
 )
@@ -41,7 +39,7 @@ type Supervisor struct {
 	// Owned by the loop goroutine.
 	slots      map[int]*slot
 	byPID      map[int]*worker
-	forker     *forker
+	sys        system
 	devnull    *os.File
 	limiter    restartLimiter
 	stopping   bool
@@ -78,7 +76,7 @@ type slot struct {
 // worker is one process filling a slot.
 type worker struct {
 	slot    *slot
-	proc    *os.Process
+	proc    process
 	pid     int
 	state   State
 	started time.Time
@@ -115,6 +113,7 @@ func New(opts Options) (*Supervisor, error) {
 		done:  make(chan struct{}),
 		slots: make(map[int]*slot),
 		byPID: make(map[int]*worker),
+		sys:   &realSystem{},
 	}
 	if opts.Logger != nil {
 		s.log = *opts.Logger
@@ -182,25 +181,19 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	}
 	defer close(s.done)
 
-	// Register for SIGCHLD before anything is forked, so no exit is missed.
-	sigchld := make(chan os.Signal, 1)
-	signal.Notify(sigchld, syscall.SIGCHLD)
-	defer signal.Stop(sigchld)
-
-	if s.opts.Subreaper || os.Getpid() == 1 {
+	if os.Getpid() == 1 {
 		s.opts.Subreaper = true
-		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-			return fmt.Errorf("supervisor: become child subreaper: %w", err)
-		}
 	}
+	if err := s.sys.setup(s.opts.Subreaper); err != nil {
+		return err
+	}
+	defer s.sys.close()
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		return fmt.Errorf("supervisor: open %s for the workers' stdin: %w", os.DevNull, err)
 	}
 	s.devnull = devnull
 	defer devnull.Close()
-	s.forker = startForker()
-	defer s.forker.stop()
 
 	n := s.opts.Workers
 	s.mu.Lock()
@@ -225,16 +218,16 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		if s.finished() {
 			return s.exitErr
 		}
-		timer.Reset(s.nextWake(time.Now()))
+		timer.Reset(s.nextWake(s.now()))
 		select {
 		case <-ctxDone:
 			ctxDone = nil
 			s.log.Info().Msg("stopping all workers")
 			s.beginStop(ReasonStop)
-		case <-sigchld:
+		case <-s.sys.childExited():
 			s.reap()
 		case <-timer.C:
-			s.tick(time.Now())
+			s.tick(s.now())
 		case f := <-s.calls:
 			f()
 		case m := <-s.msgs:
@@ -283,9 +276,12 @@ func (s *Supervisor) slotIDs() []int {
 	return ids
 }
 
+// now reads the supervisor's clock.
+func (s *Supervisor) now() time.Time { return s.sys.now() }
+
 func (s *Supervisor) emit(e Event) {
 	if s.opts.OnEvent != nil {
-		e.Time = time.Now()
+		e.Time = s.now()
 		s.opts.OnEvent(e)
 	}
 }
@@ -309,7 +305,7 @@ func (s *Supervisor) tick(now time.Time) {
 	if s.stopping && !s.abandonAt.IsZero() && !now.Before(s.abandonAt) {
 		for pid, w := range s.byPID {
 			s.log.Error().Int("worker", w.slot.id).Int("pid", pid).Msg("worker survived SIGKILL (stuck in the kernel?): giving up on it")
-			w.proc.Release()
+			w.proc.release()
 			if w.slot.w == w {
 				w.slot.w = nil
 			}

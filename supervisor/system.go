@@ -1,0 +1,221 @@
+package supervisor
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/shoal-sh/shoal/reuseport"
+)
+
+// system is the supervisor's seam to the operating system: starting,
+// signalling and reaping processes, asking the kernel who listens, and the
+// clock. Only the supervisor's loop calls it, but for now, which the
+// message readers call too. realSystem is what Run uses; the state-machine
+// tests put a fake in its place that forks nothing.
+type system interface {
+	// now reads the clock. Real readings carry the monotonic clock, so a
+	// wall-clock jump never moves a backoff or an uptime.
+	now() time.Time
+	// setup prepares the system before the first start; childExited then
+	// ticks when a child may have exited, until close.
+	setup(subreaper bool) error
+	childExited() <-chan struct{}
+	close()
+	// start starts path with argv and attr.
+	start(path string, argv []string, attr *os.ProcAttr) (process, error)
+	// reap collects the exits of pids that have exited, without waiting.
+	// With all, it collects any child's (orphans are a subreaper's too),
+	// reporting them by pid.
+	reap(pids []int, all bool) []exit
+	// listeners returns the kernel's sockets on a port that the
+	// supervisor counts as serving; inodes the socket inodes that pid and
+	// its descendants hold.
+	listeners(port int) ([]reuseport.Socket, error)
+	inodes(pid int) (map[uint64]struct{}, error)
+	// rss returns pid's resident memory in bytes.
+	rss(pid int) (uint64, error)
+}
+
+// process is one started process, as the system knows it.
+type process interface {
+	pid() int
+	// signal sends sig to the process's group, or to the process alone
+	// when it left its group.
+	signal(sig syscall.Signal) error
+	// release frees what the handle holds, once the process is reaped or
+	// abandoned.
+	release()
+}
+
+// exit is one reaped child.
+type exit struct {
+	pid    int
+	status unix.WaitStatus
+}
+
+// realSystem is the operating system: processes are forked from one
+// locked OS thread, exits are seen through SIGCHLD and wait4, sockets
+// through netlink socket diagnostics.
+type realSystem struct {
+	sigchld chan os.Signal
+	tick    chan struct{}
+	stop    chan struct{}
+	done    chan struct{}
+	forks   chan forkReq
+	forked  chan struct{} // closed when the forker's thread ends
+}
+
+type forkReq struct {
+	path  string
+	argv  []string
+	attr  *os.ProcAttr
+	reply chan forkReply
+}
+
+type forkReply struct {
+	proc *os.Process
+	err  error
+}
+
+func (*realSystem) now() time.Time { return time.Now() }
+
+func (r *realSystem) setup(subreaper bool) error {
+	// Register for SIGCHLD before anything is forked, so no exit is missed.
+	r.sigchld = make(chan os.Signal, 1)
+	signal.Notify(r.sigchld, syscall.SIGCHLD)
+	if subreaper {
+		if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+			signal.Stop(r.sigchld)
+			return fmt.Errorf("supervisor: become child subreaper: %w", err)
+		}
+	}
+	r.tick, r.stop, r.done = make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(r.done)
+		for {
+			select {
+			case <-r.sigchld:
+				select {
+				case r.tick <- struct{}{}:
+				default:
+				}
+			case <-r.stop:
+				return
+			}
+		}
+	}()
+	// The forker: Pdeathsig fires when the thread that forked a child
+	// exits, not when the process does. Forking from goroutines that Go
+	// may move between short-lived threads would kill workers at random,
+	// so every fork runs on one thread that lives as long as the loop.
+	r.forks, r.forked = make(chan forkReq), make(chan struct{})
+	go func() {
+		// Never unlocked: when this goroutine returns, after every worker
+		// is gone, its thread exits with it.
+		runtime.LockOSThread()
+		defer close(r.forked)
+		for q := range r.forks {
+			p, err := os.StartProcess(q.path, q.argv, q.attr)
+			q.reply <- forkReply{p, err}
+		}
+	}()
+	return nil
+}
+
+func (r *realSystem) childExited() <-chan struct{} { return r.tick }
+
+func (r *realSystem) close() {
+	close(r.forks)
+	<-r.forked
+	signal.Stop(r.sigchld)
+	close(r.stop)
+	<-r.done
+}
+
+func (r *realSystem) start(path string, argv []string, attr *os.ProcAttr) (process, error) {
+	reply := make(chan forkReply, 1)
+	r.forks <- forkReq{path, argv, attr, reply}
+	rep := <-reply
+	if rep.err != nil {
+		return nil, fmt.Errorf("start %s: %w", path, rep.err)
+	}
+	return osProcess{rep.proc}, nil
+}
+
+func (*realSystem) reap(pids []int, all bool) []exit {
+	var out []exit
+	if all {
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if err == unix.EINTR {
+				continue
+			}
+			if err != nil || pid <= 0 {
+				break
+			}
+			out = append(out, exit{pid, ws})
+		}
+	}
+	for _, pid := range pids {
+		var ws unix.WaitStatus
+		got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		for err == unix.EINTR {
+			got, err = unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		}
+		if got == pid {
+			out = append(out, exit{pid, ws})
+		}
+	}
+	return out
+}
+
+func (*realSystem) listeners(port int) ([]reuseport.Socket, error) { return reuseport.Listeners(port) }
+
+func (*realSystem) inodes(pid int) (map[uint64]struct{}, error) { return reuseport.Inodes(pid) }
+
+// rss reads a process's resident set size from /proc.
+func (*realSystem) rss(pid int) (uint64, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/statm")
+	if err != nil {
+		return 0, err
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return 0, fmt.Errorf("supervisor: /proc/%d/statm: %q", pid, b)
+	}
+	pages, err := strconv.ParseUint(f[1], 10, 64)
+	if err != nil {
+		return 0, err
+	}
+	return pages * uint64(os.Getpagesize()), nil
+}
+
+// osProcess is a started child. Its pid is safe to signal until it is
+// reaped: only the supervisor's loop reaps, so the pid and its process
+// group cannot have been reused while the loop holds it.
+type osProcess struct{ p *os.Process }
+
+func (o osProcess) signal(sig syscall.Signal) error {
+	if err := unix.Kill(-o.p.Pid, sig); err == nil {
+		return nil
+	}
+	// The worker left its process group: signal the process alone.
+	if err := o.p.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return err
+	}
+	return nil
+}
+
+func (o osProcess) pid() int { return o.p.Pid }
+
+func (o osProcess) release() { o.p.Release() }
