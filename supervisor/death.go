@@ -30,26 +30,7 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 	delete(s.byPID, w.pid)
 	w.state = Dead
 	w.proc.release()
-	sl.retired = append(sl.retired, w.ch)
-	go func(ch *ipc.Channel) {
-		// What the worker wrote before it died is still in the socket:
-		// let the reader take it all, up to EOF, so no report is lost.
-		// A child that inherited fd 3 may hold the channel open: wait
-		// for EOF only so long. Close waits for the reader, which may be
-		// handing the loop a message, so none of this runs on the loop.
-		drain := time.NewTimer(2 * time.Second)
-		select {
-		case <-ch.Done():
-		case <-drain.C:
-		case <-s.done:
-		}
-		drain.Stop()
-		ch.Close()
-		select {
-		case s.calls <- func() { s.fold(sl, ch) }:
-		case <-s.done:
-		}
-	}(w.ch)
+	s.retire(w)
 	d := &Death{Worker: sl.id, PID: w.pid, ExitCode: ws.ExitStatus(), Uptime: s.now().Sub(w.started), Reason: w.reason}
 	if ws.Signaled() {
 		d.ExitCode, d.Signal = -1, ws.Signal()
@@ -58,7 +39,7 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 	if w.reason == "" && !d.Clean() {
 		ev = s.log.Warn()
 	}
-	ev = ev.Int("worker", sl.id).Int("pid", w.pid).Dur("uptime", d.Uptime)
+	ev = ev.Int("worker", sl.id).Int("pid", w.pid).Float64("uptime_seconds", d.Uptime.Seconds())
 	if d.Signal != 0 {
 		ev = ev.Str("signal", unix.SignalName(d.Signal))
 	} else {
@@ -92,6 +73,35 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 		s.abortReload(fmt.Errorf("%w: worker %d's replacement (pid %d) ended with %s before it served",
 			ErrReloadAborted, sl.id, w.pid, d.Status()))
 	}
+}
+
+// retire closes a dead (or abandoned) worker's channel once its reader
+// has taken everything the worker wrote, and folds the channel's counters
+// into its slot's.
+func (s *Supervisor) retire(w *worker) {
+	sl := w.slot
+	sl.retired = append(sl.retired, w.ch)
+	s.retiring.Add(1)
+	go func(ch *ipc.Channel) {
+		defer s.retiring.Done()
+		// What the worker wrote before it died is still in the socket:
+		// let the reader take it all, up to EOF, so no report is lost.
+		// A child that inherited fd 3 may hold the channel open: wait
+		// for EOF only so long. Close waits for the reader, which may be
+		// handing the loop a message, so none of this runs on the loop.
+		drain := time.NewTimer(2 * time.Second)
+		select {
+		case <-ch.Done():
+		case <-drain.C:
+		case <-s.done:
+		}
+		drain.Stop()
+		ch.Close()
+		select {
+		case s.calls <- func() { s.fold(sl, ch) }:
+		case <-s.done:
+		}
+	}(w.ch)
 }
 
 // fold adds a closed channel's final counters to its slot's.
@@ -163,5 +173,5 @@ func (s *Supervisor) afterDeath(sl *slot, d *Death) {
 		return
 	}
 	sl.restartAt = s.now().Add(delay)
-	s.log.Info().Int("worker", sl.id).Dur("delay", delay).Int("quick_deaths", sl.failures).Msg("restarting worker after backoff")
+	s.log.Info().Int("worker", sl.id).Float64("delay_seconds", delay.Seconds()).Int("quick_deaths", sl.failures).Msg("restarting worker after backoff")
 }

@@ -27,7 +27,7 @@ func (s *Supervisor) checkPortFree() {
 
 func (s *Supervisor) setListening(w *worker) {
 	w.state = Listening
-	s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Dur("after", s.now().Sub(w.started)).Msg("worker listening")
+	s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Float64("after_seconds", s.now().Sub(w.started).Seconds()).Msg("worker listening")
 	s.emit(Event{Type: EventListening, Worker: w.slot.id, PID: w.pid})
 	if r := s.reload; r != nil && r.active[w.slot.id] == w {
 		s.replacementServes(w)
@@ -45,7 +45,7 @@ func (s *Supervisor) checkHealth(now time.Time) {
 			continue
 		}
 		if at := w.beatDeadline(s.opts.HeartbeatTimeout); !at.IsZero() && !now.Before(at) {
-			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Dur("heartbeat_timeout", s.opts.HeartbeatTimeout).
+			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Float64("heartbeat_timeout_seconds", s.opts.HeartbeatTimeout.Seconds()).
 				Msg("worker hung: no heartbeat within the timeout; stopping it")
 			s.terminate(w, ReasonHung, now)
 			continue

@@ -8,10 +8,30 @@ import (
 	"github.com/shoal-sh/shoal/ipc"
 )
 
-type workerMsg struct {
-	w   *worker
-	msg ipc.Message
-	raw []byte
+// loopEvent is something a worker's channel goroutine hands to the loop,
+// because it changes the supervisor's state.
+type loopEvent struct {
+	kind loopEventKind
+	w    *worker
+	msg  ipc.Message // for evReady and evRelay, copied off the reader's buffer
+}
+
+type loopEventKind int
+
+const (
+	evDisconnect loopEventKind = iota // the worker's channel closed
+	evFirstBeat                       // its first heartbeat: the loop starts watching it
+	evReady                           // it sent shoal:ready
+	evRelay                           // it sent shoal:send: relay msg
+	evRecycle                         // it reached its request limit
+)
+
+// post hands e to the loop, or drops it once Run has returned.
+func (s *Supervisor) post(e loopEvent) {
+	select {
+	case s.events <- e:
+	case <-s.done:
+	}
 }
 
 // Worker is a handle on one slot, valid across the processes that fill it:
@@ -100,18 +120,14 @@ func (s *Supervisor) onMessage(w *worker, m ipc.Message) {
 	case ipc.CmdHeartbeat:
 		if w.beat.Swap(s.now().UnixNano()) == 0 && s.opts.HeartbeatTimeout > 0 {
 			// The first one: the loop starts watching w.
-			select {
-			case s.msgs <- workerMsg{w: w, msg: m}:
-			case <-s.done:
-			}
+			s.post(loopEvent{kind: evFirstBeat, w: w})
 		}
-	case ipc.CmdReady, ipc.CmdSend:
-		raw := append([]byte(nil), m.Raw...)
+	case ipc.CmdReady:
+		s.post(loopEvent{kind: evReady, w: w})
+	case ipc.CmdSend:
 		m.Msg = append([]byte(nil), m.Msg...)
-		select {
-		case s.msgs <- workerMsg{w: w, msg: m, raw: raw}:
-		case <-s.done:
-		}
+		m.Raw = nil
+		s.post(loopEvent{kind: evRelay, w: w, msg: m})
 	default:
 		s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).RawJSON("message", m.Raw).Msg("message from worker")
 		s.mu.Lock()
@@ -132,26 +148,26 @@ func (s *Supervisor) served(w *worker, n uint64) {
 	if w.limit == 0 || w.served.Add(n) < w.limit || !w.recycling.CompareAndSwap(false, true) {
 		return
 	}
-	select {
-	case s.msgs <- workerMsg{w: w, msg: ipc.Message{Cmd: "recycle"}}:
-	case <-s.done:
-	}
+	s.post(loopEvent{kind: evRecycle, w: w})
 }
 
-// handleMsg runs on the loop goroutine for messages that change state.
-func (s *Supervisor) handleMsg(m workerMsg) {
-	w := m.w
-	switch m.msg.Cmd {
-	case "disconnect":
+// handleEvent runs on the loop goroutine for what a channel reader hands
+// over.
+func (s *Supervisor) handleEvent(e loopEvent) {
+	w := e.w
+	switch e.kind {
+	case evDisconnect:
 		s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).Msg("worker channel closed")
 		s.emit(Event{Type: EventDisconnect, Worker: w.slot.id, PID: w.pid})
-	case ipc.CmdReady:
+	case evFirstBeat:
+		// Nothing to do: the loop's next wake now counts w's deadline.
+	case evReady:
 		if s.opts.Ready == ReadyMessage && w.state == Online {
 			s.setListening(w)
 		}
-	case ipc.CmdSend:
-		s.relay(w, m.msg)
-	case "recycle":
+	case evRelay:
+		s.relay(w, e.msg)
+	case evRecycle:
 		s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Uint64("requests", w.served.Load()).Uint64("max_requests", w.limit).Msg("worker reached its request limit")
 		s.recycle(w, ReasonMaxRequests)
 	}

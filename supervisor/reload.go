@@ -163,7 +163,7 @@ func (s *Supervisor) advanceReload() {
 	if s.reload == r && len(r.active) == 0 && len(r.todo) == 0 {
 		if r.user {
 			s.reloads++
-			s.log.Info().Dur("took", s.now().Sub(r.started)).Msg("reload finished")
+			s.log.Info().Float64("took_seconds", s.now().Sub(r.started).Seconds()).Msg("reload finished")
 		}
 		s.endReload(nil)
 	}

@@ -98,10 +98,7 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 	})
 	go func(ch *ipc.Channel) {
 		<-ch.Done()
-		select {
-		case s.msgs <- workerMsg{w: w, msg: ipc.Message{Cmd: "disconnect"}}:
-		case <-s.done:
-		}
+		s.post(loopEvent{kind: evDisconnect, w: w})
 	}(w.ch)
 	s.log.Info().Int("worker", sl.id).Int("pid", w.pid).Msg("worker started")
 	s.emit(Event{Type: EventFork, Worker: sl.id, PID: w.pid})

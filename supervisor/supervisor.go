@@ -26,10 +26,12 @@ type Supervisor struct {
 	path string   // the resolved program
 	argv []string // its argv, argv[0] included
 
-	calls chan func()    // work for the loop goroutine
-	msgs  chan workerMsg // reserved messages that need the loop
-	done  chan struct{}  // closed when Run returns
-	ran   atomic.Bool
+	calls  chan func()    // work for the loop goroutine
+	events chan loopEvent // from the channel readers, for the loop
+	done   chan struct{}  // closed when Run returns
+	ran    atomic.Bool
+
+	retiring sync.WaitGroup // goroutines closing dead workers' channels
 
 	mu        sync.Mutex // guards preForks and handlers
 	preForks  int
@@ -106,14 +108,14 @@ func New(opts Options) (*Supervisor, error) {
 		return nil, fmt.Errorf("supervisor: port %d: want 1..65535, or 0 for none", opts.Port)
 	}
 	s := &Supervisor{
-		opts:  opts,
-		log:   zerolog.Nop(),
-		calls: make(chan func()),
-		msgs:  make(chan workerMsg, 64),
-		done:  make(chan struct{}),
-		slots: make(map[int]*slot),
-		byPID: make(map[int]*worker),
-		sys:   &realSystem{},
+		opts:   opts,
+		log:    zerolog.Nop(),
+		calls:  make(chan func()),
+		events: make(chan loopEvent, 64),
+		done:   make(chan struct{}),
+		slots:  make(map[int]*slot),
+		byPID:  make(map[int]*worker),
+		sys:    &realSystem{},
 	}
 	if opts.Logger != nil {
 		s.log = *opts.Logger
@@ -179,7 +181,12 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	if !s.ran.CompareAndSwap(false, true) {
 		return errors.New("supervisor: Run called twice")
 	}
-	defer close(s.done)
+	defer func() {
+		close(s.done)
+		// The goroutines that close dead workers' channels end once done
+		// is closed: wait, so nothing of the supervisor outlives Run.
+		s.retiring.Wait()
+	}()
 
 	if os.Getpid() == 1 {
 		s.opts.Subreaper = true
@@ -195,21 +202,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	s.devnull = devnull
 	defer devnull.Close()
 
-	n := s.opts.Workers
-	s.mu.Lock()
-	if s.preForks > 0 {
-		n = s.preForks
-	}
-	s.mu.Unlock()
-	if n == 0 {
-		n = AvailableCPUs()
-	}
-	s.log.Info().Int("workers", n).Str("command", strings.Join(s.argv, " ")).Int("port", s.opts.Port).
-		Str("restart", s.opts.Restart.String()).Msg("starting workers")
-	s.checkPortFree()
-	for id := 1; id <= n; id++ {
-		s.start(s.addSlot(id))
-	}
+	s.begin()
 
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -230,9 +223,29 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			s.tick(s.now())
 		case f := <-s.calls:
 			f()
-		case m := <-s.msgs:
-			s.handleMsg(m)
+		case e := <-s.events:
+			s.handleEvent(e)
 		}
+	}
+}
+
+// begin starts the first workers: the forked ones, or Options.Workers, or
+// one per available CPU.
+func (s *Supervisor) begin() {
+	n := s.opts.Workers
+	s.mu.Lock()
+	if s.preForks > 0 {
+		n = s.preForks
+	}
+	s.mu.Unlock()
+	if n == 0 {
+		n = AvailableCPUs()
+	}
+	s.log.Info().Int("workers", n).Str("command", strings.Join(s.argv, " ")).Int("port", s.opts.Port).
+		Str("restart", s.opts.Restart.String()).Msg("starting workers")
+	s.checkPortFree()
+	for id := 1; id <= n; id++ {
+		s.start(s.addSlot(id))
 	}
 }
 
@@ -298,7 +311,7 @@ func (s *Supervisor) tick(now time.Time) {
 	for _, w := range s.byPID {
 		if w.state == Stopping && !w.killed && !now.Before(s.stopDeadline(w)) {
 			w.killed = true
-			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Dur("stop_timeout", s.opts.StopTimeout).Msg("worker did not exit after SIGTERM: sending SIGKILL")
+			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Float64("stop_timeout_seconds", s.opts.StopTimeout.Seconds()).Msg("worker did not exit after SIGTERM: sending SIGKILL")
 			s.signal(w, syscall.SIGKILL)
 		}
 	}
@@ -306,6 +319,7 @@ func (s *Supervisor) tick(now time.Time) {
 		for pid, w := range s.byPID {
 			s.log.Error().Int("worker", w.slot.id).Int("pid", pid).Msg("worker survived SIGKILL (stuck in the kernel?): giving up on it")
 			w.proc.release()
+			s.retire(w)
 			if w.slot.w == w {
 				w.slot.w = nil
 			}
