@@ -151,7 +151,7 @@ func (s *Supervisor) advanceReload() {
 		}
 		w, err := s.spawn(sl)
 		if err != nil {
-			sl.deaths["start_failed"]++
+			sl.deaths[s.startFailed(sl, err).Class()]++
 			s.abortReload(fmt.Errorf("%w: worker %d's replacement could not be started: %v", ErrReloadAborted, id, err))
 			return
 		}
@@ -185,6 +185,20 @@ func (s *Supervisor) replacementServes(w *worker) {
 		s.terminate(old, why, s.now())
 	}
 	s.advanceReload()
+}
+
+// dropFromReload takes sl out of the reload in progress, when its slot is
+// scaled away: the stop of its replacement is then no broken release.
+func (s *Supervisor) dropFromReload(sl *slot) {
+	r := s.reload
+	if r == nil {
+		return
+	}
+	if w := r.active[sl.id]; w != nil {
+		delete(r.active, sl.id)
+		delete(r.readyBy, w)
+	}
+	r.todo = slices.DeleteFunc(r.todo, func(id int) bool { return id == sl.id })
 }
 
 // checkReload aborts the reload when a replacement is late.

@@ -47,7 +47,7 @@ func (s *Supervisor) start(sl *slot) {
 	sl.restartAt = time.Time{}
 	w, err := s.spawn(sl)
 	if err != nil {
-		s.startFailed(sl, err)
+		s.afterDeath(sl, s.startFailed(sl, err))
 		return
 	}
 	sl.w = w
@@ -114,12 +114,14 @@ func (s *Supervisor) online(w *worker) {
 	}
 }
 
-// startFailed treats a failed fork like a death, so backoff applies.
-func (s *Supervisor) startFailed(sl *slot, err error) {
+// startFailed reports a process that could not be started in sl as a
+// death: logged, and an event. The caller applies the policy, so a failed
+// fork gets the backoff of any death.
+func (s *Supervisor) startFailed(sl *slot, err error) *Death {
 	d := &Death{Worker: sl.id, ExitCode: -1, Err: err}
 	s.log.Error().Int("worker", sl.id).Err(err).Str("command", s.path).Msg("worker could not be started")
 	s.emit(Event{Type: EventDeath, Worker: sl.id, Death: d})
-	s.afterDeath(sl, d)
+	return d
 }
 
 // basicEnv names the variables workers get from the master without

@@ -95,6 +95,7 @@ func (s *Supervisor) scale(n int) error {
 		live = live[:len(live)-1]
 		sl := s.slots[id]
 		sl.removed = true
+		s.dropFromReload(sl)
 		if sl.next != nil {
 			s.terminate(sl.next, ReasonScale, s.now())
 		}
@@ -105,6 +106,8 @@ func (s *Supervisor) scale(n int) error {
 		s.terminate(sl.w, ReasonScale, s.now())
 	}
 	s.log.Info().Int("workers", n).Msg("scaled")
+	// A reload whose remaining slots were scaled away is over.
+	s.advanceReload()
 	return nil
 }
 

@@ -1,0 +1,348 @@
+package supervisor
+
+import (
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/shoal-sh/shoal/reuseport"
+)
+
+// fakeSystem is the seam's stand-in for the state-machine tests: processes
+// are records, exits are what the test says, the clock moves when the test
+// moves it. Nothing is forked, so a whole lifecycle runs in microseconds.
+type fakeSystem struct {
+	mu        sync.Mutex
+	clock     time.Time
+	nextPID   int
+	procs     map[int]*fakeProc
+	pending   []exit // exited, not reaped yet
+	tick      chan struct{}
+	failStart error // the next starts fail with it, while set
+	rssOf     map[int]uint64
+}
+
+// fakeProc is one "process": it holds the worker's end of its channel, as a
+// real worker holds fd 3, until it exits.
+type fakeProc struct {
+	sys     *fakeSystem
+	id      int
+	slot    int // SHOAL_WORKER_ID from its environment
+	peer    *os.File
+	signals []syscall.Signal
+	ignore  map[syscall.Signal]bool // signals that do not end it
+	alive   bool
+	listens bool
+}
+
+func newFakeSystem() *fakeSystem {
+	return &fakeSystem{
+		clock:   time.Unix(1_700_000_000, 0),
+		nextPID: 100,
+		procs:   map[int]*fakeProc{},
+		tick:    make(chan struct{}, 1),
+		rssOf:   map[int]uint64{},
+	}
+}
+
+func (f *fakeSystem) now() time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.clock
+}
+
+func (f *fakeSystem) advance(d time.Duration) {
+	f.mu.Lock()
+	f.clock = f.clock.Add(d)
+	f.mu.Unlock()
+}
+
+func (f *fakeSystem) setup(bool) error             { return nil }
+func (f *fakeSystem) childExited() <-chan struct{} { return f.tick }
+func (f *fakeSystem) close()                       {}
+
+func (f *fakeSystem) start(path string, argv []string, attr *os.ProcAttr) (process, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.failStart != nil {
+		return nil, f.failStart
+	}
+	// Keep the worker's end of the channel, as the child would.
+	fd, err := unix.Dup(int(attr.Files[3].Fd()))
+	if err != nil {
+		return nil, err
+	}
+	f.nextPID++
+	p := &fakeProc{sys: f, id: f.nextPID, peer: os.NewFile(uintptr(fd), "peer"), alive: true, ignore: map[syscall.Signal]bool{}}
+	for _, kv := range attr.Env {
+		if v, ok := strings.CutPrefix(kv, EnvWorkerID+"="); ok {
+			p.slot, _ = strconv.Atoi(v)
+		}
+	}
+	f.procs[p.id] = p
+	return p, nil
+}
+
+func (p *fakeProc) pid() int { return p.id }
+
+func (p *fakeProc) signal(sig syscall.Signal) error {
+	f := p.sys
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p.signals = append(p.signals, sig)
+	if !p.alive || p.ignore[sig] {
+		return nil
+	}
+	switch sig {
+	case syscall.SIGTERM, syscall.SIGKILL, syscall.SIGQUIT, syscall.SIGINT:
+		f.exitLocked(p, unix.WaitStatus(sig))
+	}
+	return nil
+}
+
+func (p *fakeProc) release() {}
+
+// exitLocked ends p with status ws: its channel end closes and its exit
+// waits to be reaped.
+func (f *fakeSystem) exitLocked(p *fakeProc, ws unix.WaitStatus) {
+	p.alive, p.listens = false, false
+	p.peer.Close()
+	f.pending = append(f.pending, exit{p.id, ws})
+	select {
+	case f.tick <- struct{}{}:
+	default:
+	}
+}
+
+func (f *fakeSystem) reap(pids []int, all bool) []exit {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out, keep []exit
+	for _, e := range f.pending {
+		if all || slices.Contains(pids, e.pid) {
+			out = append(out, e)
+		} else {
+			keep = append(keep, e)
+		}
+	}
+	f.pending = keep
+	return out
+}
+
+func (f *fakeSystem) listeners(int) ([]reuseport.Socket, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var socks []reuseport.Socket
+	for pid, p := range f.procs {
+		if p.listens {
+			socks = append(socks, reuseport.Socket{Inode: uint64(pid)})
+		}
+	}
+	return socks, nil
+}
+
+func (f *fakeSystem) inodes(pid int) (map[uint64]struct{}, error) {
+	return map[uint64]struct{}{uint64(pid): {}}, nil
+}
+
+func (f *fakeSystem) rss(pid int) (uint64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.rssOf[pid], nil
+}
+
+// machine drives a Supervisor's state machine step by step on the loop's
+// own handlers, with a fakeSystem: each step is what the loop would do for
+// one kernel event, tick or call, run synchronously.
+type machine struct {
+	t      *testing.T
+	s      *Supervisor
+	sys    *fakeSystem
+	events []Event
+	closed bool
+}
+
+// newMachine builds a supervisor of opts on a fake system and starts its
+// first workers. Port 0 means workers serve as soon as they run; give a
+// port to make listening a step of the test (machine.listen).
+func newMachine(t *testing.T, opts Options) *machine {
+	t.Helper()
+	m := &machine{t: t, sys: newFakeSystem()}
+	opts.Command = []string{"/bin/true"}
+	opts.OnEvent = func(e Event) { m.events = append(m.events, e) }
+	s, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.sys = m.sys
+	s.ran.Store(true)
+	m.s = s
+	t.Cleanup(m.close)
+	s.begin()
+	m.settle()
+	return m
+}
+
+// settle reaps what exited and runs what the channel readers handed over,
+// as the loop would, until nothing is pending.
+func (m *machine) settle() {
+	for {
+		select {
+		case <-m.sys.tick:
+			m.s.reap()
+		case e := <-m.s.events:
+			m.s.handleEvent(e)
+		case f := <-m.s.calls:
+			f()
+		default:
+			return
+		}
+	}
+}
+
+// advance moves the clock by d and runs the loop's tick.
+func (m *machine) advance(d time.Duration) {
+	m.sys.advance(d)
+	m.s.tick(m.sys.now())
+	m.settle()
+}
+
+// proc returns the process now in slot id (the current one, not a reload's
+// replacement), failing the test when there is none.
+func (m *machine) proc(id int) *fakeProc {
+	m.t.Helper()
+	sl := m.s.slots[id]
+	if sl == nil || sl.w == nil {
+		m.t.Fatalf("slot %d has no process; slots: %s", id, m.describe())
+	}
+	return m.sys.procs[sl.w.pid]
+}
+
+// next returns the reload's replacement in slot id.
+func (m *machine) next(id int) *fakeProc {
+	m.t.Helper()
+	sl := m.s.slots[id]
+	if sl == nil || sl.next == nil {
+		m.t.Fatalf("slot %d has no replacement; slots: %s", id, m.describe())
+	}
+	return m.sys.procs[sl.next.pid]
+}
+
+// exit makes p exit with code and lets the loop reap it.
+func (m *machine) exit(p *fakeProc, code int) {
+	m.sys.mu.Lock()
+	m.sys.exitLocked(p, unix.WaitStatus(code<<8))
+	m.sys.mu.Unlock()
+	m.settle()
+}
+
+// listen makes p listen on the port and lets the loop's next poll see it.
+func (m *machine) listen(p *fakeProc) {
+	m.sys.mu.Lock()
+	p.listens = true
+	m.sys.mu.Unlock()
+	m.advance(10 * time.Millisecond)
+}
+
+// pids returns the pid of every slot's current process, by slot; 0 for
+// none.
+func (m *machine) pids() []int {
+	var out []int
+	for _, id := range m.s.slotIDs() {
+		if w := m.s.slots[id].w; w != nil {
+			out = append(out, w.pid)
+		} else {
+			out = append(out, 0)
+		}
+	}
+	return out
+}
+
+// reload asks for a reload and returns where its outcome arrives.
+func (m *machine) reload() <-chan error {
+	ch := make(chan error, 1)
+	m.s.requestReload(ch)
+	m.settle()
+	return ch
+}
+
+// deaths returns the death events since the start, in order.
+func (m *machine) deaths() []*Death {
+	var out []*Death
+	for _, e := range m.events {
+		if e.Type == EventDeath {
+			out = append(out, e.Death)
+		}
+	}
+	return out
+}
+
+func (m *machine) describe() string {
+	var b strings.Builder
+	for _, id := range m.s.slotIDs() {
+		sl := m.s.slots[id]
+		fmt.Fprintf(&b, " %d:", id)
+		if sl.w != nil {
+			fmt.Fprintf(&b, "%d/%s", sl.w.pid, sl.w.state)
+		} else {
+			b.WriteString("-")
+		}
+		if sl.next != nil {
+			fmt.Fprintf(&b, "+%d/%s", sl.next.pid, sl.next.state)
+		}
+	}
+	return b.String()
+}
+
+// await runs the loop's handlers until cond holds, for what a channel
+// reader goroutine hands over; it fails the test after two seconds.
+func (m *machine) await(what string, cond func() bool) {
+	m.t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			m.t.Fatalf("timed out waiting for %s; slots: %s", what, m.describe())
+		}
+		time.Sleep(time.Millisecond)
+		m.settle()
+	}
+}
+
+// send writes one line to the master from p, as a worker writes to fd 3.
+func (m *machine) send(p *fakeProc, line string) {
+	m.t.Helper()
+	if _, err := p.peer.Write([]byte(line + "\n")); err != nil {
+		m.t.Fatal(err)
+	}
+}
+
+// close ends the machine as Run would end: every process is gone and
+// reaped, then done closes and the retiring goroutines finish.
+func (m *machine) close() {
+	if m.closed {
+		return
+	}
+	m.closed = true
+	m.sys.mu.Lock()
+	for _, p := range m.sys.procs {
+		if p.alive {
+			m.sys.exitLocked(p, unix.WaitStatus(syscall.SIGKILL))
+		}
+	}
+	m.sys.mu.Unlock()
+	m.s.stopping = true
+	m.settle()
+	close(m.s.done)
+	m.s.retiring.Wait()
+	for _, p := range m.sys.procs {
+		p.peer.Close()
+	}
+}
