@@ -8,14 +8,19 @@
 // A Go program can be its own master and its own workers:
 //
 //	if supervisor.IsMaster() {
-//		s, err := supervisor.New(supervisor.Options{}) // one worker per CPU
+//		s, err := supervisor.New(supervisor.Options{Port: 8000}) // one worker per CPU
 //		...
-//		err = s.Run(ctx)
+//		err = s.Run(ctx) // until ctx ends; then every worker drains and stops
 //	} else {
-//		ln, err := reuseport.Listen("tcp", ":8000")
-//		...
-//		http.Serve(ln, handler)
+//		// Binds $PORT with SO_REUSEPORT, serves, reports requests and
+//		// heartbeats, and when ctx ends drains without losing a request.
+//		ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM)
+//		defer stop()
+//		err := worker.ListenAndServe(ctx, handler)
 //	}
+//
+// Package worker is the worker's side for Go programs; package reuseport
+// binds a listener by hand.
 //
 // With no Options.Command, the supervisor re-executes the running program;
 // the copies see IsWorker() == true.
