@@ -48,9 +48,38 @@ func applyQuota(n int, quota float64) int {
 // a directory laid out like one). ok is false when no quota is set or the
 // files cannot be read.
 func cgroupCPUQuota(root string) (quota float64, ok bool) {
+	best := math.Inf(1)
+	for _, d := range cgroupDirs(root, "cpu") {
+		var q float64
+		var found bool
+		if d.v2 {
+			q, found = readCPUMax(filepath.Join(d.path, "cpu.max"))
+		} else {
+			q, found = readCFSQuota(d.path)
+		}
+		if found && q < best {
+			best = q
+		}
+	}
+	if math.IsInf(best, 1) {
+		return 0, false
+	}
+	return best, true
+}
+
+// cgroupDir is one directory of this process's cgroup or of an ancestor.
+type cgroupDir struct {
+	path string
+	v2   bool
+}
+
+// cgroupDirs lists the directories of this process's cgroup and its
+// ancestors, leaf first, in the cgroup v2 hierarchy and in the v1
+// hierarchy of controller, under root.
+func cgroupDirs(root, controller string) []cgroupDir {
 	mounts := readMounts(filepath.Join(root, "proc/self/mountinfo"))
 	groups := readCgroups(filepath.Join(root, "proc/self/cgroup"))
-	best := math.Inf(1)
+	var dirs []cgroupDir
 	for _, m := range mounts {
 		var rel string
 		switch {
@@ -60,8 +89,8 @@ func cgroupCPUQuota(root string) (quota float64, ok bool) {
 				continue
 			}
 			rel = p
-		case m.fstype == "cgroup" && hasOption(m.super, "cpu"):
-			p, found := groups["cpu"]
+		case m.fstype == "cgroup" && hasOption(m.super, controller):
+			p, found := groups[controller]
 			if !found {
 				continue
 			}
@@ -78,26 +107,14 @@ func cgroupCPUQuota(root string) (quota float64, ok bool) {
 		dir := filepath.Join(root, m.point, sub)
 		top := filepath.Join(root, m.point)
 		for {
-			var q float64
-			var found bool
-			if m.fstype == "cgroup2" {
-				q, found = readCPUMax(filepath.Join(dir, "cpu.max"))
-			} else {
-				q, found = readCFSQuota(dir)
-			}
-			if found && q < best {
-				best = q
-			}
+			dirs = append(dirs, cgroupDir{dir, m.fstype == "cgroup2"})
 			if dir == top || len(dir) <= len(top) {
 				break
 			}
 			dir = filepath.Dir(dir)
 		}
 	}
-	if math.IsInf(best, 1) {
-		return 0, false
-	}
-	return best, true
+	return dirs
 }
 
 type mount struct {

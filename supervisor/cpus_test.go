@@ -3,6 +3,7 @@ package supervisor
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -111,5 +112,30 @@ func TestAvailableCPUsWithinAffinity(t *testing.T) {
 func TestUnescapeMount(t *testing.T) {
 	if got := unescapeMount(`/sys/fs/cgroup/my\040dir`); got != "/sys/fs/cgroup/my dir" {
 		t.Errorf("unescapeMount = %q", got)
+	}
+}
+
+func TestHostMaxWorkers(t *testing.T) {
+	root := t.TempDir()
+	write := func(rel, body string) {
+		t.Helper()
+		p := filepath.Join(root, rel)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("proc/sys/kernel/pid_max", "32768\n")
+	write("proc/self/mountinfo", "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw\n")
+	write("proc/self/cgroup", "0::/app/shoal\n")
+	if got := hostMaxWorkers(root, true); got.N != 4096 || !strings.Contains(got.Reason, "pid_max 32768") {
+		t.Errorf("pid_max alone: %+v, want 4096 from kernel.pid_max", got)
+	}
+	write("sys/fs/cgroup/app/pids.max", "800\n")
+	write("sys/fs/cgroup/app/shoal/pids.max", "max\n")
+	if got := hostMaxWorkers(root, true); got.N != 100 || !strings.Contains(got.Reason, "pids.max 800") {
+		t.Errorf("a parent's pids.max: %+v, want 100 from pids.max", got)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"math"
 	"slices"
 	"strings"
 	"syscall"
@@ -431,4 +432,26 @@ func TestMachineRecycling(t *testing.T) {
 			t.Fatalf("deaths %+v, want the fat worker's, max_memory", d)
 		}
 	})
+}
+
+func TestMachineRequestCounterNeverGoesDown(t *testing.T) {
+	m := newMachine(t, Options{Workers: 1})
+	p := m.proc(1)
+	var last uint64
+	for i := range 20 {
+		// Each report is as large as the channel lets through.
+		m.send(p, `{"cmd":"shoal:requests","n":1000000}`)
+		m.await("the report", func() bool { return m.s.slots[1].requests.Load() > last || m.s.Requests() > last })
+		got := m.s.slots[1].requests.Load()
+		if got < last {
+			t.Fatalf("report %d: the counter went down from %d to %d", i+1, last, got)
+		}
+		last = got
+	}
+	// Near the top, sums stop at the largest value instead of wrapping.
+	m.s.slots[1].requests.Store(math.MaxUint64 - 5)
+	addSaturating(&m.s.slots[1].requests, 1000)
+	if got := m.s.slots[1].requests.Load(); got != math.MaxUint64 {
+		t.Errorf("saturating add: %d, want %d", got, uint64(math.MaxUint64))
+	}
 }

@@ -3,7 +3,9 @@ package supervisor
 import (
 	"errors"
 	"fmt"
+	"math"
 	"strconv"
+	"sync/atomic"
 
 	"github.com/shoal-sh/shoal/ipc"
 )
@@ -110,13 +112,9 @@ func (s *Supervisor) Broadcast(v any) error {
 func (s *Supervisor) onMessage(w *worker, m ipc.Message) {
 	switch m.Cmd {
 	case ipc.CmdNotifyRequest:
-		w.slot.requests.Add(1)
-		s.requested.Add(1)
-		s.served(w, 1)
+		s.count(w, 1)
 	case ipc.CmdRequests:
-		w.slot.requests.Add(uint64(m.N))
-		s.requested.Add(m.N)
-		s.served(w, uint64(m.N))
+		s.count(w, uint64(m.N))
 	case ipc.CmdHeartbeat:
 		if w.beat.Swap(s.now().UnixNano()) == 0 && s.opts.HeartbeatTimeout > 0 {
 			// The first one: the loop starts watching w.
@@ -138,6 +136,28 @@ func (s *Supervisor) onMessage(w *worker, m ipc.Message) {
 		}
 		if h != nil {
 			h(Message{Worker: w.slot.id, PID: w.pid, Cmd: m.Cmd, Raw: append([]byte(nil), m.Raw...)})
+		}
+	}
+}
+
+// count adds n reported requests to w's slot and the total. The sums
+// saturate, so a counter never goes down whatever a worker sends.
+func (s *Supervisor) count(w *worker, n uint64) {
+	addSaturating(&w.slot.requests, n)
+	addSaturating(&s.requested, n)
+	s.served(w, n)
+}
+
+// addSaturating adds n to c, stopping at the largest uint64.
+func addSaturating(c *atomic.Uint64, n uint64) {
+	for {
+		old := c.Load()
+		sum := old + n
+		if sum < old {
+			sum = math.MaxUint64
+		}
+		if c.CompareAndSwap(old, sum) {
+			return
 		}
 	}
 }

@@ -87,4 +87,4 @@ func (s *Supervisor) SnapshotContext(ctx context.Context) (Snapshot, error) {
 }
 
 // Requests returns the number of requests all workers have reported, ever.
-func (s *Supervisor) Requests() uint64 { return uint64(s.requested.Load()) }
+func (s *Supervisor) Requests() uint64 { return s.requested.Load() }

@@ -21,13 +21,13 @@ func (s *Supervisor) Fork() (*Worker, error) {
 	}
 	var id int
 	if !s.do(func() {
-		if s.stopping {
+		if s.stopping || s.desired() >= HostMaxWorkers().N {
 			return
 		}
 		id = s.nextSlotID()
 		s.start(s.addSlot(id))
 	}) || id == 0 {
-		return nil, errors.New("supervisor: fork: the supervisor is stopping")
+		return nil, fmt.Errorf("supervisor: fork: the supervisor is stopping, or runs the most workers this host allows (%s)", HostMaxWorkers().Reason)
 	}
 	return s.Worker(id), nil
 }
@@ -35,8 +35,11 @@ func (s *Supervisor) Fork() (*Worker, error) {
 // Scale sets the number of workers. New slots start at once; removed slots,
 // the highest first, go through the graceful stop.
 func (s *Supervisor) Scale(n int) error {
-	if n < 1 || n > MaxWorkers {
-		return fmt.Errorf("supervisor: scale to %d: want 1 to %d workers", n, MaxWorkers)
+	if n < 1 {
+		return fmt.Errorf("supervisor: scale to %d: want 1 or more workers", n)
+	}
+	if lim := HostMaxWorkers(); n > lim.N {
+		return fmt.Errorf("supervisor: scale to %d: this host allows at most %d workers, from %s: ask for fewer, or raise that limit", n, lim.N, lim.Reason)
 	}
 	var err error
 	if !s.do(func() { err = s.scale(n) }) {
@@ -45,9 +48,6 @@ func (s *Supervisor) Scale(n int) error {
 	return err
 }
 
-// MaxWorkers bounds Scale, so a typo cannot fork-bomb the host.
-const MaxWorkers = 1 << 16
-
 // ScaleBy adds delta workers (or removes them, when delta is negative) and
 // returns the new count; it never goes below 1. SIGTTIN and SIGTTOU do this
 // with +1 and -1.
@@ -55,7 +55,7 @@ func (s *Supervisor) ScaleBy(delta int) (int, error) {
 	var n int
 	var err error
 	if !s.do(func() {
-		n = min(MaxWorkers, max(1, s.desired()+delta))
+		n = min(HostMaxWorkers().N, max(1, s.desired()+delta))
 		err = s.scale(n)
 	}) {
 		return 0, errors.New("supervisor: scale: the supervisor is not running")

@@ -36,7 +36,7 @@ type Supervisor struct {
 	mu        sync.Mutex // guards preForks and handlers
 	preForks  int
 	handlers  map[int]func(Message) // per-slot message handlers
-	requested atomic.Int64          // requests reported by all workers, ever
+	requested atomic.Uint64         // requests reported by all workers, ever
 
 	// Owned by the loop goroutine.
 	slots      map[int]*slot
@@ -103,6 +103,9 @@ func New(opts Options) (*Supervisor, error) {
 	opts = opts.withDefaults()
 	if opts.Workers < 0 {
 		return nil, fmt.Errorf("supervisor: workers %d: want 1 or more (0 means one per available CPU)", opts.Workers)
+	}
+	if lim := HostMaxWorkers(); opts.Workers > lim.N {
+		return nil, fmt.Errorf("supervisor: workers %d: this host allows at most %d workers, from %s: ask for fewer, or raise that limit", opts.Workers, lim.N, lim.Reason)
 	}
 	if opts.Port < 0 || opts.Port > 65535 {
 		return nil, fmt.Errorf("supervisor: port %d: want 1..65535, or 0 for none", opts.Port)
