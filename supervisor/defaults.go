@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"syscall"
 	"time"
 
 	"github.com/shoal-sh/shoal/ipc"
@@ -18,6 +19,7 @@ const (
 	DefaultStableAfter    = 10 * time.Second // Backoff.StableAfter
 	DefaultQueueLen       = 1024             // Options.QueueLen, messages
 	DefaultMaxMessage     = ipc.DefaultMaxMessage
+	DefaultStopSignal     = syscall.SIGTERM // Options.StopSignal
 )
 
 // Death reasons: why the master stopped a worker (Death.Reason). A death the

@@ -43,6 +43,7 @@ import (
 // Environment variables of the worker contract.
 const (
 	EnvWorkerID  = "SHOAL_WORKER_ID"
+	EnvWorkers   = "SHOAL_WORKERS" // the desired number of workers when the worker started
 	EnvMasterPID = "SHOAL_MASTER_PID"
 	EnvPort      = "PORT"
 )

@@ -36,6 +36,7 @@ type fakeProc struct {
 	sys     *fakeSystem
 	id      int
 	slot    int // SHOAL_WORKER_ID from its environment
+	env     []string
 	peer    *os.File
 	signals []syscall.Signal
 	ignore  map[syscall.Signal]bool // signals that do not end it
@@ -81,7 +82,7 @@ func (f *fakeSystem) start(path string, argv []string, attr *os.ProcAttr) (proce
 		return nil, err
 	}
 	f.nextPID++
-	p := &fakeProc{sys: f, id: f.nextPID, peer: os.NewFile(uintptr(fd), "peer"), alive: true, ignore: map[syscall.Signal]bool{}}
+	p := &fakeProc{sys: f, id: f.nextPID, peer: os.NewFile(uintptr(fd), "peer"), alive: true, ignore: map[syscall.Signal]bool{}, env: attr.Env}
 	for _, kv := range attr.Env {
 		if v, ok := strings.CutPrefix(kv, EnvWorkerID+"="); ok {
 			p.slot, _ = strconv.Atoi(v)

@@ -6,6 +6,7 @@ import (
 	"io"
 	"math"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -194,9 +195,9 @@ func TestMachineReloadRollsEverySlot(t *testing.T) {
 
 func TestMachineReloadAborts(t *testing.T) {
 	for _, tc := range []struct {
-		name  string
+		name   string
 		break_ func(m *machine, repl *fakeProc)
-		want  string
+		want   string
 	}{
 		{"replacement exits", func(m *machine, repl *fakeProc) { m.exit(repl, 1) }, "ended with exit status 1 before it served"},
 		{"replacement never serves", func(m *machine, repl *fakeProc) { m.advance(DefaultReadyTimeout) }, "did not serve within 30s"},
@@ -453,5 +454,65 @@ func TestMachineRequestCounterNeverGoesDown(t *testing.T) {
 	addSaturating(&m.s.slots[1].requests, 1000)
 	if got := m.s.slots[1].requests.Load(); got != math.MaxUint64 {
 		t.Errorf("saturating add: %d, want %d", got, uint64(math.MaxUint64))
+	}
+}
+
+func TestMachineStopSignal(t *testing.T) {
+	m := listening(t, Options{Workers: 2, StopSignal: syscall.SIGQUIT})
+	old := m.proc(1)
+	done := m.reload()
+	m.listen(m.next(1))
+	if !slices.Equal(old.signals, []syscall.Signal{syscall.SIGQUIT}) {
+		t.Fatalf("the reloaded worker got %v, want SIGQUIT", old.signals)
+	}
+	m.listen(m.next(2))
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	w := m.proc(2)
+	m.s.beginStop(ReasonStop)
+	m.settle()
+	if !slices.Equal(w.signals, []syscall.Signal{syscall.SIGQUIT}) {
+		t.Fatalf("on stop a worker got %v, want SIGQUIT", w.signals)
+	}
+}
+
+func TestMachineReadyMessages(t *testing.T) {
+	for _, line := range []string{`{"cmd":"shoal:ready"}`, `"ready"`} {
+		t.Run(line, func(t *testing.T) {
+			m := newMachine(t, Options{Workers: 1, Port: 8000, Ready: ReadyMessage})
+			p := m.proc(1)
+			m.send(p, `"not yet"`)
+			m.advance(time.Second)
+			if st := m.s.slots[1].w.state; st != Online {
+				t.Fatalf("state %s before the ready message, want online", st)
+			}
+			m.send(p, line)
+			m.await("listening", func() bool { return m.s.slots[1].w.state == Listening })
+		})
+	}
+}
+
+func TestMachineWorkerEnvironment(t *testing.T) {
+	m := newMachine(t, Options{Workers: 3, Port: 8000})
+	for id := 1; id <= 3; id++ {
+		env := m.proc(id).env
+		for _, want := range []string{
+			"SHOAL_WORKER_ID=" + strconv.Itoa(id),
+			"NODE_APP_INSTANCE=" + strconv.Itoa(id-1),
+			"SHOAL_WORKERS=3",
+			"PORT=8000",
+			"NODE_CHANNEL_FD=3",
+		} {
+			if !slices.Contains(env, want) {
+				t.Errorf("worker %d: no %s in %q", id, want, env)
+			}
+		}
+	}
+	if err := m.s.scale(4); err != nil {
+		t.Fatal(err)
+	}
+	if env := m.proc(4).env; !slices.Contains(env, "SHOAL_WORKERS=4") {
+		t.Errorf("a worker added by scale: no SHOAL_WORKERS=4 in %q", env)
 	}
 }

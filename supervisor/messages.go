@@ -126,17 +126,30 @@ func (s *Supervisor) onMessage(w *worker, m ipc.Message) {
 		m.Msg = append([]byte(nil), m.Msg...)
 		m.Raw = nil
 		s.post(loopEvent{kind: evRelay, w: w, msg: m})
+	case "":
+		if string(m.Raw) == `"ready"` {
+			// PM2's convention: process.send('ready').
+			s.post(loopEvent{kind: evReady, w: w})
+			return
+		}
+		s.application(w, m)
 	default:
-		s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).RawJSON("message", m.Raw).Msg("message from worker")
-		s.mu.Lock()
-		h := s.handlers[w.slot.id]
-		s.mu.Unlock()
-		if h == nil {
-			h = s.opts.OnMessage
-		}
-		if h != nil {
-			h(Message{Worker: w.slot.id, PID: w.pid, Cmd: m.Cmd, Raw: append([]byte(nil), m.Raw...)})
-		}
+		s.application(w, m)
+	}
+}
+
+// application hands an application message to its handler, on the
+// channel's goroutine.
+func (s *Supervisor) application(w *worker, m ipc.Message) {
+	s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).RawJSON("message", m.Raw).Msg("message from worker")
+	s.mu.Lock()
+	h := s.handlers[w.slot.id]
+	s.mu.Unlock()
+	if h == nil {
+		h = s.opts.OnMessage
+	}
+	if h != nil {
+		h(Message{Worker: w.slot.id, PID: w.pid, Cmd: m.Cmd, Raw: append([]byte(nil), m.Raw...)})
 	}
 }
 

@@ -182,9 +182,13 @@ type Options struct {
 	// death reason is "max_memory".
 	MaxMemory uint64
 
-	// StopTimeout is how long a worker has to exit after SIGTERM before it
-	// and its process group get SIGKILL. 0 means 10 seconds.
+	// StopTimeout is how long a worker has to exit after the stop signal
+	// before it and its process group get SIGKILL. 0 means 10 seconds.
 	StopTimeout time.Duration
+	// StopSignal asks a worker to finish its work and exit, on stop,
+	// reload, scale-down and recycle: the server's graceful stop signal
+	// (nginx's is SIGQUIT; SIGTERM makes it stop fast). 0 means SIGTERM.
+	StopSignal syscall.Signal
 
 	// Subreaper makes the master a child subreaper (PR_SET_CHILD_SUBREAPER)
 	// that reaps every child, workers and their orphans alike. The program
@@ -230,6 +234,9 @@ var ErrTooManyRestarts = fmt.Errorf("supervisor: too many restarts")
 func (o Options) withDefaults() Options {
 	if o.StopTimeout <= 0 {
 		o.StopTimeout = DefaultStopTimeout
+	}
+	if o.StopSignal == 0 {
+		o.StopSignal = DefaultStopSignal
 	}
 	if o.ReadyTimeout <= 0 {
 		o.ReadyTimeout = DefaultReadyTimeout

@@ -154,6 +154,8 @@ func (s *Supervisor) env(id int) []string {
 	}
 	env = append(env,
 		EnvWorkerID+"="+strconv.Itoa(id),
+		EnvWorkers+"="+strconv.Itoa(s.desired()),
+		"NODE_APP_INSTANCE="+strconv.Itoa(id-1), // as PM2 numbers its instances
 		EnvMasterPID+"="+strconv.Itoa(os.Getpid()),
 		ipc.EnvFD+"=3",
 		"NODE_CHANNEL_FD=3",

@@ -85,10 +85,14 @@ func (s *Supervisor) scale(n int) error {
 			live = append(live, id)
 		}
 	}
+	var added []*slot
 	for len(live) < n {
 		id := s.nextSlotID()
-		s.start(s.addSlot(id))
+		added = append(added, s.addSlot(id))
 		live = append(live, id)
+	}
+	for _, sl := range added {
+		s.start(sl)
 	}
 	for len(live) > n {
 		id := live[len(live)-1]
@@ -133,15 +137,40 @@ func (s *Supervisor) stopDeadline(w *worker) time.Time {
 	return w.stopAt.Add(s.opts.StopTimeout)
 }
 
-// terminate sends SIGTERM to w's process group. The bare pid is safe here:
-// only this goroutine reaps, and w is not reaped yet, so the pid and its
-// group cannot have been reused.
+// terminate sends the stop signal to w's process group; SIGKILL follows
+// at the stop timeout (tick).
 func (s *Supervisor) terminate(w *worker, reason string, now time.Time) {
 	if w.state == Stopping {
 		return
 	}
 	w.state, w.reason, w.stopAt = Stopping, reason, now
-	s.signal(w, syscall.SIGTERM)
+	s.signal(w, s.opts.StopSignal)
+}
+
+// Signal sends sig to the process in slot id, or to every worker when id
+// is 0, the way SIGUSR1 to the master reaches every worker. It returns the
+// number of workers signalled.
+func (s *Supervisor) Signal(id int, sig syscall.Signal) (int, error) {
+	if sig <= 0 || sig > 64 {
+		return 0, fmt.Errorf("supervisor: signal %d: not a signal", sig)
+	}
+	n := 0
+	var err error
+	if !s.do(func() {
+		for _, sid := range s.slotIDs() {
+			sl := s.slots[sid]
+			if (id == 0 || id == sid) && sl.w != nil && sl.w.state != Dead {
+				s.signal(sl.w, sig)
+				n++
+			}
+		}
+		if id != 0 && n == 0 {
+			err = fmt.Errorf("supervisor: signal %s to worker %d: no such running worker", unix.SignalName(sig), id)
+		}
+	}) {
+		return 0, errors.New("supervisor: signal: the supervisor is not running")
+	}
+	return n, err
 }
 
 func (s *Supervisor) signal(w *worker, sig syscall.Signal) {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/shoal-sh/shoal/ipc"
 )
@@ -247,8 +248,12 @@ func (s *Supervisor) begin() {
 	s.log.Info().Int("workers", n).Str("command", strings.Join(s.argv, " ")).Int("port", s.opts.Port).
 		Str("restart", s.opts.Restart.String()).Msg("starting workers")
 	s.checkPortFree()
+	// Every slot first, so each worker's SHOAL_WORKERS is the count.
 	for id := 1; id <= n; id++ {
-		s.start(s.addSlot(id))
+		s.addSlot(id)
+	}
+	for id := 1; id <= n; id++ {
+		s.start(s.slots[id])
 	}
 }
 
@@ -314,7 +319,8 @@ func (s *Supervisor) tick(now time.Time) {
 	for _, w := range s.byPID {
 		if w.state == Stopping && !w.killed && !now.Before(s.stopDeadline(w)) {
 			w.killed = true
-			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Float64("stop_timeout_seconds", s.opts.StopTimeout.Seconds()).Msg("worker did not exit after SIGTERM: sending SIGKILL")
+			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Float64("stop_timeout_seconds", s.opts.StopTimeout.Seconds()).
+				Msgf("worker did not exit after %s: sending SIGKILL", unix.SignalName(s.opts.StopSignal))
 			s.signal(w, syscall.SIGKILL)
 		}
 	}
