@@ -18,6 +18,9 @@ func (s *Supervisor) reap() {
 	for _, e := range s.sys.reap(pids, s.opts.Subreaper) {
 		if w := s.byPID[e.pid]; w != nil {
 			s.exited(w, e.status)
+		} else if o := s.orphans[e.pid]; o != nil {
+			delete(s.orphans, e.pid)
+			s.log.Info().Int("pid", e.pid).Str("cmd", o.cmd).Msg("left-behind process exited")
 		} else {
 			s.log.Debug().Int("pid", e.pid).Msg("reaped an orphan")
 		}
@@ -31,6 +34,9 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 	w.state = Dead
 	w.proc.release()
 	s.retire(w)
+	if s.adoptOrphans(w, ws) && w.reason == "" {
+		w.reason = ReasonDaemonized
+	}
 	d := &Death{Worker: sl.id, PID: w.pid, ExitCode: ws.ExitStatus(), Uptime: s.now().Sub(w.started), Reason: w.reason}
 	if ws.Signaled() {
 		d.ExitCode, d.Signal = -1, ws.Signal()

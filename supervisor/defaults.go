@@ -32,4 +32,5 @@ const (
 	ReasonHung        = "hung"         // its heartbeats stopped (Options.HeartbeatTimeout)
 	ReasonMaxRequests = "max_requests" // recycled after Options.MaxRequests
 	ReasonMaxMemory   = "max_memory"   // recycled over Options.MaxMemory
+	ReasonDaemonized  = "daemonized"   // it exited 0 and left a process in the background (see Options.Subreaper)
 )

@@ -98,7 +98,7 @@ func (d Death) Clean() bool { return d.Err == nil && d.Signal == 0 && d.ExitCode
 // "signal_other" for the rest.
 func (d Death) Class() string {
 	switch d.Reason {
-	case ReasonHung, ReasonMaxRequests, ReasonMaxMemory:
+	case ReasonHung, ReasonMaxRequests, ReasonMaxMemory, ReasonDaemonized:
 		return d.Reason
 	}
 	switch {

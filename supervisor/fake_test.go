@@ -347,3 +347,43 @@ func (m *machine) close() {
 		p.peer.Close()
 	}
 }
+
+// children lists every live process: the workers, and the daemons the test
+// made with daemon; the supervisor tells them apart.
+func (f *fakeSystem) children() []child {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []child
+	for pid, p := range f.procs {
+		if p.alive {
+			out = append(out, child{pid: pid, cmd: "fake"})
+		}
+	}
+	return out
+}
+
+func (f *fakeSystem) kill(pid int, sig syscall.Signal) error {
+	f.mu.Lock()
+	p := f.procs[pid]
+	f.mu.Unlock()
+	if p == nil {
+		return syscall.ESRCH
+	}
+	return p.signal(sig)
+}
+
+// daemon makes p fork a process into the background, which the master will
+// find as its child once p is gone.
+func (m *machine) daemon(p *fakeProc) *fakeProc {
+	f := m.sys
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.nextPID++
+	fd, err := unix.Dup(int(p.peer.Fd()))
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	d := &fakeProc{sys: f, id: f.nextPID, peer: os.NewFile(uintptr(fd), "inherited fd 3"), alive: true, ignore: map[syscall.Signal]bool{}}
+	f.procs[d.id] = d
+	return d
+}

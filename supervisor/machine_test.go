@@ -516,3 +516,49 @@ func TestMachineWorkerEnvironment(t *testing.T) {
 		t.Errorf("a worker added by scale: no SHOAL_WORKERS=4 in %q", env)
 	}
 }
+
+func TestMachineDaemonizedWorker(t *testing.T) {
+	m := newMachine(t, Options{Workers: 1, Subreaper: true, StopSignal: syscall.SIGQUIT, StopTimeout: 2 * time.Second})
+	first := m.proc(1)
+	daemon := m.daemon(first)
+	daemon.ignore[syscall.SIGQUIT] = true // it lingers until SIGKILL
+	m.exit(first, 0)
+	d := m.deaths()
+	if len(d) != 1 || d[0].Reason != ReasonDaemonized || d[0].Class() != ReasonDaemonized {
+		t.Fatalf("deaths %+v, want one daemonized", d)
+	}
+	if !slices.Equal(daemon.signals, []syscall.Signal{syscall.SIGQUIT}) {
+		t.Fatalf("the daemon got %v, want the stop signal", daemon.signals)
+	}
+	// The restart policy applies: the first death after start is replaced.
+	if m.s.slots[1].w == nil {
+		t.Fatal("the slot was not restarted")
+	}
+	m.advance(2 * time.Second)
+	if !slices.Equal(daemon.signals, []syscall.Signal{syscall.SIGQUIT, syscall.SIGKILL}) || daemon.alive {
+		t.Fatalf("the daemon got %v (alive %v), want SIGKILL at the stop timeout", daemon.signals, daemon.alive)
+	}
+	if len(m.s.orphans) != 0 {
+		t.Errorf("orphans left after the daemon was reaped: %v", m.s.orphans)
+	}
+}
+
+func TestMachineStopWaitsForOrphans(t *testing.T) {
+	m := newMachine(t, Options{Workers: 1, Subreaper: true, StopTimeout: time.Second})
+	w := m.proc(1)
+	left := m.daemon(w)
+	left.ignore[syscall.SIGTERM] = true
+	m.exit(w, 1) // a crash that leaves a child behind
+	if d := m.deaths(); len(d) != 1 || d[0].Reason != "" {
+		t.Fatalf("deaths %+v, want one with no reason (not daemonized)", d)
+	}
+	m.s.beginStop(ReasonStop)
+	m.settle()
+	if m.s.finished() {
+		t.Fatal("Run would return while a left-behind process runs")
+	}
+	m.advance(time.Second)
+	if left.alive || !m.s.finished() {
+		t.Fatalf("left-behind process alive %v, finished %v; want it killed and Run done", left.alive, m.s.finished())
+	}
+}

@@ -42,6 +42,7 @@ type Supervisor struct {
 	// Owned by the loop goroutine.
 	slots      map[int]*slot
 	byPID      map[int]*worker
+	orphans    map[int]*orphan // processes left behind by workers, being stopped
 	sys        system
 	devnull    *os.File
 	limiter    restartLimiter
@@ -112,14 +113,15 @@ func New(opts Options) (*Supervisor, error) {
 		return nil, fmt.Errorf("supervisor: port %d: want 1..65535, or 0 for none", opts.Port)
 	}
 	s := &Supervisor{
-		opts:   opts,
-		log:    zerolog.Nop(),
-		calls:  make(chan func()),
-		events: make(chan loopEvent, 64),
-		done:   make(chan struct{}),
-		slots:  make(map[int]*slot),
-		byPID:  make(map[int]*worker),
-		sys:    &realSystem{},
+		opts:    opts,
+		log:     zerolog.Nop(),
+		calls:   make(chan func()),
+		events:  make(chan loopEvent, 64),
+		done:    make(chan struct{}),
+		slots:   make(map[int]*slot),
+		byPID:   make(map[int]*worker),
+		orphans: make(map[int]*orphan),
+		sys:     &realSystem{},
 	}
 	if opts.Logger != nil {
 		s.log = *opts.Logger
@@ -259,7 +261,7 @@ func (s *Supervisor) begin() {
 
 // finished reports whether Run should return now.
 func (s *Supervisor) finished() bool {
-	if len(s.byPID) > 0 {
+	if len(s.byPID) > 0 || len(s.orphans) > 0 {
 		return false
 	}
 	for _, sl := range s.slots {
@@ -337,7 +339,12 @@ func (s *Supervisor) tick(now time.Time) {
 			}
 			delete(s.byPID, pid)
 		}
+		for pid, o := range s.orphans {
+			s.log.Error().Int("pid", pid).Str("cmd", o.cmd).Msg("left-behind process survived SIGKILL: giving up on it")
+			delete(s.orphans, pid)
+		}
 	}
+	s.killOrphans(now)
 	s.pollListening(now)
 	s.checkReload(now)
 	s.checkHealth(now)
@@ -359,6 +366,7 @@ func (s *Supervisor) nextWake(now time.Time) time.Duration {
 	if s.reload != nil {
 		earlier(s.reload.nextDeadline())
 	}
+	earlier(s.nextOrphanKill())
 	for _, w := range s.byPID {
 		if w.state == Online || w.state == Listening {
 			earlier(w.beatDeadline(s.opts.HeartbeatTimeout))

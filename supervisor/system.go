@@ -43,6 +43,17 @@ type system interface {
 	inodes(pid int) (map[uint64]struct{}, error)
 	// rss returns pid's resident memory in bytes.
 	rss(pid int) (uint64, error)
+	// children lists the running children of the master, with their
+	// command lines; kill signals one of them, and its process group when
+	// it leads one.
+	children() []child
+	kill(pid int, sig syscall.Signal) error
+}
+
+// child is a running child process of the master.
+type child struct {
+	pid int
+	cmd string // its command line, for logs
 }
 
 // process is one started process, as the system knows it.
@@ -198,6 +209,64 @@ func (*realSystem) rss(pid int) (uint64, error) {
 		return 0, err
 	}
 	return pages * uint64(os.Getpagesize()), nil
+}
+
+// children scans /proc for the processes whose parent is the master.
+func (*realSystem) children() []child {
+	self := os.Getpid()
+	dir, err := os.Open("/proc")
+	if err != nil {
+		return nil
+	}
+	defer dir.Close()
+	names, _ := dir.Readdirnames(-1)
+	var out []child
+	buf := make([]byte, 512)
+	for _, name := range names {
+		pid, err := strconv.Atoi(name)
+		if err != nil || pid == self {
+			continue
+		}
+		f, err := os.Open("/proc/" + name + "/stat")
+		if err != nil {
+			continue
+		}
+		n, _ := f.Read(buf)
+		f.Close()
+		if ppid, ok := parseStatPPid(buf[:n]); !ok || ppid != self {
+			continue
+		}
+		cmd, _ := os.ReadFile("/proc/" + name + "/cmdline")
+		out = append(out, child{pid, strings.TrimSpace(strings.ReplaceAll(string(cmd), "\x00", " "))})
+	}
+	return out
+}
+
+// parseStatPPid reads the parent pid from /proc/PID/stat: the fourth field,
+// after the command in parentheses (which may hold spaces and parentheses).
+func parseStatPPid(b []byte) (int, bool) {
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0, false
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 2 {
+		return 0, false
+	}
+	ppid, err := strconv.Atoi(f[1])
+	return ppid, err == nil
+}
+
+// kill signals a child by pid. Safe while it is not reaped: only the
+// supervisor's loop reaps, so the pid cannot have been reused.
+func (*realSystem) kill(pid int, sig syscall.Signal) error {
+	if err := unix.Kill(-pid, sig); err == nil {
+		return nil
+	}
+	if err := unix.Kill(pid, sig); err != nil && err != unix.ESRCH {
+		return err
+	}
+	return nil
 }
 
 // osProcess is a started child. Its pid is safe to signal until it is
