@@ -144,11 +144,11 @@ func handleSignals(ctx context.Context, sigs <-chan os.Signal, sup *supervisor.S
 	}
 }
 
-// setupMigrateReq applies --migrate-req: with "auto" it turns
+// setupMigrateReq applies --migrate-req: with auto it turns
 // net.ipv4.tcp_migrate_req on when it may and otherwise warns once with the
-// fix; with "on" failing to turn it on is an error; "off" leaves it alone.
-func setupMigrateReq(mode string, log *zerolog.Logger) error {
-	if mode == "off" {
+// fix; with on failing to turn it on is an error; off leaves it alone.
+func setupMigrateReq(mode migrateMode, log *zerolog.Logger) error {
+	if mode == migrateOff {
 		return nil
 	}
 	on, err := reuseport.MigrateReq()
@@ -162,7 +162,7 @@ func setupMigrateReq(mode string, log *zerolog.Logger) error {
 		log.Info().Msg("set net.ipv4.tcp_migrate_req=1 in this network namespace: a stopping worker's queued connections move to the others")
 		return nil
 	}
-	if mode == "on" {
+	if mode == migrateOn {
 		return fmt.Errorf("--migrate-req on: %w", err)
 	}
 	log.Warn().Err(err).Msg("net.ipv4.tcp_migrate_req is not 1 and shoal cannot set it: when a worker stops (reload, scale down, restart), " +
