@@ -532,7 +532,7 @@ func readEnvFile(path string) ([]string, error) {
 		return nil, fmt.Errorf("--env-file %s: %s, not a regular file: give a file of KEY=VALUE lines", path, fileKind(st.Mode))
 	}
 	if st.Size > maxEnvFile {
-		return nil, fmt.Errorf("--env-file %s: %d bytes, more than the limit of %d (1 MiB)", path, st.Size, maxEnvFile)
+		return nil, fmt.Errorf("--env-file %s: %d bytes, more than the limit of %d bytes (1 MiB)", path, st.Size, maxEnvFile)
 	}
 	data, err := io.ReadAll(io.LimitReader(f, maxEnvFile+1))
 	if err != nil {
