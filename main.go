@@ -12,10 +12,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -50,6 +52,12 @@ func main() {
 // run is the master's main: it parses args and supervises until a signal
 // or a give-up, and returns the exit code.
 func run(args []string, stdout, stderr io.Writer) int {
+	// Before anything opens a file: no descriptor the master inherited
+	// reaches a worker, and no process of the master's uid reads its
+	// memory or environment.
+	for _, err := range hardenProcess() {
+		fmt.Fprintf(stderr, "shoal: warning: %v\n", err)
+	}
 	// Handle signals before anything is forked: a Go PID 1 that does not
 	// would die of SIGTERM with no drain.
 	sigs := make(chan os.Signal, 8)
@@ -107,6 +115,52 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	log.Info().Msg("shoal stopped")
 	return exitOK
+}
+
+// hardenProcess marks every descriptor above 2 close-on-exec, so that a
+// file the caller left open (a shell's "exec 7<secret") cannot reach the
+// workers: the master passes them only what it means to. It also makes the
+// master non-dumpable, so that its /proc files (environ, mem, fd, maps)
+// belong to root and a worker of the same uid cannot read its secrets or
+// ptrace it. The master itself still reads its own /proc. It returns what
+// it could not do; shoal runs on with a warning.
+func hardenProcess() []error {
+	var errs []error
+	if err := cloexecFrom(3); err != nil {
+		errs = append(errs, fmt.Errorf("inherited file descriptors may reach the workers: %w", err))
+	}
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		errs = append(errs, fmt.Errorf("prctl(PR_SET_DUMPABLE, 0): %w: processes of shoal's uid may read its environment", err))
+	}
+	return errs
+}
+
+// cloexecFrom sets close-on-exec on every descriptor from first up. Go's
+// own descriptors have it already.
+func cloexecFrom(first int) error {
+	err := unix.CloseRange(uint(first), math.MaxUint32, unix.CLOSE_RANGE_CLOEXEC)
+	if err == nil {
+		return nil
+	}
+	// Before Linux 5.11: walk /proc/self/fd. The directory's own
+	// descriptor is close-on-exec already.
+	dir, derr := os.Open("/proc/self/fd")
+	if derr != nil {
+		return fmt.Errorf("close_range: %v; %w", err, derr)
+	}
+	defer dir.Close()
+	names, derr := dir.Readdirnames(-1)
+	if derr != nil {
+		return fmt.Errorf("close_range: %v; read /proc/self/fd: %w", err, derr)
+	}
+	for _, name := range names {
+		if fd, err := strconv.Atoi(name); err == nil && fd >= first {
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil && err != unix.EBADF {
+				return fmt.Errorf("fcntl(%d, F_SETFD, FD_CLOEXEC): %w", fd, err)
+			}
+		}
+	}
+	return nil
 }
 
 // handleSignals turns signals to the master into supervisor calls until ctx
