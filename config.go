@@ -514,17 +514,25 @@ const maxEnvFile = 1 << 20
 
 // readEnvFile reads KEY=VALUE lines: blank lines and # comments are
 // skipped, an "export " prefix and quotes around the value are removed.
-// Only a regular file of at most maxEnvFile bytes is read: opening is
-// non-blocking, so a FIFO cannot hang the master. An error names the line
-// but never shows it, since a line may hold a secret.
+// Only a regular file of at most maxEnvFile bytes is read. It is checked
+// before the open, so that no device is opened (some act on open), and
+// after it, on what was opened; the open is non-blocking, so a FIFO put in
+// its place meanwhile cannot hang the master. An error names the line but
+// never shows it, since a line may hold a secret.
 func readEnvFile(path string) ([]string, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return nil, fmt.Errorf("--env-file: stat %s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil, fmt.Errorf("--env-file %s: %s, not a regular file: give a file of KEY=VALUE lines", path, fileKind(st.Mode))
+	}
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("--env-file: open %s: %w", path, err)
 	}
 	f := os.NewFile(uintptr(fd), path)
 	defer f.Close()
-	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, fmt.Errorf("--env-file: stat %s: %w", path, err)
 	}

@@ -142,16 +142,24 @@ func cloexecFrom(first int) error {
 	if err == nil {
 		return nil
 	}
-	// Before Linux 5.11: walk /proc/self/fd. The directory's own
-	// descriptor is close-on-exec already.
-	dir, derr := os.Open("/proc/self/fd")
-	if derr != nil {
-		return fmt.Errorf("close_range: %v; %w", err, derr)
+	// Before Linux 5.11.
+	if perr := cloexecByProc(first); perr != nil {
+		return fmt.Errorf("close_range: %v; %w", err, perr)
+	}
+	return nil
+}
+
+// cloexecByProc sets close-on-exec on every descriptor from first up that
+// /proc/self/fd lists. The directory's own descriptor has it already.
+func cloexecByProc(first int) error {
+	dir, err := os.Open("/proc/self/fd")
+	if err != nil {
+		return err
 	}
 	defer dir.Close()
-	names, derr := dir.Readdirnames(-1)
-	if derr != nil {
-		return fmt.Errorf("close_range: %v; read /proc/self/fd: %w", err, derr)
+	names, err := dir.Readdirnames(-1)
+	if err != nil {
+		return fmt.Errorf("read /proc/self/fd: %w", err)
 	}
 	for _, name := range names {
 		if fd, err := strconv.Atoi(name); err == nil && fd >= first {
