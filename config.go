@@ -266,7 +266,9 @@ func (m migrateMode) String() string { return migrateWords[m] }
 // UnmarshalText parses auto, on or off, in any case.
 func (m *migrateMode) UnmarshalText(text []byte) error {
 	i, err := parseWord("migrate-req mode", text, migrateWords...)
-	*m = migrateMode(i)
+	if err == nil {
+		*m = migrateMode(i)
+	}
 	return err
 }
 
@@ -286,23 +288,25 @@ func (f logFormat) String() string { return logFormatWords[f] }
 // UnmarshalText parses auto, json or console, in any case.
 func (f *logFormat) UnmarshalText(text []byte) error {
 	i, err := parseWord("log format", text, logFormatWords...)
-	*f = logFormat(i)
+	if err == nil {
+		*f = logFormat(i)
+	}
 	return err
 }
 
 // logLevel is --log-level: the zerolog levels the command line offers.
 type logLevel zerolog.Level
 
-var logLevelWords = map[string]zerolog.Level{
-	"debug": zerolog.DebugLevel, "info": zerolog.InfoLevel, "warn": zerolog.WarnLevel, "error": zerolog.ErrorLevel,
-}
+var logLevels = []zerolog.Level{zerolog.DebugLevel, zerolog.InfoLevel, zerolog.WarnLevel, zerolog.ErrorLevel}
 
 func (l logLevel) String() string { return zerolog.Level(l).String() }
 
 // UnmarshalText parses debug, info, warn or error, in any case.
 func (l *logLevel) UnmarshalText(text []byte) error {
 	i, err := parseWord("log level", text, "debug", "info", "warn", "error")
-	*l = logLevel(logLevelWords[[]string{"debug", "info", "warn", "error"}[i]])
+	if err == nil {
+		*l = logLevel(logLevels[i])
+	}
 	return err
 }
 
