@@ -668,9 +668,9 @@ func argMax() int {
 // with, with no supplementary groups, and returns the user's home
 // directory. A number with no passwd or group entry is taken as an id; such
 // a user's group is the same number and its home "/".
-func lookupCredential(userName, groupName string) (cred *syscall.Credential, home string, err error) {
-	cred = &syscall.Credential{Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid()), Groups: []uint32{}}
-	home = "/"
+func lookupCredential(userName, groupName string) (*syscall.Credential, string, error) {
+	cred := &syscall.Credential{Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid()), Groups: []uint32{}}
+	home := "/"
 	if userName != "" {
 		u, err := user.Lookup(userName)
 		if err != nil {
