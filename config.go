@@ -1,17 +1,21 @@
 package main
 
 import (
+	"encoding"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"os/user"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
 	"github.com/shoal-sh/shoal/control"
@@ -27,10 +31,16 @@ type config struct {
 	metrics    string // address for /metrics, /healthz, /readyz; "" for none
 	minReady   int
 	control    string // the control socket's path; "" for none
-	migrateReq string // auto, on or off
-	logFormat  string
-	logLevel   string
+	migrateReq migrateMode
+	logFormat  logFormat
+	logLevel   logLevel
 	version    bool
+
+	// Raw inputs that finish turns into opts.
+	envFile   string
+	userName  string
+	groupName string
+	bindCap   bool
 }
 
 const usageHead = `shoal runs N copies of a server that all serve one port.
@@ -102,30 +112,6 @@ func (f durationFlag) Set(s string) error {
 	}
 	*f.v = d
 	return nil
-}
-
-// choiceFlag accepts one of a few words.
-type choiceFlag struct {
-	v       *string
-	choices []string
-}
-
-func (f choiceFlag) String() string {
-	if f.v == nil {
-		return ""
-	}
-	return *f.v
-}
-
-func (f choiceFlag) Set(s string) error {
-	s = strings.ToLower(strings.TrimSpace(s))
-	for _, c := range f.choices {
-		if s == c {
-			*f.v = s
-			return nil
-		}
-	}
-	return fmt.Errorf("want one of %s", strings.Join(f.choices, ", "))
 }
 
 // stringFlag is a plain string flag.
@@ -214,176 +200,6 @@ func parseSize(s string) (uint64, error) {
 	return n * mult, nil
 }
 
-// parseConfig reads flags from args and, for flags not given there, from
-// the environment (SHOAL_ and the flag's name in upper case).
-func parseConfig(args []string, lookupEnv func(string) (string, bool), stdout, stderr io.Writer) (config, error) {
-	var (
-		c         config
-		restart   = "always"
-		ready     = "listen"
-		workers   = 0
-		envFile   string
-		userName  string
-		groupName string
-		bindCap   bool
-		maxMsg    = 1 << 20
-		fs        = flag.NewFlagSet("shoal", flag.ContinueOnError)
-		envNames  = map[string]string{}
-	)
-	c.opts.Port = 8000
-	c.opts.StopTimeout = 10 * time.Second
-	c.opts.RestartWindow = time.Minute
-	c.logFormat, c.logLevel = "auto", "info"
-	c.metrics = ":9441"
-	c.migrateReq = "auto"
-	c.control = control.DefaultPath()
-	c.opts.ReloadSurge = 1
-	c.opts.Backoff.Max = 30 * time.Second
-	c.opts.ReadyTimeout = 30 * time.Second
-
-	def := func(name string, v flag.Value, usage string) {
-		env := "SHOAL_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
-		envNames[name] = env
-		fs.Var(v, name, usage+" ($"+env+")")
-	}
-	def("workers", intFlag{&workers, 1, 1 << 16, "a whole number of workers, 1 or more"},
-		"number of workers (default: the CPUs this process may use, after affinity and cgroup quota)")
-	def("port", intFlag{&c.opts.Port, 0, 65535, "a port number 1..65535, or 0 for none"},
-		"port exported to workers as PORT and watched for their LISTEN sockets; 0 for none")
-	def("host", &stringFlag{&c.host},
-		"address exported to workers as HOST; the built-in worker listens there (default: all addresses)")
-	def("env", listFlag{&c.opts.Env},
-		"set a worker environment variable (KEY=VALUE) or pass the master's (KEY); repeatable; the environment variable takes one per line")
-	def("env-file", &stringFlag{&envFile},
-		"file of KEY=VALUE lines (# comments) to set in the workers' environment")
-	def("inherit-env", boolFlag{&c.opts.InheritEnv},
-		"pass the master's whole environment to the workers; by default they get only PATH, HOME, USER, LANG, LC_*, TZ, TMPDIR, TERM, SHELL, LOGNAME, --env and --env-file")
-	def("user", &stringFlag{&userName},
-		"run the workers as this user (name or uid), with its group unless --group; supplementary groups are cleared; needs root")
-	def("group", &stringFlag{&groupName},
-		"run the workers with this group (name or gid)")
-	def("cap-net-bind-service", boolFlag{&bindCap},
-		"keep CAP_NET_BIND_SERVICE in the workers' ambient set, so a non-root worker may bind a port below 1024")
-	def("heartbeat-timeout", durationFlag{&c.opts.HeartbeatTimeout, 0},
-		`kill and replace a worker that sent {"cmd":"shoal:heartbeat"} and then none for this long (reason "hung"); 0 turns it off`)
-	def("max-requests", uint64Flag{&c.opts.MaxRequests},
-		"recycle a worker, the way a reload does, after it reported this many requests; 0 for no limit")
-	def("max-requests-jitter", uint64Flag{&c.opts.MaxRequestsJitter},
-		"add a random 0..J to each worker's --max-requests, so they do not recycle at once")
-	def("max-memory", sizeFlag{&c.opts.MaxMemory},
-		"recycle a worker whose resident memory exceeds this size (512MiB, 2GiB); 0 for no limit")
-	def("restart-delay-max", durationFlag{&c.opts.Backoff.Max, time.Millisecond},
-		"the crash-loop backoff's cap: restarts of a worker that keeps dying wait 100ms, doubling up to this")
-	def("restart", choiceFlag{&restart, []string{"always", "on-failure", "never"}},
-		"restart policy: always, on-failure or never")
-	def("stop-timeout", durationFlag{&c.opts.StopTimeout, 0},
-		"time a worker has to exit after SIGTERM before SIGKILL")
-	def("max-restarts", intFlag{&c.opts.MaxRestarts, 0, 1 << 30, "a whole number, 0 (no limit) or more"},
-		"give up and exit 1 after this many restarts within --restart-window; 0 for no limit")
-	def("restart-window", durationFlag{&c.opts.RestartWindow, time.Second},
-		"window for --max-restarts")
-	def("ready", choiceFlag{&ready, []string{"listen", "message"}},
-		`how a worker counts as serving: "listen" (the kernel shows its LISTEN socket on the port) or "message" (it sends {"cmd":"shoal:ready"})`)
-	def("ipc-max-message", intFlag{&maxMsg, 64, 1 << 30, "a size in bytes, 64 or more"},
-		"largest message a worker may send, in bytes; longer ones are skipped and counted")
-	def("metrics-addr", &stringFlag{&c.metrics},
-		`address of the master's /metrics, /healthz and /readyz; "" turns them off`)
-	def("min-ready", intFlag{&c.minReady, 0, 1 << 16, "a whole number, 0 (all workers) or more"},
-		"workers that must be listening for /readyz to answer 200; 0 means all")
-	def("reload-surge", intFlag{&c.opts.ReloadSurge, 1, 1 << 16, "a whole number of workers, 1 or more"},
-		"workers a reload (SIGHUP, shoal ctl reload) rolls at a time")
-	def("ready-timeout", durationFlag{&c.opts.ReadyTimeout, time.Millisecond},
-		"how long a reload waits for a replacement to serve before it aborts, keeping the old workers")
-	def("migrate-req", choiceFlag{&c.migrateReq, []string{"auto", "on", "off"}},
-		"net.ipv4.tcp_migrate_req, so a stopping worker's queued connections move to the others: auto (set it when allowed, else warn), on (fail if it cannot be set), off (leave it)")
-	def("control", &stringFlag{&c.control},
-		`path of the control socket for 'shoal ctl'; "" turns it off`)
-	def("log-format", choiceFlag{&c.logFormat, []string{"auto", "json", "console"}},
-		"log format: json, console, or auto (console when stderr is a terminal)")
-	def("log-level", choiceFlag{&c.logLevel, []string{"debug", "info", "warn", "error"}},
-		"log level: debug, info, warn or error")
-
-	// The flag package prints its own complaint and the whole usage on
-	// any error; shoal prints one line instead, and the usage on -h only.
-	fs.SetOutput(io.Discard)
-	fs.Usage = func() {}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fmt.Fprint(stdout, usageHead)
-			fs.SetOutput(stdout)
-			fs.PrintDefaults()
-			return c, errHelp
-		}
-		return c, err
-	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	var envErr error
-	fs.VisitAll(func(f *flag.Flag) {
-		env := envNames[f.Name]
-		if set[f.Name] || envErr != nil {
-			return
-		}
-		// An empty variable counts as unset, but for a string flag,
-		// where empty is a value: SHOAL_METRICS_ADDR= turns metrics off.
-		_, isString := f.Value.(*stringFlag)
-		if v, ok := lookupEnv(env); ok && (v != "" || isString) {
-			if err := f.Value.Set(v); err != nil {
-				envErr = fmt.Errorf("%s=%q: %v", env, v, err)
-			}
-		}
-	})
-	if envErr != nil {
-		return c, envErr
-	}
-
-	rest := fs.Args()
-	if len(rest) == 1 && rest[0] == "version" {
-		c.version = true
-		return c, nil
-	}
-	c.opts.Command = rest
-	if envFile != "" {
-		fromFile, err := readEnvFile(envFile)
-		if err != nil {
-			return c, err
-		}
-		// The file first: --env wins over it.
-		c.opts.Env = append(fromFile, c.opts.Env...)
-	}
-	for _, kv := range c.opts.Env {
-		if k, _, _ := strings.Cut(kv, "="); k == "" || strings.ContainsAny(k, " \t\x00") {
-			return c, fmt.Errorf("--env %q: want KEY=VALUE or KEY", kv)
-		}
-	}
-	if c.host != "" {
-		c.opts.Env = append(c.opts.Env, "HOST="+c.host)
-	}
-	if userName != "" || groupName != "" {
-		cred, err := lookupCredential(userName, groupName)
-		if err != nil {
-			return c, err
-		}
-		c.opts.Credential = cred
-	}
-	if bindCap {
-		c.opts.AmbientCaps = []uintptr{unix.CAP_NET_BIND_SERVICE}
-	}
-	c.opts.Workers = workers
-	c.opts.MaxMessage = maxMsg
-	var err error
-	if c.opts.Restart, err = supervisor.ParseRestartPolicy(restart); err != nil {
-		return c, err
-	}
-	if c.opts.Ready, err = supervisor.ParseReadyMode(ready); err != nil {
-		return c, err
-	}
-	if len(rest) == 0 && c.opts.Port == 0 {
-		return c, errors.New("the built-in worker needs a port: give --port 1..65535")
-	}
-	return c, nil
-}
-
 // uint64Flag is a count.
 type uint64Flag struct{ v *uint64 }
 
@@ -403,15 +219,345 @@ func (f uint64Flag) Set(s string) error {
 	return nil
 }
 
+// textVar is a value that parses itself from text and prints itself back:
+// supervisor.RestartPolicy, supervisor.ReadyMode and the enumerations below.
+type textVar interface {
+	encoding.TextUnmarshaler
+	fmt.Stringer
+}
+
+// textFlag makes any textVar a flag, so that every enumeration is parsed
+// one way, by its own UnmarshalText, from the command line and from the
+// environment alike.
+type textFlag struct{ v textVar }
+
+func (f textFlag) String() string {
+	if f.v == nil {
+		return ""
+	}
+	return f.v.String()
+}
+
+func (f textFlag) Set(s string) error { return f.v.UnmarshalText([]byte(s)) }
+
+// parseWord returns the index of text among words, ignoring case and
+// surrounding space, or an error that lists them.
+func parseWord(what string, text []byte, words ...string) (int, error) {
+	s := strings.ToLower(strings.TrimSpace(string(text)))
+	if i := slices.Index(words, s); i >= 0 {
+		return i, nil
+	}
+	return 0, fmt.Errorf("%s %q: want %s or %s", what, text, strings.Join(words[:len(words)-1], ", "), words[len(words)-1])
+}
+
+// migrateMode is --migrate-req: whether shoal sets net.ipv4.tcp_migrate_req.
+type migrateMode int
+
+const (
+	migrateAuto migrateMode = iota // set it when allowed, else warn
+	migrateOn                      // fail when it cannot be set
+	migrateOff                     // leave it alone
+)
+
+var migrateWords = []string{"auto", "on", "off"}
+
+func (m migrateMode) String() string { return migrateWords[m] }
+
+// UnmarshalText parses auto, on or off, in any case.
+func (m *migrateMode) UnmarshalText(text []byte) error {
+	i, err := parseWord("migrate-req mode", text, migrateWords...)
+	if err == nil {
+		*m = migrateMode(i)
+	}
+	return err
+}
+
+// logFormat is --log-format.
+type logFormat int
+
+const (
+	logAuto    logFormat = iota // console when stderr is a terminal, else JSON
+	logJSON                     // JSON lines
+	logConsole                  // for people
+)
+
+var logFormatWords = []string{"auto", "json", "console"}
+
+func (f logFormat) String() string { return logFormatWords[f] }
+
+// UnmarshalText parses auto, json or console, in any case.
+func (f *logFormat) UnmarshalText(text []byte) error {
+	i, err := parseWord("log format", text, logFormatWords...)
+	if err == nil {
+		*f = logFormat(i)
+	}
+	return err
+}
+
+// logLevel is --log-level: the zerolog levels the command line offers.
+type logLevel zerolog.Level
+
+var logLevels = []zerolog.Level{zerolog.DebugLevel, zerolog.InfoLevel, zerolog.WarnLevel, zerolog.ErrorLevel}
+
+func (l logLevel) String() string { return zerolog.Level(l).String() }
+
+// UnmarshalText parses debug, info, warn or error, in any case.
+func (l *logLevel) UnmarshalText(text []byte) error {
+	i, err := parseWord("log level", text, "debug", "info", "warn", "error")
+	if err == nil {
+		*l = logLevel(logLevels[i])
+	}
+	return err
+}
+
+// parseConfig reads flags from args and, for flags not given there, from
+// the environment (SHOAL_ and the flag's name in upper case). It runs four
+// steps: defaults, flag definitions, the environment, and finish, which
+// reads the files the flags name and checks what only makes sense whole.
+func parseConfig(args []string, lookupEnv func(string) (string, bool), stdout, stderr io.Writer) (config, error) {
+	c := defaultConfig()
+	fs, envNames := c.flags()
+	// The flag package prints its own complaint and the whole usage on
+	// any error; shoal prints one line instead, and the usage on -h only.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, usageHead)
+			fs.SetOutput(stdout)
+			fs.PrintDefaults()
+			return c, errHelp
+		}
+		return c, err
+	}
+	if err := applyEnv(fs, envNames, lookupEnv); err != nil {
+		return c, err
+	}
+	rest := fs.Args()
+	if len(rest) == 1 && rest[0] == "version" {
+		c.version = true
+		return c, nil
+	}
+	c.opts.Command = rest
+	return c, c.finish()
+}
+
+// defaultConfig is the configuration with no flag and no environment. The
+// supervisor's defaults are its own, so a flag left out and an Options
+// field left zero mean one thing.
+func defaultConfig() config {
+	var c config
+	c.opts.Port = 8000
+	c.opts.StopTimeout = supervisor.DefaultStopTimeout
+	c.opts.ReadyTimeout = supervisor.DefaultReadyTimeout
+	c.opts.RestartWindow = supervisor.DefaultRestartWindow
+	c.opts.Backoff.Max = supervisor.DefaultBackoffMax
+	c.opts.MaxMessage = supervisor.DefaultMaxMessage
+	c.opts.QueueLen = supervisor.DefaultQueueLen
+	c.opts.ReloadSurge = 1
+	c.opts.Restart = supervisor.RestartAlways
+	c.opts.Ready = supervisor.ReadyListen
+	c.logFormat, c.logLevel = logAuto, logLevel(zerolog.InfoLevel)
+	c.metrics = ":9441"
+	c.migrateReq = migrateAuto
+	c.control = control.DefaultPath()
+	return c
+}
+
+// flags defines a flag for every field of c, and returns them with the
+// environment variable that stands for each.
+func (c *config) flags() (*flag.FlagSet, map[string]string) {
+	fs := flag.NewFlagSet("shoal", flag.ContinueOnError)
+	envNames := map[string]string{}
+	def := func(name string, v flag.Value, usage string) {
+		env := "SHOAL_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
+		envNames[name] = env
+		fs.Var(v, name, usage+" ($"+env+")")
+	}
+	def("workers", intFlag{&c.opts.Workers, 1, 1 << 16, "a whole number of workers, 1 or more"},
+		"number of workers (default: the CPUs this process may use, after affinity and cgroup quota)")
+	def("port", intFlag{&c.opts.Port, 0, 65535, "a port number 1..65535, or 0 for none"},
+		"port exported to workers as PORT and watched for their LISTEN sockets; 0 for none")
+	def("host", &stringFlag{&c.host},
+		"address exported to workers as HOST; the built-in worker listens there (default: all addresses)")
+	def("env", listFlag{&c.opts.Env},
+		"set a worker environment variable (KEY=VALUE) or pass the master's (KEY); repeatable; the environment variable takes one per line")
+	def("env-file", &stringFlag{&c.envFile},
+		"regular file of KEY=VALUE lines (# comments), at most 1 MiB, to set in the workers' environment")
+	def("inherit-env", boolFlag{&c.opts.InheritEnv},
+		"pass the master's whole environment to the workers; by default they get only PATH, HOME, USER, LANG, LC_*, TZ, TMPDIR, TERM, SHELL, LOGNAME, --env and --env-file")
+	def("user", &stringFlag{&c.userName},
+		"run the workers as this user (name or uid; a uid with no passwd entry gets gid the same number and HOME=/), with its group unless --group and its home as HOME unless set; supplementary groups are cleared; needs root")
+	def("group", &stringFlag{&c.groupName},
+		"run the workers with this group (name or gid)")
+	def("cap-net-bind-service", boolFlag{&c.bindCap},
+		"keep CAP_NET_BIND_SERVICE in the workers' ambient set, so a non-root worker may bind a port below 1024")
+	def("heartbeat-timeout", durationFlag{&c.opts.HeartbeatTimeout, 0},
+		`kill and replace a worker that sent {"cmd":"shoal:heartbeat"} and then none for this long (reason "hung"); 0 turns it off`)
+	def("max-requests", uint64Flag{&c.opts.MaxRequests},
+		"recycle a worker, the way a reload does, after it reported this many requests; 0 for no limit")
+	def("max-requests-jitter", uint64Flag{&c.opts.MaxRequestsJitter},
+		"add a random 0..J to each worker's --max-requests, so they do not recycle at once")
+	def("max-memory", sizeFlag{&c.opts.MaxMemory},
+		"recycle a worker whose resident memory exceeds this size (512MiB, 2GiB); 0 for no limit")
+	def("restart-delay-max", durationFlag{&c.opts.Backoff.Max, time.Millisecond},
+		"the crash-loop backoff's cap: restarts of a worker that keeps dying wait 100ms, doubling up to this")
+	def("restart", textFlag{&c.opts.Restart},
+		"restart policy: always, on-failure or never")
+	def("stop-timeout", durationFlag{&c.opts.StopTimeout, 0},
+		"time a worker has to exit after SIGTERM before SIGKILL")
+	def("max-restarts", intFlag{&c.opts.MaxRestarts, 0, 1 << 30, "a whole number, 0 (no limit) or more"},
+		"give up and exit 1 after this many restarts within --restart-window; 0 for no limit")
+	def("restart-window", durationFlag{&c.opts.RestartWindow, time.Second},
+		"window for --max-restarts")
+	def("ready", textFlag{&c.opts.Ready},
+		`how a worker counts as serving: "listen" (the kernel shows its LISTEN socket on the port) or "message" (it sends {"cmd":"shoal:ready"})`)
+	def("ipc-max-message", intFlag{&c.opts.MaxMessage, 64, 1 << 30, "a size in bytes, 64 or more"},
+		"largest message a worker may send, in bytes; longer ones are skipped and counted")
+	def("metrics-addr", &stringFlag{&c.metrics},
+		`address of the master's /metrics, /healthz and /readyz; "" turns them off`)
+	def("min-ready", intFlag{&c.minReady, 0, 1 << 16, "a whole number, 0 (all workers) or more"},
+		"workers that must be listening for /readyz to answer 200; 0 means all")
+	def("reload-surge", intFlag{&c.opts.ReloadSurge, 1, 1 << 16, "a whole number of workers, 1 or more"},
+		"workers a reload (SIGHUP, shoal ctl reload) rolls at a time")
+	def("ready-timeout", durationFlag{&c.opts.ReadyTimeout, time.Millisecond},
+		"how long a reload waits for a replacement to serve before it aborts, keeping the old workers")
+	def("migrate-req", textFlag{&c.migrateReq},
+		"net.ipv4.tcp_migrate_req, so a stopping worker's queued connections move to the others: auto (set it when allowed, else warn), on (fail if it cannot be set), off (leave it)")
+	def("control", &stringFlag{&c.control},
+		`path of the control socket for 'shoal ctl'; "" turns it off`)
+	def("log-format", textFlag{&c.logFormat},
+		"log format: json, console, or auto (console when stderr is a terminal)")
+	def("log-level", textFlag{&c.logLevel},
+		"log level: debug, info, warn or error")
+	return fs, envNames
+}
+
+// applyEnv sets every flag that the command line did not from its
+// environment variable.
+func applyEnv(fs *flag.FlagSet, envNames map[string]string, lookupEnv func(string) (string, bool)) error {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] || err != nil {
+			return
+		}
+		env := envNames[f.Name]
+		// An empty variable counts as unset, but for a string flag,
+		// where empty is a value: SHOAL_METRICS_ADDR= turns metrics off.
+		_, isString := f.Value.(*stringFlag)
+		if v, ok := lookupEnv(env); ok && (v != "" || isString) {
+			if serr := f.Value.Set(v); serr != nil {
+				err = fmt.Errorf("%s=%q: %v", env, v, serr)
+			}
+		}
+	})
+	return err
+}
+
+// finish reads what the flags name (--env-file, --user, --group), and
+// checks what only makes sense with every flag known.
+func (c *config) finish() error {
+	if c.envFile != "" {
+		fromFile, err := readEnvFile(c.envFile)
+		if err != nil {
+			return err
+		}
+		// The file first: --env wins over it.
+		c.opts.Env = append(fromFile, c.opts.Env...)
+	}
+	for _, kv := range c.opts.Env {
+		k, _, _ := strings.Cut(kv, "=")
+		switch {
+		case k == "":
+			return errors.New("--env: an entry has an empty name: want KEY=VALUE or KEY")
+		case strings.ContainsAny(k, " \t\x00"):
+			return fmt.Errorf("--env %q: a name holds a space, tab or NUL: want KEY=VALUE or KEY", k)
+		case strings.ContainsRune(kv, 0):
+			return fmt.Errorf("--env %s: the value holds a NUL byte, which no environment can carry", k)
+		}
+	}
+	if c.host != "" {
+		c.opts.Env = append(c.opts.Env, "HOST="+c.host)
+	}
+	if c.userName != "" || c.groupName != "" {
+		cred, home, err := lookupCredential(c.userName, c.groupName)
+		if err != nil {
+			return err
+		}
+		c.opts.Credential = cred
+		// The master's HOME (/root) is not the workers' when they run as
+		// another user; what --env or --env-file say wins.
+		if c.userName != "" && !setsVar(c.opts.Env, "HOME") {
+			c.opts.Env = append([]string{"HOME=" + home}, c.opts.Env...)
+		}
+	}
+	if c.bindCap {
+		c.opts.AmbientCaps = []uintptr{unix.CAP_NET_BIND_SERVICE}
+	}
+	if len(c.opts.Command) == 0 && c.opts.Port == 0 {
+		return errors.New("the built-in worker needs a port: give --port 1..65535")
+	}
+	return checkExecSize(c.opts)
+}
+
+// setsVar reports whether env, as Options.Env, sets or passes name.
+func setsVar(env []string, name string) bool {
+	for _, kv := range env {
+		if k, _, _ := strings.Cut(kv, "="); k == name {
+			return true
+		}
+	}
+	return false
+}
+
+// maxEnvFile bounds --env-file: more is a mistake (a device, a log file),
+// and no environment that large could reach a worker anyway.
+const maxEnvFile = 1 << 20
+
 // readEnvFile reads KEY=VALUE lines: blank lines and # comments are
 // skipped, an "export " prefix and quotes around the value are removed.
+// Only a regular file of at most maxEnvFile bytes is read. It is checked
+// before the open, so that no device is opened (some act on open), and
+// after it, on what was opened; the open is non-blocking, so a FIFO put in
+// its place meanwhile cannot hang the master. An error names the line but
+// never shows it, since a line may hold a secret.
 func readEnvFile(path string) ([]string, error) {
-	data, err := os.ReadFile(path)
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return nil, fmt.Errorf("--env-file: stat %s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil, fmt.Errorf("--env-file %s: %s, not a regular file: give a file of KEY=VALUE lines", path, fileKind(st.Mode))
+	}
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_NONBLOCK|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, fmt.Errorf("--env-file: %w", err)
+		return nil, fmt.Errorf("--env-file: open %s: %w", path, err)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	defer f.Close()
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("--env-file: stat %s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil, fmt.Errorf("--env-file %s: %s, not a regular file: give a file of KEY=VALUE lines", path, fileKind(st.Mode))
+	}
+	if st.Size > maxEnvFile {
+		return nil, fmt.Errorf("--env-file %s: %d bytes, more than the limit of %d bytes (1 MiB)", path, st.Size, maxEnvFile)
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxEnvFile+1))
+	if err != nil {
+		return nil, fmt.Errorf("--env-file: read %s: %w", path, err)
+	}
+	if len(data) > maxEnvFile {
+		return nil, fmt.Errorf("--env-file %s: more than the limit of %d bytes (1 MiB)", path, maxEnvFile)
 	}
 	var env []string
 	for i, line := range strings.Split(string(data), "\n") {
+		if strings.IndexByte(line, 0) >= 0 {
+			return nil, fmt.Errorf("--env-file %s: line %d holds a NUL byte, which no environment can carry", path, i+1)
+		}
 		line = strings.TrimSpace(line)
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
@@ -420,7 +566,7 @@ func readEnvFile(path string) ([]string, error) {
 		k, v, ok := strings.Cut(line, "=")
 		k = strings.TrimSpace(k)
 		if !ok || k == "" || strings.ContainsAny(k, " \t") {
-			return nil, fmt.Errorf("--env-file %s:%d: want KEY=VALUE, got %q", path, i+1, line)
+			return nil, fmt.Errorf("--env-file %s: line %d: want KEY=VALUE, with no space in KEY (the line is not shown: it may hold a secret)", path, i+1)
 		}
 		v = strings.TrimSpace(v)
 		if len(v) >= 2 && (v[0] == '"' && v[len(v)-1] == '"' || v[0] == '\'' && v[len(v)-1] == '\'') {
@@ -431,33 +577,146 @@ func readEnvFile(path string) ([]string, error) {
 	return env, nil
 }
 
+// fileKind names a file type for an error message.
+func fileKind(mode uint32) string {
+	switch mode & unix.S_IFMT {
+	case unix.S_IFIFO:
+		return "a FIFO"
+	case unix.S_IFCHR:
+		return "a character device"
+	case unix.S_IFBLK:
+		return "a block device"
+	case unix.S_IFDIR:
+		return "a directory"
+	case unix.S_IFSOCK:
+		return "a socket"
+	}
+	return "a special file"
+}
+
+// Linux's limits on what execve takes (fs/exec.c): each argument or
+// environment string at most maxArgStrlen bytes with its NUL, and all of
+// them with their pointers at most a quarter of the stack limit, capped at
+// 6 MiB and at least 128 KiB.
+const (
+	maxArgStrlen  = 32 * 4096
+	minArgMax     = 32 * 4096
+	maxArgMax     = 6 << 20
+	contractBytes = 512 // SHOAL_WORKER_ID, SHOAL_MASTER_PID, PORT and the channel variables, with room to spare
+)
+
+// passedEnv names the master's variables that reach the workers without
+// --inherit-env. It must agree with the supervisor's own list.
+var passedEnv = []string{"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM"}
+
+// checkExecSize refuses, before anything starts, a worker environment or
+// command line that execve would refuse ("argument list too long"), which
+// would otherwise fail every start of every worker.
+func checkExecSize(o supervisor.Options) error {
+	argv := o.Command
+	if len(argv) == 0 {
+		argv = os.Args // the built-in worker: this program and its arguments
+	}
+	var env []string
+	for _, kv := range os.Environ() {
+		k, _, _ := strings.Cut(kv, "=")
+		if o.InheritEnv && !strings.HasPrefix(k, "SHOAL_") || slices.Contains(passedEnv, k) || strings.HasPrefix(k, "LC_") {
+			env = append(env, kv)
+		}
+	}
+	for _, kv := range o.Env {
+		if !strings.Contains(kv, "=") {
+			if v, ok := os.LookupEnv(kv); ok {
+				kv += "=" + v
+			}
+		}
+		env = append(env, kv)
+	}
+	total := contractBytes
+	for _, s := range argv {
+		if len(s)+1 > maxArgStrlen {
+			return fmt.Errorf("the command's argument %.20q... is %d bytes: exec allows at most %d per argument", s, len(s), maxArgStrlen-1)
+		}
+		total += len(s) + 1 + 8
+	}
+	for _, kv := range env {
+		if len(kv)+1 > maxArgStrlen {
+			k, _, _ := strings.Cut(kv, "=")
+			return fmt.Errorf("worker environment variable %s is %d bytes: exec allows at most %d per variable (name, = and value); "+
+				"pass large data in a file instead", k, len(kv), maxArgStrlen-1)
+		}
+		total += len(kv) + 1 + 8
+	}
+	if limit := argMax(); total > limit {
+		return fmt.Errorf("the workers' environment and command line come to about %d bytes, over the %d that exec allows here "+
+			"(a quarter of the stack limit, ulimit -s): set fewer or smaller variables (--env, --env-file, --inherit-env)", total, limit)
+	}
+	return nil
+}
+
+// argMax is the room execve gives to arguments and environment together,
+// from this process's stack limit, which the workers inherit.
+func argMax() int {
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_STACK, &rl); err != nil || rl.Cur == unix.RLIM_INFINITY || rl.Cur/4 > maxArgMax {
+		return maxArgMax
+	}
+	return max(int(rl.Cur/4), minArgMax)
+}
+
 // lookupCredential resolves --user and --group to the ids the workers run
-// with, with no supplementary groups.
-func lookupCredential(userName, groupName string) (*syscall.Credential, error) {
+// with, with no supplementary groups, and returns the user's home
+// directory. A number with no passwd or group entry is taken as an id; such
+// a user's group is the same number and its home "/".
+func lookupCredential(userName, groupName string) (*syscall.Credential, string, error) {
 	cred := &syscall.Credential{Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid()), Groups: []uint32{}}
+	home := "/"
 	if userName != "" {
 		u, err := user.Lookup(userName)
 		if err != nil {
-			if u, err = user.LookupId(userName); err != nil {
-				return nil, fmt.Errorf("--user %q: no such user", userName)
-			}
+			u, err = user.LookupId(userName)
 		}
-		uid, _ := strconv.ParseUint(u.Uid, 10, 32)
-		gid, _ := strconv.ParseUint(u.Gid, 10, 32)
-		cred.Uid, cred.Gid = uint32(uid), uint32(gid)
+		switch id, ok := parseID(userName); {
+		case err == nil:
+			uid, _ := strconv.ParseUint(u.Uid, 10, 32)
+			gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+			cred.Uid, cred.Gid = uint32(uid), uint32(gid)
+			if u.HomeDir != "" {
+				home = u.HomeDir
+			}
+		case ok:
+			cred.Uid, cred.Gid = id, id
+		default:
+			return nil, "", fmt.Errorf("--user %q: no such user (give a name from /etc/passwd or a numeric uid)", userName)
+		}
 	}
 	if groupName != "" {
 		g, err := user.LookupGroup(groupName)
 		if err != nil {
-			if g, err = user.LookupGroupId(groupName); err != nil {
-				return nil, fmt.Errorf("--group %q: no such group", groupName)
-			}
+			g, err = user.LookupGroupId(groupName)
 		}
-		gid, _ := strconv.ParseUint(g.Gid, 10, 32)
-		cred.Gid = uint32(gid)
+		switch id, ok := parseID(groupName); {
+		case err == nil:
+			gid, _ := strconv.ParseUint(g.Gid, 10, 32)
+			cred.Gid = uint32(gid)
+		case ok:
+			cred.Gid = id
+		default:
+			return nil, "", fmt.Errorf("--group %q: no such group (give a name from /etc/group or a numeric gid)", groupName)
+		}
 	}
 	if os.Geteuid() != 0 && (cred.Uid != uint32(os.Geteuid()) || cred.Gid != uint32(os.Getegid())) {
-		return nil, fmt.Errorf("--user/--group: changing the workers' user needs root (shoal runs as uid %d)", os.Geteuid())
+		return nil, "", fmt.Errorf("--user/--group: changing the workers' user needs root (shoal runs as uid %d)", os.Geteuid())
 	}
-	return cred, nil
+	return cred, home, nil
+}
+
+// parseID parses a numeric uid or gid. -1 (4294967295) is not one: to the
+// kernel it means "unchanged".
+func parseID(s string) (uint32, bool) {
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil || n == math.MaxUint32 {
+		return 0, false
+	}
+	return uint32(n), true
 }

@@ -11,21 +11,22 @@ import (
 
 // newLogger returns the master's logger: JSON lines, or a console format for
 // people (the default when w is a terminal).
-func newLogger(format, level string, w io.Writer) zerolog.Logger {
-	if format == "auto" {
-		format = "json"
+//
+// A duration goes into a log line as seconds, a float, under a name that
+// says so (took_seconds), never with zerolog's Dur, whose unit depends on
+// a global setting (milliseconds by default) and which the name would not
+// show.
+func newLogger(format logFormat, level logLevel, w io.Writer) zerolog.Logger {
+	if format == logAuto {
+		format = logJSON
 		if f, ok := w.(*os.File); ok && isTerminal(f) {
-			format = "console"
+			format = logConsole
 		}
 	}
-	if format == "console" {
+	if format == logConsole {
 		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.TimeOnly}
 	}
-	lvl, err := zerolog.ParseLevel(level)
-	if err != nil {
-		lvl = zerolog.InfoLevel
-	}
-	return zerolog.New(w).Level(lvl).With().Timestamp().Str("component", "shoal").Logger()
+	return zerolog.New(w).Level(zerolog.Level(level)).With().Timestamp().Str("component", "shoal").Logger()
 }
 
 func isTerminal(f *os.File) bool {

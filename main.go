@@ -12,10 +12,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -50,6 +52,12 @@ func main() {
 // run is the master's main: it parses args and supervises until a signal
 // or a give-up, and returns the exit code.
 func run(args []string, stdout, stderr io.Writer) int {
+	// Before anything opens a file: no descriptor the master inherited
+	// reaches a worker, and no process of the master's uid reads its
+	// memory or environment.
+	for _, err := range hardenProcess() {
+		fmt.Fprintf(stderr, "shoal: warning: %v\n", err)
+	}
 	// Handle signals before anything is forked: a Go PID 1 that does not
 	// would die of SIGTERM with no drain.
 	sigs := make(chan os.Signal, 8)
@@ -109,6 +117,60 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return exitOK
 }
 
+// hardenProcess marks every descriptor above 2 close-on-exec, so that a
+// file the caller left open (a shell's "exec 7<secret") cannot reach the
+// workers: the master passes them only what it means to. It also makes the
+// master non-dumpable, so that its /proc files (environ, mem, fd, maps)
+// belong to root and a worker of the same uid cannot read its secrets or
+// ptrace it. The master itself still reads its own /proc. It returns what
+// it could not do; shoal runs on with a warning.
+func hardenProcess() []error {
+	var errs []error
+	if err := cloexecFrom(3); err != nil {
+		errs = append(errs, fmt.Errorf("inherited file descriptors may reach the workers: %w", err))
+	}
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		errs = append(errs, fmt.Errorf("prctl(PR_SET_DUMPABLE, 0): %w: processes of shoal's uid may read its environment", err))
+	}
+	return errs
+}
+
+// cloexecFrom sets close-on-exec on every descriptor from first up. Go's
+// own descriptors have it already.
+func cloexecFrom(first int) error {
+	err := unix.CloseRange(uint(first), math.MaxUint32, unix.CLOSE_RANGE_CLOEXEC)
+	if err == nil {
+		return nil
+	}
+	// Before Linux 5.11.
+	if perr := cloexecByProc(first); perr != nil {
+		return fmt.Errorf("close_range: %v; %w", err, perr)
+	}
+	return nil
+}
+
+// cloexecByProc sets close-on-exec on every descriptor from first up that
+// /proc/self/fd lists. The directory's own descriptor has it already.
+func cloexecByProc(first int) error {
+	dir, err := os.Open("/proc/self/fd")
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	names, err := dir.Readdirnames(-1)
+	if err != nil {
+		return fmt.Errorf("read /proc/self/fd: %w", err)
+	}
+	for _, name := range names {
+		if fd, err := strconv.Atoi(name); err == nil && fd >= first {
+			if _, err := unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC); err != nil && err != unix.EBADF {
+				return fmt.Errorf("fcntl(%d, F_SETFD, FD_CLOEXEC): %w", fd, err)
+			}
+		}
+	}
+	return nil
+}
+
 // handleSignals turns signals to the master into supervisor calls until ctx
 // ends.
 func handleSignals(ctx context.Context, sigs <-chan os.Signal, sup *supervisor.Supervisor, stop func(), log *zerolog.Logger) {
@@ -144,11 +206,11 @@ func handleSignals(ctx context.Context, sigs <-chan os.Signal, sup *supervisor.S
 	}
 }
 
-// setupMigrateReq applies --migrate-req: with "auto" it turns
+// setupMigrateReq applies --migrate-req: with auto it turns
 // net.ipv4.tcp_migrate_req on when it may and otherwise warns once with the
-// fix; with "on" failing to turn it on is an error; "off" leaves it alone.
-func setupMigrateReq(mode string, log *zerolog.Logger) error {
-	if mode == "off" {
+// fix; with on failing to turn it on is an error; off leaves it alone.
+func setupMigrateReq(mode migrateMode, log *zerolog.Logger) error {
+	if mode == migrateOff {
 		return nil
 	}
 	on, err := reuseport.MigrateReq()
@@ -162,7 +224,7 @@ func setupMigrateReq(mode string, log *zerolog.Logger) error {
 		log.Info().Msg("set net.ipv4.tcp_migrate_req=1 in this network namespace: a stopping worker's queued connections move to the others")
 		return nil
 	}
-	if mode == "on" {
+	if mode == migrateOn {
 		return fmt.Errorf("--migrate-req on: %w", err)
 	}
 	log.Warn().Err(err).Msg("net.ipv4.tcp_migrate_req is not 1 and shoal cannot set it: when a worker stops (reload, scale down, restart), " +

@@ -255,7 +255,7 @@ func TestBadInputFailsBeforeForking(t *testing.T) {
 		{"negative workers", nil, []string{"--workers", "-3"}, "want a whole number of workers, 1 or more"},
 		{"word workers", nil, []string{"--workers", "abc"}, "want a whole number of workers, 1 or more"},
 		{"bad env", []string{"SHOAL_WORKERS=abc"}, nil, `SHOAL_WORKERS="abc"`},
-		{"bad restart", nil, []string{"--restart", "sometimes"}, "want one of always, on-failure, never"},
+		{"bad restart", nil, []string{"--restart", "sometimes"}, "want always, on-failure or never"},
 		{"bad port", nil, []string{"--port", "70000"}, "want a port number"},
 		{"missing command", nil, []string{"--", "no-such-command-xyz"}, `command "no-such-command-xyz" not found in PATH`},
 		{"command not executable", nil, []string{"--", notExecutable(t)}, "permission denied"},
