@@ -807,6 +807,9 @@ func TestMain(m *testing.M) {
 	if path := os.Getenv("SHOAL_CONTROL_TEST_DIAL"); path != "" {
 		os.Exit(helperDial(path))
 	}
+	if path := os.Getenv("SHOAL_CONTROL_TEST_LISTEN"); path != "" {
+		os.Exit(helperListen(path))
+	}
 	os.Exit(m.Run())
 }
 
