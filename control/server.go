@@ -31,8 +31,11 @@ const (
 // /run/shoal/shoal.sock for root; $XDG_RUNTIME_DIR/shoal.sock for other
 // users when XDG_RUNTIME_DIR is set to an absolute path; otherwise
 // shoal-UID/shoal.sock in [os.TempDir]. The master and `shoal ctl` agree on
-// it only when they run as the same user: root controlling another user's
-// master passes the path.
+// it only when they run as the same user, and [Dial] talks only to a master
+// of the caller's or root's: to control another user's master, run `shoal
+// ctl` as that user. The shoal-UID directory in a shared temporary directory
+// is predictable: if another user made it first, Listen and Dial refuse it,
+// naming its owner.
 func DefaultPath() string {
 	uid := os.Getuid()
 	if uid == 0 {
