@@ -9,31 +9,13 @@ import (
 	"io"
 	"os"
 	"strconv"
-	"text/tabwriter"
-	"time"
+	"strings"
 
 	"github.com/rs/zerolog"
 
 	"github.com/shoal-sh/shoal/control"
 	"github.com/shoal-sh/shoal/supervisor"
 )
-
-// statusResult is the result of the control command "status".
-type statusResult struct {
-	Desired   int            `json:"desired"`
-	Reloading bool           `json:"reloading"`
-	Stopping  bool           `json:"stopping"`
-	Workers   []workerStatus `json:"workers"`
-}
-
-type workerStatus struct {
-	Slot     int     `json:"slot"`
-	PID      int     `json:"pid"`
-	State    string  `json:"state"`
-	Uptime   float64 `json:"uptime_seconds"`
-	Restarts int     `json:"restarts"`
-	Requests uint64  `json:"requests"`
-}
 
 // serveControl serves the control socket at path until ctx ends. It fails
 // at once, before any worker starts, when the path is taken by a live
@@ -68,12 +50,10 @@ func handleControl(ctx context.Context, req control.Request, sup *supervisor.Sup
 		if err != nil {
 			return fail(err)
 		}
-		res := statusResult{Desired: snap.Desired, Reloading: snap.Reloading, Stopping: snap.Stopping, Workers: []workerStatus{}}
-		for _, w := range snap.Workers {
-			res.Workers = append(res.Workers, workerStatus{Slot: w.ID, PID: w.PID, State: w.State.String(),
-				Uptime: w.Uptime.Seconds(), Restarts: max(0, w.Starts-1), Requests: w.Requests})
+		b, err := json.Marshal(statusOf(snap))
+		if err != nil {
+			return fail(fmt.Errorf("status: %w", err))
 		}
-		b, _ := json.Marshal(res)
 		return control.Response{OK: true, Result: b}
 	case "reload":
 		if err := sup.Reload(ctx); err != nil {
@@ -99,18 +79,86 @@ func handleControl(ctx context.Context, req control.Request, sup *supervisor.Sup
 	return control.Response{OK: true}
 }
 
-const ctlUsage = `Usage: shoal ctl [--control PATH] [--json] COMMAND
+// statusOf is the answer to status: restarts and reloads come from the
+// supervisor's own counts, so a reload does not look like a restart.
+func statusOf(snap supervisor.Snapshot) control.Status {
+	st := control.Status{Desired: snap.Desired, Reloading: snap.Reloading, Stopping: snap.Stopping, Workers: []control.WorkerStatus{}}
+	for _, w := range snap.Workers {
+		st.Workers = append(st.Workers, control.WorkerStatus{Slot: w.ID, PID: w.PID, State: w.State.String(),
+			Uptime: w.Uptime.Seconds(), Restarts: w.Restarts, Reloads: w.Reloads, Requests: w.Requests})
+	}
+	return st
+}
 
-Commands:
-  status             a table of the workers: slot, pid, state, uptime, restarts, requests
-  reload             roll every worker over with no downtime; exits 1 if the reload aborted
-  scale N            run N workers
-  send SLOT JSON     send a message to one worker through the message bus
-  broadcast JSON     send a message to every worker
-  stop               stop shoal gracefully
+// A ctlCommand is one command of 'shoal ctl'.
+type ctlCommand struct {
+	name, args, what string
+	nargs            int
+}
 
-Flags:
-`
+var ctlCommands = []ctlCommand{
+	{"status", "", "a table of the workers: slot, pid, state, uptime, restarts, reloads, requests", 0},
+	{"reload", "", "roll every worker over with no downtime; exits 1 if the reload aborted", 0},
+	{"scale", "N", "run N workers", 1},
+	{"send", "SLOT JSON", "send a message to one worker through the message bus", 2},
+	{"broadcast", "JSON", "send a message to every worker", 1},
+	{"stop", "", "stop shoal gracefully", 0},
+}
+
+const ctlFlagsUsage = "[--control PATH] [--json] [--timeout D]"
+
+// usage is the usage line of one command.
+func (c ctlCommand) usage() string {
+	line := "shoal ctl " + ctlFlagsUsage + " " + c.name
+	if c.args != "" {
+		line += " " + c.args
+	}
+	return fmt.Sprintf("Usage: %s\n  %s\nFlags may come before or after the command; put -- before a message that starts with '-'.\nRun 'shoal ctl -h' for every command and flag.\n", line, c.what)
+}
+
+// ctlUsage is the whole usage of 'shoal ctl'.
+func ctlUsage() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Usage: shoal ctl %s COMMAND\n\nCommands:\n", ctlFlagsUsage)
+	for _, c := range ctlCommands {
+		fmt.Fprintf(&b, "  %-18s %s\n", strings.TrimSpace(c.name+" "+c.args), c.what)
+	}
+	b.WriteString("\nFlags, before or after the command:\n")
+	return b.String()
+}
+
+// parseCtlArgs parses the flags in args, before and after the command,
+// and returns the command and its arguments. After "--" every argument is
+// the command's, and a negative number is an argument, not a flag.
+func parseCtlArgs(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			return pos, nil
+		}
+		// flag stops at the first argument that is not a flag, and after
+		// "--", which it removes.
+		if n := len(args) - len(rest); n > 0 && args[n-1] == "--" {
+			return append(pos, rest...), nil
+		}
+		pos = append(pos, rest[0])
+		args = rest[1:]
+		for len(args) > 0 && isNegativeNumber(args[0]) {
+			pos = append(pos, args[0])
+			args = args[1:]
+		}
+	}
+}
+
+// isNegativeNumber reports whether a looks like -5 or -2.5: a message or a
+// count, not a flag.
+func isNegativeNumber(a string) bool {
+	return len(a) > 1 && a[0] == '-' && a[1] >= '0' && a[1] <= '9'
+}
 
 // runCtl is 'shoal ctl': one request to a running master's control socket.
 func runCtl(args []string, stdout, stderr io.Writer) int {
@@ -120,21 +168,27 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 	asJSON := fs.Bool("json", false, "print the master's JSON answer")
 	timeout := fs.Duration("timeout", 0, "give up after this long (0: wait as long as the command takes)")
 	usage := func() {
-		fmt.Fprint(stderr, ctlUsage)
+		fmt.Fprint(stderr, ctlUsage())
 		fs.SetOutput(stderr)
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
+	pos, err := parseCtlArgs(fs, args)
+	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			usage()
 			return exitOK
 		}
-		fmt.Fprintf(stderr, "shoal ctl: %v\n", err)
+		fmt.Fprintf(stderr, "shoal ctl: %v\nRun 'shoal ctl -h' for usage.\n", err)
 		return exitUsage
 	}
-	req, err := ctlRequest(fs.Args())
+	req, err := ctlRequest(pos)
 	if err != nil {
-		fmt.Fprintf(stderr, "shoal ctl: %v\nRun 'shoal ctl -h' for usage.\n", err)
+		fmt.Fprintf(stderr, "shoal ctl: %v\n", err)
+		if c, ok := findCtlCommand(pos); ok {
+			fmt.Fprint(stderr, c.usage())
+		} else {
+			fmt.Fprint(stderr, "Run 'shoal ctl -h' for usage.\n")
+		}
 		return exitUsage
 	}
 	ctx := context.Background()
@@ -145,13 +199,13 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 	}
 	c, err := control.Dial(*path)
 	if err != nil {
-		fmt.Fprintf(stderr, "shoal ctl: %v\n", err)
+		fmt.Fprintf(stderr, "shoal ctl: %s\n", control.Printable(err.Error()))
 		return exitFailure
 	}
 	defer c.Close()
 	resp, err := c.Do(ctx, req)
 	if err != nil {
-		fmt.Fprintf(stderr, "shoal ctl: %s: %v\n", req.Cmd, err)
+		fmt.Fprintf(stderr, "shoal ctl: %s: %s\n", req.Cmd, control.Printable(err.Error()))
 		return exitFailure
 	}
 	if *asJSON {
@@ -159,37 +213,52 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, string(b))
 	}
 	if !resp.OK {
-		fmt.Fprintf(stderr, "shoal ctl: %s: %s\n", req.Cmd, resp.Error)
+		fmt.Fprintf(stderr, "shoal ctl: %s: %s\n", req.Cmd, control.Printable(resp.Error))
 		return exitFailure
 	}
 	if *asJSON {
 		return exitOK
 	}
-	if req.Cmd == "status" {
-		var st statusResult
+	if req.Cmd == control.CmdStatus {
+		var st control.Status
 		if err := json.Unmarshal(resp.Result, &st); err != nil {
-			fmt.Fprintf(stderr, "shoal ctl: status: bad answer from the master: %v\n", err)
+			fmt.Fprintf(stderr, "shoal ctl: status: bad answer from the master at %s: %v\n", *path, err)
 			return exitFailure
 		}
-		printStatus(stdout, st)
+		st.WriteTable(stdout)
 		return exitOK
 	}
 	fmt.Fprintln(stdout, "ok")
 	return exitOK
 }
 
+// findCtlCommand returns the command that args name.
+func findCtlCommand(args []string) (ctlCommand, bool) {
+	if len(args) > 0 {
+		for _, c := range ctlCommands {
+			if c.name == args[0] {
+				return c, true
+			}
+		}
+	}
+	return ctlCommand{}, false
+}
+
 // ctlRequest builds the request that the command line asks for.
 func ctlRequest(args []string) (control.Request, error) {
 	if len(args) == 0 {
-		return control.Request{}, errors.New("no command")
+		return control.Request{}, errors.New("no command: want one of status, reload, scale, send, broadcast, stop")
 	}
-	want := map[string]int{"status": 0, "reload": 0, "stop": 0, "scale": 1, "send": 2, "broadcast": 1}
-	n, ok := want[args[0]]
+	c, ok := findCtlCommand(args)
 	if !ok {
-		return control.Request{}, fmt.Errorf("unknown command %q", args[0])
+		return control.Request{}, fmt.Errorf("unknown command %q: want one of status, reload, scale, send, broadcast, stop", args[0])
 	}
-	if len(args)-1 != n {
-		return control.Request{}, fmt.Errorf("%s takes %d argument(s), got %d", args[0], n, len(args)-1)
+	if got := len(args) - 1; got != c.nargs {
+		what := "no arguments"
+		if c.nargs > 0 {
+			what = fmt.Sprintf("%d argument(s), %s", c.nargs, c.args)
+		}
+		return control.Request{}, fmt.Errorf("%s takes %s, got %d: %q", c.name, what, got, args[1:])
 	}
 	req := control.Request{Cmd: args[0]}
 	msg := func(s string) (json.RawMessage, error) {
@@ -213,20 +282,6 @@ func ctlRequest(args []string) (control.Request, error) {
 		req.Msg, err = msg(args[1])
 	}
 	return req, err
-}
-
-func printStatus(w io.Writer, st statusResult) {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SLOT\tPID\tSTATE\tUPTIME\tRESTARTS\tREQUESTS")
-	for _, wk := range st.Workers {
-		pid, up := "-", "-"
-		if wk.PID != 0 {
-			pid = strconv.Itoa(wk.PID)
-			up = time.Duration(wk.Uptime * float64(time.Second)).Round(time.Second).String()
-		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%d\n", wk.Slot, pid, wk.State, up, wk.Restarts, wk.Requests)
-	}
-	tw.Flush()
 }
 
 func envOr(name, def string) string {

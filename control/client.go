@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"net"
 	"os"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -31,24 +32,91 @@ type Client struct {
 	broken error         // the error that left the connection out of step; under turn
 }
 
-// Dial connects to the control socket at path. Its errors say what is
-// wrong and what to do: no socket there, a stale socket whose master is
-// gone, or no permission, and they wrap the errno.
+// Dial connects to the control socket at path. Before it connects, it
+// checks that no one but the caller and root could have put the socket
+// there: every directory and symlink on the way must belong to the caller
+// or root, the socket's own directory must be writable by no one else, and
+// the socket must belong to the caller or root; each is looked at without
+// following a symlink that has not been checked. Once connected, it checks
+// with SO_PEERCRED that the process that listens is the caller's or root's,
+// so a request never reaches another user's process. Its errors say what
+// is wrong and what to do: no socket there, a stale socket whose master is
+// gone, no permission, or a socket that belongs to someone else, naming the
+// file and its owner; they wrap the errno, if any.
 func Dial(path string) (*Client, error) {
-	addr, done, err := sockAddr(path)
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("control: dial unix %s: %w", path, err)
+	}
+	uid := os.Getuid()
+	w, err := walkPath(abs, uid, false)
+	if err != nil {
+		return nil, dialError(path, err)
+	}
+	defer unix.Close(w.dirfd)
+	var st unix.Stat_t
+	if err := unix.Fstatat(w.dirfd, w.base, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return nil, dialError(path, &fs.PathError{Op: "lstat", Path: w.path(), Err: err})
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return nil, fmt.Errorf("control: dial unix %s: not a socket (mode %v): %w", path, fileMode(st.Mode), unix.ECONNREFUSED)
+	}
+	if !trusted(st.Uid, uid) {
+		return nil, dialError(path, &ownerError{w.path(), "socket", int(st.Uid), uid})
+	}
+	addr, err := w.addr(w.base)
 	if err != nil {
 		return nil, fmt.Errorf("control: dial unix %s: %w", path, err)
 	}
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: addr, Net: "unix"})
-	done()
 	if err != nil {
 		return nil, dialError(path, err)
+	}
+	cred, err := peerCred(c)
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("control: dial unix %s: %w", path, err)
+	}
+	if !trusted(cred.Uid, uid) {
+		c.Close()
+		return nil, fmt.Errorf("control: dial unix %s: %w", path, &peerError{int(cred.Pid), int(cred.Uid), uid})
 	}
 	return &Client{path: path, conn: c, br: bufio.NewReader(c), turn: make(chan struct{}, 1)}, nil
 }
 
+// fileMode converts a stat mode to an fs.FileMode, for error messages.
+func fileMode(m uint32) fs.FileMode {
+	mode := fs.FileMode(m & 0o777)
+	switch m & unix.S_IFMT {
+	case unix.S_IFDIR:
+		mode |= fs.ModeDir
+	case unix.S_IFLNK:
+		mode |= fs.ModeSymlink
+	case unix.S_IFSOCK:
+		mode |= fs.ModeSocket
+	case unix.S_IFIFO:
+		mode |= fs.ModeNamedPipe
+	case unix.S_IFCHR:
+		mode |= fs.ModeDevice | fs.ModeCharDevice
+	case unix.S_IFBLK:
+		mode |= fs.ModeDevice
+	}
+	if m&unix.S_ISVTX != 0 {
+		mode |= fs.ModeSticky
+	}
+	return mode
+}
+
 // dialError explains the error err of connecting to path.
 func dialError(path string, err error) error {
+	var oe *ownerError
+	var we *writableError
+	switch {
+	case errors.As(err, &oe):
+		return fmt.Errorf("control: dial unix %s: refusing it: %w; pass --control with the path of your own master's socket, or run shoal ctl as the master's user", path, oe)
+	case errors.As(err, &we):
+		return fmt.Errorf("control: dial unix %s: refusing it: %w; a shoal master never makes its socket there: pass --control with a path in a directory only its user can write to", path, we)
+	}
 	var errno syscall.Errno
 	if !errors.As(err, &errno) {
 		return fmt.Errorf("control: dial unix %s: %w", path, err)
@@ -57,16 +125,13 @@ func dialError(path string, err error) error {
 	case unix.ENOENT, unix.ENOTDIR:
 		return fmt.Errorf("control: no shoal master at %s: the socket does not exist (is shoal running? pass --control or set SHOAL_CONTROL if it uses another path): %w", path, errno)
 	case unix.ECONNREFUSED:
-		if fi, err := os.Lstat(path); err == nil && fi.Mode().Type() != fs.ModeSocket {
-			return fmt.Errorf("control: dial unix %s: not a socket (mode %v): %w", path, fi.Mode(), errno)
-		}
 		return fmt.Errorf("control: no shoal master at %s: a stale socket: its master is gone: %w", path, errno)
 	case unix.EACCES, unix.EPERM:
 		return fmt.Errorf("control: dial unix %s: %w: run as the master's user or root", path, errno)
 	case unix.EAGAIN:
 		return fmt.Errorf("control: dial unix %s: the master takes no more connections now (its queue is full); try again: %w", path, errno)
 	}
-	return fmt.Errorf("control: dial unix %s: %w", path, errno)
+	return fmt.Errorf("control: dial unix %s: %w", path, err)
 }
 
 // Do sends req and returns the master's response. A response with OK

@@ -4,7 +4,8 @@
 //
 // The master calls [Listen] and [Server.Serve] with a [Handler] that carries
 // out the commands; `shoal ctl` calls [Dial] and [Client.Do]. [DefaultPath]
-// is where both look when no path is given.
+// is where both look when no path is given. The result of status is a
+// [Status], which [Status.WriteTable] prints as `shoal ctl status` does.
 //
 // # Protocol
 //
@@ -29,30 +30,50 @@
 // end; a "\r\n" line end is accepted.
 //
 // A response says whether the command succeeded, with a result for the
-// commands that have one (status) or an error message:
+// commands that have one (status, a [Status]) or an error message:
 //
 //	{"ok":true}
-//	{"ok":true,"result":{"workers":[...]}}
+//	{"ok":true,"result":{"desired":2,"reloading":false,"stopping":false,"workers":[{"slot":1,"pid":40112,"state":"listening","uptime_seconds":192.4,"restarts":0,"reloads":1,"requests":18234},...]}}
 //	{"ok":false,"error":"control: bad request: unknown cmd \"halt\": want one of status, reload, scale, send, broadcast, stop"}
 //
 // Every request line is answered, a bad one with "ok":false, and the
 // connection goes on. A line longer than MaxRequest is answered with an
 // error and the connection is closed. The master closes a connection that
 // sends nothing for 30 seconds, and it serves at most 16 connections at
-// once: a connection beyond that is answered
-// {"ok":false,"error":"busy: ..."} and closed.
+// once: when 16 are open, a new connection takes the place of the one that
+// has been idle (between requests) the longest, which is closed, so idle
+// connections cannot keep the owner out; only when all 16 are in the middle
+// of a request is a new one answered {"ok":false,"error":"busy: ..."} and
+// closed.
 //
 // # Access
 //
-// The socket is a file mode 0600, created under that mode, in a directory
-// that belongs to the master's user or root and that no one else may write
-// to unless it is sticky like /tmp (the directory is created mode 0700 if
-// missing). Each connection is
-// checked with SO_PEERCRED: a peer that is neither the master's user nor
-// root is answered
+// The master: every directory and symlink on the way to the socket must
+// belong to the master's user or root, and the socket's own directory must
+// be writable by no one else, not even if it is sticky like /tmp, where
+// anyone could take the socket's name first. Each is looked at with lstat
+// and opened with O_NOFOLLOW, relative to the one before; symlinks are
+// resolved by hand, each checked. Missing directories are created mode
+// 0700. The socket is a file mode 0600, created under that mode. Its lock,
+// held while a master checks and replaces the path, is a file mode 0600
+// beside it, so that no other user can hold it. Each connection is checked
+// with SO_PEERCRED: a peer that is neither the master's user nor root is
+// answered
 // {"ok":false,"error":"permission denied: uid N is not the master's uid M or root"}
 // and closed. Abstract Unix sockets, which have no permissions, are not
 // used.
+//
+// The client: [Dial] makes the same checks of the path (every directory
+// and symlink on the way, and the socket itself, the caller's or root's;
+// the socket's directory writable by no one else), connects through the
+// directory it checked, and then checks with SO_PEERCRED that the process
+// that listens is the caller's or root's. So a request, and the secrets a
+// broadcast may carry, never reach a socket another user made, at a path
+// they could predict, and an answer is never another user's. Root talks
+// only to root's masters: to control another user's master, run `shoal
+// ctl` as that user. A directory above the socket's that others may write
+// to without the sticky bit lets them rename what is in it: they can make
+// `shoal ctl` fail, not talk to them.
 package control
 
 import (

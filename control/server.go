@@ -13,7 +13,6 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -32,8 +31,11 @@ const (
 // /run/shoal/shoal.sock for root; $XDG_RUNTIME_DIR/shoal.sock for other
 // users when XDG_RUNTIME_DIR is set to an absolute path; otherwise
 // shoal-UID/shoal.sock in [os.TempDir]. The master and `shoal ctl` agree on
-// it only when they run as the same user: root controlling another user's
-// master passes the path.
+// it only when they run as the same user, and [Dial] talks only to a master
+// of the caller's or root's: to control another user's master, run `shoal
+// ctl` as that user. The shoal-UID directory in a shared temporary directory
+// is predictable: if another user made it first, Listen and Dial refuse it,
+// naming its owner.
 func DefaultPath() string {
 	uid := os.Getuid()
 	if uid == 0 {
@@ -55,9 +57,10 @@ type Handler func(ctx context.Context, req Request) Response
 
 // A Server is a listening control socket. Create one with [Listen].
 type Server struct {
-	path     string // absolute
+	path     string // absolute, as given
 	ln       *net.UnixListener
 	uid      int    // the master's uid
+	w        *walk  // the socket's directory, open until Close
 	dev, ino uint64 // the socket file's identity
 
 	// Limits, variables for the tests.
@@ -68,25 +71,36 @@ type Server struct {
 	closed  bool
 	serving bool
 	cancel  context.CancelFunc // ends Serve's context
-	conns   map[*net.UnixConn]struct{}
+	conns   map[*net.UnixConn]*connState
 
 	closeOnce sync.Once
 	closeErr  error
 }
 
+// connState is what the Server knows of one connection it serves; under
+// Server.mu.
+type connState struct {
+	busy      bool      // a request is being served
+	idleSince time.Time // when it last became idle
+	evicted   bool      // closed to make room for a new connection
+}
+
 // Listen creates the control socket at path and listens on it.
 //
-// The socket is bound under a temporary name in the same directory with
-// its mode already 0600, so that it is never more open, and then renamed
-// to path. The directory is created mode 0700 if missing; it must belong
-// to the master's user or root and be writable by no one else, unless it
-// is sticky like /tmp. A socket left at path by a master that is gone is
+// Every directory and symlink on the way to path must belong to the
+// master's user or root, and path's own directory must be writable by no
+// one else, not even if it is sticky like /tmp; each is looked at with
+// lstat, opened with O_NOFOLLOW, and missing directories are created mode
+// 0700. The socket is bound under a temporary name in the same directory
+// with its mode already 0600, so that it is never more open, and then
+// renamed to path. A socket left at path by a master that is gone is
 // replaced. A live one is never taken over: Listen fails, naming the pid
-// that listens there; Listen holds a flock on the directory while it
-// checks and renames, so two masters starting at once cannot both take
-// the path. A file at path that is not a socket is left alone and Listen
-// fails. Paths longer than a Unix socket address holds work,
-// through /proc/self/fd.
+// that listens there. Listen holds a lock while it checks and renames, so
+// two masters starting at once cannot both take the path: a flock on a
+// file mode 0600 next to the socket, .NAME.lock, that only the master's
+// user and root can open, and that is removed when released. A file at
+// path that is not a socket is left alone and Listen fails. Paths longer
+// than a Unix socket address holds work, through /proc/self/fd.
 func Listen(path string) (*Server, error) {
 	if path == "" {
 		return nil, errors.New("control: listen unix: empty path")
@@ -104,114 +118,114 @@ func Listen(path string) (*Server, error) {
 
 func listen(path string) (*Server, error) {
 	uid := os.Getuid()
-	dir := filepath.Dir(path)
-	if err := makeDir(dir); err != nil {
+	w, err := walkPath(path, uid, true)
+	if err != nil {
+		var oe *ownerError
+		var we *writableError
+		if errors.As(err, &oe) || errors.As(err, &we) {
+			return nil, fmt.Errorf("%w; pass --control with a path in a directory of your own that only you can write to", err)
+		}
 		return nil, err
 	}
-	if err := checkDir(dir, uid); err != nil {
-		return nil, err
-	}
-	unlock, err := lockDir(dir)
+	ok := false
+	defer func() {
+		if !ok {
+			unix.Close(w.dirfd)
+		}
+	}()
+	unlock, err := w.lock(uid)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	if err := checkInTheWay(path); err != nil {
+	if err := w.checkInTheWay(); err != nil {
 		return nil, err
 	}
-	ln, st, err := bindRename(path)
+	ln, st, err := w.bindRename()
 	if err != nil {
 		return nil, err
 	}
+	ok = true
 	return &Server{
 		path:     path,
 		ln:       ln,
 		uid:      uid,
+		w:        w,
 		dev:      st.Dev,
 		ino:      st.Ino,
 		idle:     idleTimeout,
 		maxConns: maxConns,
-		conns:    make(map[*net.UnixConn]struct{}),
+		conns:    make(map[*net.UnixConn]*connState),
 	}, nil
 }
 
-// makeDir creates dir mode 0700 if it does not exist.
-func makeDir(dir string) error {
-	if _, err := os.Stat(dir); !errors.Is(err, fs.ErrNotExist) {
-		return nil // checkDir reports other errors
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	return os.Chmod(dir, 0o700) // whatever the umask
-}
-
-// checkDir makes sure that no one but uid and root can put a file of their
-// own at a name in dir.
-func checkDir(dir string, uid int) error {
-	fi, err := os.Stat(dir)
-	if err != nil {
-		return err
-	}
-	if !fi.IsDir() {
-		return fmt.Errorf("%s is not a directory", dir)
-	}
-	st := fi.Sys().(*syscall.Stat_t)
-	if int(st.Uid) != uid && st.Uid != 0 {
-		return fmt.Errorf("directory %s belongs to uid %d, not to this user (uid %d) or root: pass --control with a path in a directory of your own", dir, st.Uid, uid)
-	}
-	if fi.Mode().Perm()&0o022 != 0 && fi.Mode()&fs.ModeSticky == 0 {
-		return fmt.Errorf("directory %s is writable by others (mode %v), so anyone could replace the socket: pass --control with a path in a directory only you can write to", dir, fi.Mode())
-	}
-	return nil
-}
-
-// lockDir takes an exclusive flock on dir, so that two masters never
-// decide at once that a path is free, and a closing master never removes
-// the socket of a master that has just replaced it. The lock is held only
-// that long.
-func lockDir(dir string) (unlock func(), err error) {
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, &fs.PathError{Op: "open", Path: dir, Err: err}
-	}
+// lock takes an exclusive flock on the lock file of the socket, so that
+// two masters never decide at once that a path is free, and a closing
+// master never removes the socket of a master that has just replaced it.
+// The lock file is mode 0600, so that only uid and root can open it and
+// hold the lock (a flock on the directory could be taken by anyone who may
+// read it); unlock removes it.
+func (w *walk) lock(uid int) (unlock func(), err error) {
+	name := "." + w.base + ".lock"
+	path := filepath.Join(w.dir, name)
 	deadline := time.Now().Add(lockTimeout)
 	for {
-		err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { unix.Close(fd) }, nil // closing releases the lock
+		fd, err := unix.Openat(w.dirfd, name, unix.O_RDWR|unix.O_CREAT|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+		if err != nil {
+			return nil, &fs.PathError{Op: "open", Path: path, Err: err}
 		}
-		if err != unix.EWOULDBLOCK && err != unix.EINTR {
+		var st, now unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
 			unix.Close(fd)
-			return nil, &fs.PathError{Op: "flock", Path: dir, Err: err}
+			return nil, &fs.PathError{Op: "fstat", Path: path, Err: err}
+		}
+		if !trusted(st.Uid, uid) {
+			unix.Close(fd)
+			return nil, &ownerError{path, "lock file", int(st.Uid), uid}
+		}
+		err = unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			// The holder before may have removed the file: the lock counts
+			// only if it is on the file now at the name.
+			if unix.Fstatat(w.dirfd, name, &now, unix.AT_SYMLINK_NOFOLLOW) == nil && now.Dev == st.Dev && now.Ino == st.Ino {
+				return func() {
+					unix.Unlinkat(w.dirfd, name, 0)
+					unix.Close(fd) // closing releases the lock
+				}, nil
+			}
+			unix.Close(fd)
+			continue
+		}
+		unix.Close(fd)
+		if err != unix.EWOULDBLOCK && err != unix.EINTR {
+			return nil, &fs.PathError{Op: "flock", Path: path, Err: err}
 		}
 		if time.Now().After(deadline) {
-			unix.Close(fd)
-			return nil, fmt.Errorf("directory %s stayed locked by another process for %v", dir, lockTimeout)
+			return nil, fmt.Errorf("lock file %s stayed locked by another process of this user or root for %v", path, lockTimeout)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
 }
 
-// checkInTheWay returns nil if path is free or holds a stale socket, which
-// bindRename then replaces.
-func checkInTheWay(path string) error {
-	fi, err := os.Lstat(path)
-	if errors.Is(err, fs.ErrNotExist) {
+// checkInTheWay returns nil if the socket's name is free or holds a stale
+// socket, which bindRename then replaces.
+func (w *walk) checkInTheWay() error {
+	var st unix.Stat_t
+	err := unix.Fstatat(w.dirfd, w.base, &st, unix.AT_SYMLINK_NOFOLLOW)
+	if err == unix.ENOENT {
 		return nil
 	}
 	if err != nil {
-		return err
+		return &fs.PathError{Op: "lstat", Path: w.path(), Err: err}
 	}
-	if fi.Mode().Type() != fs.ModeSocket {
-		return fmt.Errorf("a file that is not a socket is there (mode %v); it is left alone: remove it yourself, or pass --control with another path", fi.Mode())
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return fmt.Errorf("a file that is not a socket is there (mode %v); it is left alone: remove it yourself, or pass --control with another path", fileMode(st.Mode))
 	}
-	addr, done, err := sockAddr(path)
+	addr, err := w.addr(w.base)
 	if err != nil {
 		return err
 	}
 	c, err := net.DialTimeout("unix", addr, time.Second)
-	done()
 	switch {
 	case err == nil:
 		who := "another shoal master is running there"
@@ -228,10 +242,10 @@ func checkInTheWay(path string) error {
 	return fmt.Errorf("cannot tell whether the socket there is in use: %w", err)
 }
 
-// bindRename creates a listening socket at path: it binds one mode 0600 at
-// a temporary name next to path and renames it into place. It returns the
-// listener and the socket file's stat.
-func bindRename(path string) (*net.UnixListener, *unix.Stat_t, error) {
+// bindRename creates a listening socket at the socket's name: it binds
+// one mode 0600 at a temporary name in the same directory and renames it
+// into place. It returns the listener and the socket file's stat.
+func (w *walk) bindRename() (*net.UnixListener, *unix.Stat_t, error) {
 	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, nil, os.NewSyscallError("socket", err)
@@ -244,36 +258,36 @@ func bindRename(path string) (*net.UnixListener, *unix.Stat_t, error) {
 	}
 	var tmp string
 	for range 5 {
-		tmp = filepath.Join(filepath.Dir(path), fmt.Sprintf(".shoal-%08x.sock", rand.Uint32()))
+		tmp = fmt.Sprintf(".shoal-%08x.sock", rand.Uint32())
 		var addr string
-		var done func()
-		addr, done, err = sockAddr(tmp)
+		addr, err = w.addr(tmp)
 		if err != nil {
 			unix.Close(fd)
 			return nil, nil, err
 		}
 		err = unix.Bind(fd, &unix.SockaddrUnix{Name: addr})
-		done()
 		if err != unix.EADDRINUSE {
 			break
 		}
 	}
 	if err != nil {
 		unix.Close(fd)
-		return nil, nil, &fs.PathError{Op: "bind", Path: tmp, Err: err}
+		return nil, nil, &fs.PathError{Op: "bind", Path: filepath.Join(w.dir, tmp), Err: err}
 	}
 	fail := func(err error) (*net.UnixListener, *unix.Stat_t, error) {
-		os.Remove(tmp)
+		unix.Unlinkat(w.dirfd, tmp, 0)
 		return nil, nil, err
 	}
 	var st unix.Stat_t
-	if err := os.Chmod(tmp, 0o600); err != nil { // exactly 0600, whatever the umask took
+	// Exactly 0600, whatever the umask took. The name is the socket's:
+	// no one else may write to the directory.
+	if err := unix.Fchmodat(w.dirfd, tmp, 0o600, 0); err != nil {
 		unix.Close(fd)
-		return fail(err)
+		return fail(&fs.PathError{Op: "chmod", Path: filepath.Join(w.dir, tmp), Err: err})
 	}
-	if err := unix.Lstat(tmp, &st); err != nil {
+	if err := unix.Fstatat(w.dirfd, tmp, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		unix.Close(fd)
-		return fail(&fs.PathError{Op: "lstat", Path: tmp, Err: err})
+		return fail(&fs.PathError{Op: "lstat", Path: filepath.Join(w.dir, tmp), Err: err})
 	}
 	if err := unix.Listen(fd, backlog); err != nil {
 		unix.Close(fd)
@@ -287,31 +301,11 @@ func bindRename(path string) (*net.UnixListener, *unix.Stat_t, error) {
 	}
 	ln := l.(*net.UnixListener)
 	ln.SetUnlinkOnClose(false) // Close removes the file, if it is still ours
-	if err := os.Rename(tmp, path); err != nil {
+	if err := unix.Renameat(w.dirfd, tmp, w.dirfd, w.base); err != nil {
 		ln.Close()
-		return fail(err)
+		return fail(&os.LinkError{Op: "rename", Old: filepath.Join(w.dir, tmp), New: w.path(), Err: err})
 	}
 	return ln, &st, nil
-}
-
-// sockAddr returns the address by which to bind or connect to the socket
-// at path. A path too long for a Unix socket address is reached through
-// the directory's file descriptor, which stays open until done is called.
-func sockAddr(path string) (addr string, done func(), err error) {
-	if len(path) < len(unix.RawSockaddrUnix{}.Path) {
-		return path, func() {}, nil
-	}
-	dir, base := filepath.Split(path)
-	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return "", nil, &fs.PathError{Op: "open", Path: dir, Err: err}
-	}
-	addr = fmt.Sprintf("/proc/self/fd/%d/%s", fd, base)
-	if len(addr) >= len(unix.RawSockaddrUnix{}.Path) {
-		unix.Close(fd)
-		return "", nil, fmt.Errorf("socket name %q is too long for a Unix socket address", base)
-	}
-	return addr, func() { unix.Close(fd) }, nil
 }
 
 // peerCred returns the credentials of c's peer: for a connection accepted
@@ -388,17 +382,28 @@ func (s *Server) Serve(ctx context.Context, h Handler) error {
 			break
 		}
 		delay = 0
-		switch s.track(c) {
-		case tracked:
+		// Check the peer first, so that only the master's user and root
+		// take a place among the connections served.
+		if cred, err := peerCred(c); err != nil {
+			s.reply(c, Response{Error: fmt.Sprintf("control: %v", err)})
+			c.Close()
+			continue
+		} else if int(cred.Uid) != s.uid && cred.Uid != 0 {
+			s.reply(c, Response{Error: fmt.Sprintf("permission denied: uid %d is not the master's uid %d or root", cred.Uid, s.uid)})
+			c.Close()
+			continue
+		}
+		switch st := s.track(c); st {
+		case nil:
+			c.Close()
+		case busyConn:
+			s.reply(c, Response{Error: fmt.Sprintf("busy: the master already serves %d control connections, each in the middle of a request; try again", s.maxConns)})
+			c.Close()
+		default:
 			wg.Go(func() {
 				defer s.untrack(c)
-				s.serveConn(ctx, c, h)
+				s.serveConn(ctx, c, st, h)
 			})
-		case busy:
-			s.reply(c, Response{Error: fmt.Sprintf("busy: the master already serves %d control connections; try again", s.maxConns)})
-			c.Close()
-		case closing:
-			c.Close()
 		}
 	}
 	s.Close() // a failed accept too: ctl then says that no master is there
@@ -422,25 +427,36 @@ func (s *Server) isClosed() bool {
 	return s.closed
 }
 
-const (
-	tracked = iota
-	busy
-	closing
-)
+// busyConn is what track returns when every connection is busy.
+var busyConn = new(connState)
 
-// track adds c to the connections being served, unless there are too many
-// or the server is closing.
-func (s *Server) track(c *net.UnixConn) int {
+// track adds c to the connections being served and returns its state. If
+// there are already maxConns, it makes room by closing the one that has
+// been idle the longest; if none is idle, it returns busyConn. It returns
+// nil if the server is closing.
+func (s *Server) track(c *net.UnixConn) *connState {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	switch {
-	case s.closed:
-		return closing
-	case len(s.conns) >= s.maxConns:
-		return busy
+	if s.closed {
+		return nil
 	}
-	s.conns[c] = struct{}{}
-	return tracked
+	if len(s.conns) >= s.maxConns {
+		var oldest *net.UnixConn
+		for oc, st := range s.conns {
+			if !st.busy && (oldest == nil || st.idleSince.Before(s.conns[oldest].idleSince)) {
+				oldest = oc
+			}
+		}
+		if oldest == nil {
+			return busyConn
+		}
+		s.conns[oldest].evicted = true
+		delete(s.conns, oldest)
+		oldest.Close() // its goroutine sees it closed and ends
+	}
+	st := &connState{idleSince: time.Now()}
+	s.conns[c] = st
+	return st
 }
 
 func (s *Server) untrack(c *net.UnixConn) {
@@ -449,18 +465,25 @@ func (s *Server) untrack(c *net.UnixConn) {
 	s.mu.Unlock()
 }
 
+// begin marks st busy with a request, unless it was evicted.
+func (s *Server) begin(st *connState) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st.busy = !st.evicted
+	return st.busy
+}
+
+// end marks st idle again.
+func (s *Server) end(st *connState) {
+	s.mu.Lock()
+	st.busy = false
+	st.idleSince = time.Now()
+	s.mu.Unlock()
+}
+
 // serveConn serves the requests on c, one after the other, and closes it.
-func (s *Server) serveConn(ctx context.Context, c *net.UnixConn, h Handler) {
+func (s *Server) serveConn(ctx context.Context, c *net.UnixConn, st *connState, h Handler) {
 	defer c.Close()
-	cred, err := peerCred(c)
-	if err != nil {
-		s.reply(c, Response{Error: fmt.Sprintf("control: %v", err)})
-		return
-	}
-	if int(cred.Uid) != s.uid && cred.Uid != 0 {
-		s.reply(c, Response{Error: fmt.Sprintf("permission denied: uid %d is not the master's uid %d or root", cred.Uid, s.uid)})
-		return
-	}
 	br := bufio.NewReader(c)
 	for ctx.Err() == nil {
 		c.SetReadDeadline(time.Now().Add(s.idle))
@@ -470,7 +493,10 @@ func (s *Server) serveConn(ctx context.Context, c *net.UnixConn, h Handler) {
 			return
 		}
 		if err != nil && (len(line) == 0 || !errors.Is(err, io.EOF)) {
-			return // end of file, idle, or closing; a last line without '\n' is served
+			return // end of file, idle, evicted or closing; a last line without '\n' is served
+		}
+		if !s.begin(st) {
+			return // evicted as it read: the request is not carried out
 		}
 		var resp Response
 		if ctx.Err() != nil {
@@ -480,7 +506,9 @@ func (s *Server) serveConn(ctx context.Context, c *net.UnixConn, h Handler) {
 		} else {
 			resp = h(ctx, req)
 		}
-		if !s.reply(c, resp) || err != nil {
+		ok := s.reply(c, resp)
+		s.end(st)
+		if !ok || err != nil {
 			return
 		}
 	}
@@ -559,18 +587,19 @@ func (s *Server) Close() error {
 }
 
 // removeSocket removes the socket file if it is still the one Listen
-// created.
+// created, and closes the socket's directory.
 func (s *Server) removeSocket() error {
-	unlock, err := lockDir(filepath.Dir(s.path))
+	defer unix.Close(s.w.dirfd)
+	unlock, err := s.w.lock(s.uid)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil
+		return nil // the directory is gone
 	}
 	if err != nil {
 		return err // a stale socket is left; the next Listen replaces it
 	}
 	defer unlock()
 	var st unix.Stat_t
-	if err := unix.Lstat(s.path, &st); err != nil {
+	if err := unix.Fstatat(s.w.dirfd, s.w.base, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		if err == unix.ENOENT {
 			return nil
 		}
@@ -579,8 +608,8 @@ func (s *Server) removeSocket() error {
 	if st.Dev != s.dev || st.Ino != s.ino {
 		return nil // not ours any more
 	}
-	if err := os.Remove(s.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return err
+	if err := unix.Unlinkat(s.w.dirfd, s.w.base, 0); err != nil && err != unix.ENOENT {
+		return &fs.PathError{Op: "remove", Path: s.path, Err: err}
 	}
 	return nil
 }

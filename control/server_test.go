@@ -464,11 +464,25 @@ func TestDirChecks(t *testing.T) {
 	if err := os.Chmod(sticky, 0o777|fs.ModeSticky); err != nil {
 		t.Fatal(err)
 	}
-	srv, err := Listen(filepath.Join(sticky, "shoal.sock"))
-	if err != nil {
+	// Sticky like /tmp: anyone may still create the socket's name, or a
+	// lock file, in it.
+	_, err = Listen(filepath.Join(sticky, "shoal.sock"))
+	if err == nil || !strings.Contains(err.Error(), "is writable by others (mode dtrwxrwxrwx)") || !errors.Is(err, ErrNotTrusted) {
 		t.Errorf("Listen in a sticky directory like /tmp: %v", err)
+	}
+	// A sticky directory above is fine.
+	srv, err := Listen(filepath.Join(sticky, "sub", "shoal.sock"))
+	if err != nil {
+		t.Errorf("Listen below a sticky directory like /tmp: %v", err)
 	} else {
 		srv.Close()
+	}
+	group := t.TempDir()
+	if err := os.Chmod(group, 0o770); err != nil {
+		t.Fatal(err)
+	}
+	if _, err = Listen(filepath.Join(group, "shoal.sock")); err == nil || !strings.Contains(err.Error(), "is writable by others (mode drwxrwx---)") {
+		t.Errorf("Listen in a group-writable directory: %v", err)
 	}
 	if os.Getuid() != 0 {
 		t.Skip("not root: cannot make a directory of another user's")
@@ -477,9 +491,29 @@ func TestDirChecks(t *testing.T) {
 	if err := os.Chown(theirs, 65534, 65534); err != nil {
 		t.Fatal(err)
 	}
-	_, err = Listen(filepath.Join(theirs, "shoal.sock"))
-	if err == nil || !strings.Contains(err.Error(), "belongs to uid 65534, not to this user (uid 0) or root") {
-		t.Errorf("Listen in another user's directory: %v", err)
+	for _, path := range []string{filepath.Join(theirs, "shoal.sock"), filepath.Join(theirs, "sub", "shoal.sock")} {
+		_, err = Listen(path)
+		want := "directory " + theirs + " belongs to uid 65534 (nobody), not to you (uid 0) or root"
+		if err == nil || !strings.Contains(err.Error(), want) || !errors.Is(err, ErrNotTrusted) {
+			t.Errorf("Listen(%s) in another user's directory: %v\nwant %s", path, err, want)
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(theirs, "sub")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Listen created a directory in another user's: %v", err)
+	}
+	// A symlink of another user's on the way is not followed, even to a
+	// directory of this user's.
+	mine := t.TempDir()
+	link := filepath.Join(open, "link")
+	if err := os.Symlink(mine, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(link, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	_, err = Listen(filepath.Join(link, "shoal.sock"))
+	if want := "symlink " + link + " belongs to uid 65534 (nobody)"; err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("Listen through another user's symlink: %v\nwant %s", err, want)
 	}
 }
 
@@ -684,35 +718,67 @@ func TestBusy(t *testing.T) {
 	path := sockPath(t)
 	srv := mustListen(t, path)
 	srv.maxConns = 2
-	serve(t, context.Background(), srv, echo)
-	a, b := dial(t, path), dial(t, path)
-	do(t, a, Request{Cmd: CmdStatus}) // both are being served
-	do(t, b, Request{Cmd: CmdStatus})
+	held, release := make(chan struct{}, 2), make(chan struct{})
+	defer close(release)
+	serve(t, context.Background(), srv, func(ctx context.Context, req Request) Response {
+		if req.Cmd == CmdReload {
+			held <- struct{}{}
+			select {
+			case <-release:
+			case <-ctx.Done():
+			}
+		}
+		return Response{OK: true}
+	})
+	// Two connections in the middle of a request: a third is answered busy.
+	for range 2 {
+		rc := dialRaw(t, path)
+		rc.write(`{"cmd":"reload"}` + "\n")
+		<-held
+	}
 	rc := dialRaw(t, path) // answered at once, before it writes
-	if resp := rc.response(); resp.OK || resp.Error != "busy: the master already serves 2 control connections; try again" {
+	if resp := rc.response(); resp.OK || resp.Error != "busy: the master already serves 2 control connections, each in the middle of a request; try again" {
 		t.Errorf("a third connection: %+v", resp)
 	}
 	rc.eof()
-	if resp := do(t, a, Request{Cmd: CmdStatus}); !resp.OK {
-		t.Errorf("a served connection after a busy answer: %+v", resp)
-	}
-	// Once one connection ends, another is served.
-	a.Close()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		c, err := Dial(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp := do(t, c, Request{Cmd: CmdStatus})
-		c.Close()
-		if resp.OK {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no connection served after one ended: %+v", resp)
-		}
+}
+
+// TestIdleEvicted checks that idle connections cannot lock the owner
+// out: when maxConns are open, a new one takes the place of the one idle
+// the longest.
+func TestIdleEvicted(t *testing.T) {
+	leakCheck(t)
+	path := sockPath(t)
+	srv := mustListen(t, path)
+	srv.maxConns = 3
+	serve(t, context.Background(), srv, echo)
+	var idle []*rawConn
+	for range 3 {
+		rc := dialRaw(t, path)
+		rc.write(`{"cmd":"status"}` + "\n")
+		rc.response() // served, and now idle
+		idle = append(idle, rc)
 		time.Sleep(5 * time.Millisecond)
+	}
+	idle[2].write(`{"cmd":"sta`) // half a request is idle too
+	time.Sleep(5 * time.Millisecond)
+	c := dial(t, path)
+	if resp := do(t, c, Request{Cmd: CmdStatus}); !resp.OK {
+		t.Fatalf("a fourth connection: %+v", resp)
+	}
+	idle[0].eof() // the oldest idle one made room
+	if resp := do(t, c, Request{Cmd: CmdScale, N: 2}); !resp.OK {
+		t.Errorf("the fourth connection again: %+v", resp)
+	}
+	// The next one takes the place of idle[1], not of c, which was
+	// busy more recently.
+	if resp := do(t, dial(t, path), Request{Cmd: CmdStatus}); !resp.OK {
+		t.Errorf("a fifth connection: %+v", resp)
+	}
+	idle[1].eof()
+	idle[2].write(`tus"}` + "\n")
+	if resp := idle[2].response(); !resp.OK {
+		t.Errorf("the connection with half a request: %+v", resp)
 	}
 }
 
@@ -740,6 +806,9 @@ func TestDefaultPath(t *testing.T) {
 func TestMain(m *testing.M) {
 	if path := os.Getenv("SHOAL_CONTROL_TEST_DIAL"); path != "" {
 		os.Exit(helperDial(path))
+	}
+	if path := os.Getenv("SHOAL_CONTROL_TEST_LISTEN"); path != "" {
+		os.Exit(helperListen(path))
 	}
 	os.Exit(m.Run())
 }

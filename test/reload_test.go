@@ -313,7 +313,7 @@ func TestCtl(t *testing.T) {
 	m.listening(15*time.Second, 2)
 
 	out, code := ctl(t, sock, "status")
-	if code != 0 || !regexp.MustCompile(`(?m)^SLOT\s+PID\s+STATE\s+UPTIME\s+RESTARTS\s+REQUESTS$`).MatchString(out) ||
+	if code != 0 || !regexp.MustCompile(`(?m)^SLOT\s+PID\s+STATE\s+UPTIME\s+RESTARTS\s+RELOADS\s+REQUESTS$`).MatchString(out) ||
 		!regexp.MustCompile(`(?m)^1\s+\d+\s+listening\s+`).MatchString(out) || !regexp.MustCompile(`(?m)^2\s+\d+\s+listening\s+`).MatchString(out) {
 		t.Errorf("ctl status = %d:\n%s", code, out)
 	}
