@@ -5,6 +5,7 @@ package test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -443,4 +444,53 @@ func waitMetric(t *testing.T, url string, timeout time.Duration, what string, f 
 // loopbackAddr returns a free 127.0.0.1 address.
 func loopbackAddr(t *testing.T) string {
 	return fmt.Sprintf("127.0.0.1:%d", freePort(t))
+}
+
+// noRaceSleep is added to the environment of the binary under test: built
+// with -race, it would sleep 1s at exit (GORACE atexit_sleep_ms), which
+// would count against the stop times measured here.
+const noRaceSleep = "GORACE=atexit_sleep_ms=0"
+
+// waitHTTPStatus polls url with c until it answers code. It gives up early
+// when exited, if not nil, is closed: the server is gone.
+func waitHTTPStatus(t *testing.T, c *http.Client, url string, code int, timeout time.Duration, exited <-chan struct{}) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	last := ""
+	for {
+		select {
+		case <-exited:
+			t.Fatalf("GET %s: the server exited before answering %d; last: %s", url, code, last)
+		default:
+		}
+		got, body, err := httpGetWith(c, url)
+		if err == nil && got == code {
+			return body
+		}
+		if err != nil {
+			last = err.Error()
+		} else {
+			last = fmt.Sprintf("%d %q", got, body)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("GET %s: want %d within %s, last: %s", url, code, timeout, last)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func httpGetWith(c *http.Client, url string) (int, string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	return resp.StatusCode, string(b), err
 }
