@@ -12,10 +12,12 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 func TestDialErrors(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	dir := t.TempDir()
 
 	missing := filepath.Join(dir, "missing.sock")
@@ -59,7 +61,7 @@ func block(ctx context.Context, req Request) Response {
 }
 
 func TestDoContext(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	start(t, path, block)
 
@@ -102,7 +104,7 @@ func TestDoContext(t *testing.T) {
 }
 
 func TestDoErrors(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	srv := start(t, path, block)
 	c := dial(t, path)
@@ -134,7 +136,7 @@ func TestDoErrors(t *testing.T) {
 }
 
 func TestDoConcurrent(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	start(t, path, func(ctx context.Context, req Request) Response {
 		if req.Cmd == CmdReload {

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // helperEnv makes the test binary run as a worker (helperMain) instead of
@@ -105,7 +107,7 @@ func waitExit(t *testing.T, cmd *exec.Cmd, d time.Duration) error {
 }
 
 func TestConnFromEnvWorker(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	rec := newRecorder()
 	cmd, ch, stderr := startHelper(t, rec)
 	defer ch.Close()
@@ -145,7 +147,7 @@ func TestConnFromEnvWorker(t *testing.T) {
 }
 
 func TestChannelWorkerDies(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	rec := newRecorder()
 	cmd, ch, _ := startHelper(t, rec)
 	defer ch.Close()
@@ -201,7 +203,7 @@ func TestOpenEnvErrors(t *testing.T) {
 }
 
 func TestConnClose(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	defer master.Close()
 	c := NewConn(worker)
@@ -241,7 +243,7 @@ func TestConnClose(t *testing.T) {
 }
 
 func TestConnMasterGone(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	c := NewConn(worker)
 	defer c.Close()
@@ -260,7 +262,7 @@ func TestConnMasterGone(t *testing.T) {
 }
 
 func TestConnMessagesFull(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	c := NewConn(worker)
 	defer c.Close()

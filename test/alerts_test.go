@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // TestAlertRules checks deploy/prometheus/alerts.yml with promtool, runs
@@ -36,7 +37,7 @@ func TestAlertRules(t *testing.T) {
 	}
 
 	// The names, against a live scrape.
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	addr := loopbackAddr(t)
 	startShoal(t, nil, "--workers", "1", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--metrics-addr", addr)
 	waitHTTPStatus(t, http.DefaultClient, "http://"+addr+"/readyz", 200, 15*time.Second, nil)

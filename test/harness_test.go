@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -20,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // shoalBin is the binary under test, built once by TestMain.
@@ -55,17 +56,6 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
-}
-
-// freePort returns a TCP port that is free on 127.0.0.1 now.
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // entry is one JSON log line of the master.
@@ -443,7 +433,7 @@ func waitMetric(t *testing.T, url string, timeout time.Duration, what string, f 
 
 // loopbackAddr returns a free 127.0.0.1 address.
 func loopbackAddr(t *testing.T) string {
-	return fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	return fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
 }
 
 // noRaceSleep is added to the environment of the binary under test: built

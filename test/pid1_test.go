@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // unshareSupport is what `unshare ... true` said about new PID namespaces,
@@ -360,7 +361,7 @@ func TestPID1ReapsOrphansAndStopsOnSIGTERM(t *testing.T) {
 // must install handlers for them, or the kernel drops them, and each must
 // do what it does elsewhere.
 func TestPID1Signals(t *testing.T) {
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	addr := loopbackAddr(t)
 	p := startPID1(t, nil, "--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1",
 		"--metrics-addr", addr, "--stop-timeout", "5s")
