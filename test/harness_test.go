@@ -359,16 +359,6 @@ func environ(t *testing.T, pid int) map[string]string {
 	return out
 }
 
-// scanLines calls f for each line of r until it returns true or r ends.
-func scanLines(r io.Reader, f func(string) bool) {
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		if f(sc.Text()) {
-			return
-		}
-	}
-}
-
 // scrape fetches a Prometheus text page and returns each sample's value by
 // its series, as written: `name{label="v",...}`.
 func scrape(t *testing.T, url string) map[string]float64 {
@@ -390,18 +380,30 @@ func tryScrape(url string) (map[string]float64, error) {
 	if resp.StatusCode != 200 {
 		return nil, fmt.Errorf("scrape %s: %s", url, resp.Status)
 	}
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	return parseSamples(string(b)), nil
+}
+
+// parseSamples reads a Prometheus text page into each sample's value by its
+// series, as written.
+func parseSamples(text string) map[string]float64 {
 	out := map[string]float64{}
-	scanLines(resp.Body, func(line string) bool {
+	sc := bufio.NewScanner(strings.NewReader(text))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
 		if line == "" || strings.HasPrefix(line, "#") {
-			return false
+			continue
 		}
 		i := strings.LastIndexByte(line, ' ')
 		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
 			out[line[:i]] = v
 		}
-		return false
-	})
-	return out, nil
+	}
+	return out
 }
 
 // sumOf adds the samples of one metric name.

@@ -4,7 +4,6 @@ package test
 // as written, as far as one machine allows.
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -756,23 +755,4 @@ func netnsClient(t *testing.T, pid int) *http.Client {
 		return r.c, r.err
 	}
 	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: dial, DisableKeepAlives: true}}
-}
-
-// parseSamples reads a Prometheus text page into each sample's value by its
-// series, as written.
-func parseSamples(text string) map[string]float64 {
-	out := map[string]float64{}
-	sc := bufio.NewScanner(strings.NewReader(text))
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			out[line[:i]] = v
-		}
-	}
-	return out
 }
