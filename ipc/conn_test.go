@@ -93,17 +93,11 @@ func startHelper(t *testing.T, rec *recorder) (*exec.Cmd, *Channel, *bytes.Buffe
 // waitExit waits a bounded time for cmd to exit, killing it if it does not.
 func waitExit(t *testing.T, cmd *exec.Cmd, d time.Duration) error {
 	t.Helper()
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	select {
-	case err := <-exited:
-		return err
-	case <-time.After(d):
-		cmd.Process.Kill()
-		<-exited
-		t.Fatalf("worker did not exit within %v", d)
-		return nil
+	err := testutil.Wait(cmd, d)
+	if errors.Is(err, testutil.ErrStillRunning) {
+		t.Fatalf("worker: %v", err)
 	}
+	return err
 }
 
 func TestConnFromEnvWorker(t *testing.T) {

@@ -1,11 +1,14 @@
 // Package testutil holds the helpers that the tests of several packages
-// share: free loopback ports, bounded waits for a value on a channel or for
-// a condition, and goroutine-leak checks. Every wait has a deadline, and
+// share: free loopback ports, bounded waits for a value on a channel, for a
+// condition or for a child process, and goroutine-leak checks. Every wait has a deadline, and
 // every failure says what was awaited.
 package testutil
 
 import (
+	"errors"
+	"fmt"
 	"net"
+	"os/exec"
 	"slices"
 	"testing"
 	"time"
@@ -91,4 +94,33 @@ func LeakCheck(tb testing.TB, opts ...goleak.Option) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	})
+}
+
+// ErrStillRunning is wrapped by the error of Wait when the process had not
+// exited within the timeout.
+var ErrStillRunning = errors.New("process still running")
+
+// Wait waits for cmd, which must have been started, to exit, and returns
+// the error of cmd.Wait. When cmd has not exited within timeout, Wait kills
+// it with SIGKILL, reaps it, waiting as long again at most, and returns an
+// error that wraps ErrStillRunning. It needs no testing.TB, so that a
+// helper process can use it for its own children.
+func Wait(cmd *exec.Cmd, timeout time.Duration) error {
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+	}
+	cmd.Process.Kill()
+	t.Reset(timeout)
+	select {
+	case err := <-done:
+		return fmt.Errorf("pid %d: %w %s later; killed: %v", cmd.Process.Pid, ErrStillRunning, timeout, err)
+	case <-t.C:
+		return fmt.Errorf("pid %d: %w %s later, and %s after SIGKILL", cmd.Process.Pid, ErrStillRunning, timeout, timeout)
+	}
 }

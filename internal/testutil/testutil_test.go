@@ -1,11 +1,14 @@
 package testutil
 
 import (
+	"errors"
 	"fmt"
 	"net"
+	"os/exec"
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -136,3 +139,35 @@ func TestLeakCheck(t *testing.T) {
 }
 
 func leaky(stop <-chan struct{}) { <-stop }
+
+func TestWait(t *testing.T) {
+	sh, err := exec.LookPath("sh")
+	if err != nil {
+		t.Skip("no sh")
+	}
+	cmd := exec.Command(sh, "-c", "exit 3")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var exit *exec.ExitError
+	if err := Wait(cmd, 10*time.Second); !errors.As(err, &exit) || exit.ExitCode() != 3 {
+		t.Errorf("Wait of a process that exits 3 = %v, want exit status 3", err)
+	}
+
+	cmd = exec.Command(sh, "-c", "exec sleep 60")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	begin := time.Now()
+	err = Wait(cmd, 100*time.Millisecond)
+	if !errors.Is(err, ErrStillRunning) {
+		t.Errorf("Wait of a process that outlives the timeout = %v, want ErrStillRunning", err)
+	}
+	if took := time.Since(begin); took > 5*time.Second {
+		t.Errorf("Wait returned after %s, want about 100ms", took)
+	}
+	if cmd.ProcessState == nil || cmd.ProcessState.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+		t.Errorf("process state after Wait: %v, want killed by SIGKILL and reaped", cmd.ProcessState)
+	}
+	t.Log(err)
+}
