@@ -18,10 +18,12 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 func TestDialErrors(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	dir := t.TempDir()
 
 	missing := filepath.Join(dir, "missing.sock")
@@ -65,7 +67,7 @@ func block(ctx context.Context, req Request) Response {
 }
 
 func TestDoContext(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	start(t, path, block)
 
@@ -108,7 +110,7 @@ func TestDoContext(t *testing.T) {
 }
 
 func TestDoErrors(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	srv := start(t, path, block)
 	c := dial(t, path)
@@ -140,7 +142,7 @@ func TestDoErrors(t *testing.T) {
 }
 
 func TestDoConcurrent(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	start(t, path, func(ctx context.Context, req Request) Response {
 		if req.Cmd == CmdReload {

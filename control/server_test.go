@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -21,31 +20,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-)
 
-// leakCheck fails t if, after its cleanups, the goroutines started during t
-// have not ended within a bounded wait. Call it first, so that its cleanup
-// runs last.
-func leakCheck(t *testing.T) {
-	t.Helper()
-	n := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			m := runtime.NumGoroutine()
-			if m <= n {
-				return
-			}
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				buf = buf[:runtime.Stack(buf, true)]
-				t.Errorf("%d goroutines, %d at the start:\n%s", m, n, buf)
-				return
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	})
-}
+	"github.com/shoal-sh/shoal/internal/testutil"
+)
 
 // echo answers every request with the request as its result.
 func echo(ctx context.Context, req Request) Response {
@@ -176,7 +153,7 @@ func (rc *rawConn) eof() {
 }
 
 func TestRoundTrip(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	srv := start(t, path, echo)
 	if srv.Path() != path {
@@ -217,7 +194,7 @@ func TestRoundTrip(t *testing.T) {
 }
 
 func TestPipelined(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	start(t, path, func(ctx context.Context, req Request) Response {
 		if req.Cmd == CmdScale {
@@ -245,7 +222,7 @@ func TestPipelined(t *testing.T) {
 }
 
 func TestSlowHandler(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	started, release := make(chan struct{}), make(chan struct{})
 	start(t, path, func(ctx context.Context, req Request) Response {
@@ -286,7 +263,7 @@ func TestSlowHandler(t *testing.T) {
 }
 
 func TestSocketMode(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	old := syscall.Umask(0) // the socket must be 0600 all the same
 	defer syscall.Umask(old)
 	base := t.TempDir()
@@ -330,7 +307,7 @@ func dirNames(t *testing.T, dir string) []string {
 }
 
 func TestLongPath(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	dir := t.TempDir()
 	for len(dir) < 150 {
 		dir = filepath.Join(dir, "a-rather-long-directory-name")
@@ -349,7 +326,7 @@ func TestLongPath(t *testing.T) {
 }
 
 func TestSecondListen(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	start(t, path, echo)
 	_, err := Listen(path)
@@ -363,7 +340,7 @@ func TestSecondListen(t *testing.T) {
 }
 
 func TestConcurrentListen(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	const n = 8
 	var wg sync.WaitGroup
@@ -403,7 +380,7 @@ func staleSocket(t *testing.T, path string) {
 }
 
 func TestStaleSocket(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	staleSocket(t, path)
 	start(t, path, echo)
@@ -416,7 +393,7 @@ func TestStaleSocket(t *testing.T) {
 }
 
 func TestNotASocket(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	dir := t.TempDir()
 	file := filepath.Join(dir, "file")
 	if err := os.WriteFile(file, []byte("precious"), 0o600); err != nil {
@@ -451,7 +428,7 @@ func TestNotASocket(t *testing.T) {
 }
 
 func TestDirChecks(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	open := t.TempDir()
 	if err := os.Chmod(open, 0o777); err != nil {
 		t.Fatal(err)
@@ -518,7 +495,7 @@ func TestDirChecks(t *testing.T) {
 }
 
 func TestCloseRemovesOnlyOurs(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	srv := mustListen(t, path)
 	// Another socket takes the path, as a master that found ours stale
@@ -542,7 +519,7 @@ func TestCloseRemovesOnlyOurs(t *testing.T) {
 }
 
 func TestServeContext(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	srv := mustListen(t, path)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -572,7 +549,7 @@ func TestServeContext(t *testing.T) {
 }
 
 func TestServeTwice(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	srv := start(t, sockPath(t), echo)
 	do(t, dial(t, srv.Path()), Request{Cmd: CmdStatus}) // Serve has begun once a request is answered
 	if err := srv.Serve(context.Background(), echo); err == nil || !strings.Contains(err.Error(), "already serving") {
@@ -584,7 +561,7 @@ func TestServeTwice(t *testing.T) {
 }
 
 func TestCloseDuringHandler(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	srv := mustListen(t, path)
 	started := make(chan struct{})
@@ -640,7 +617,7 @@ func TestCloseDuringHandler(t *testing.T) {
 }
 
 func TestIdleTimeout(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	srv := mustListen(t, path)
 	srv.idle = 100 * time.Millisecond
@@ -657,7 +634,7 @@ func TestIdleTimeout(t *testing.T) {
 }
 
 func TestTooLong(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	start(t, path, echo)
 
@@ -688,7 +665,7 @@ func TestTooLong(t *testing.T) {
 }
 
 func TestLastLineWithoutNewline(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	start(t, path, echo)
 	rc := dialRaw(t, path)
@@ -702,7 +679,7 @@ func TestLastLineWithoutNewline(t *testing.T) {
 }
 
 func TestBadResult(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	start(t, path, func(ctx context.Context, req Request) Response {
 		return Response{OK: true, Result: json.RawMessage(`{"workers":`)}
@@ -714,7 +691,7 @@ func TestBadResult(t *testing.T) {
 }
 
 func TestBusy(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	srv := mustListen(t, path)
 	srv.maxConns = 2
@@ -879,7 +856,7 @@ func TestPeerCred(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("not root: running a helper process as another user (nobody, uid 65534) needs root; run the tests as root to check the permission refusals")
 	}
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	// A directory that nobody may enter, with a copy of the test binary:
 	// go test's own directory may be closed to nobody.
 	base, err := os.MkdirTemp("", "shoal-control-test-")

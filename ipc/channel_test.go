@@ -5,38 +5,15 @@ import (
 	"errors"
 	"io"
 	"os"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
-)
 
-// leakCheck fails t if, after its cleanups, the goroutines started during t
-// have not ended within a bounded wait. Call it first, so that its cleanup
-// runs last.
-func leakCheck(t *testing.T) {
-	t.Helper()
-	n := runtime.NumGoroutine()
-	t.Cleanup(func() {
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			m := runtime.NumGoroutine()
-			if m <= n {
-				return
-			}
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<20)
-				buf = buf[:runtime.Stack(buf, true)]
-				t.Errorf("%d goroutines, %d at the start:\n%s", m, n, buf)
-				return
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	})
-}
+	"github.com/shoal-sh/shoal/internal/testutil"
+)
 
 // waitFor fails t unless ch is closed within d.
 func waitFor(t *testing.T, ch <-chan struct{}, d time.Duration, what string) {
@@ -119,7 +96,7 @@ func TestPairCloexec(t *testing.T) {
 }
 
 func TestChannelBothWays(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	rec := newRecorder()
 	ch := NewChannel(master, rec.options())
@@ -207,7 +184,7 @@ func TestChannelBothWays(t *testing.T) {
 }
 
 func TestChannelBadFrames(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	defer worker.Close()
 	rec := newRecorder()
@@ -262,7 +239,7 @@ func TestChannelBadFrames(t *testing.T) {
 }
 
 func TestChannelPeerClose(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	rec := newRecorder()
 	ch := NewChannel(master, rec.options())
@@ -292,7 +269,7 @@ func TestChannelPeerClose(t *testing.T) {
 }
 
 func TestChannelWorkerNotReading(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	defer worker.Close() // open, never read
 	ch := NewChannel(master, ChannelOptions{QueueLen: 16})
@@ -334,7 +311,7 @@ func TestChannelWorkerNotReading(t *testing.T) {
 }
 
 func TestChannelNotASocket(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	f, err := os.CreateTemp(t.TempDir(), "notasocket")
 	if err != nil {
 		t.Fatal(err)
@@ -357,7 +334,7 @@ func TestChannelNotASocket(t *testing.T) {
 }
 
 func TestChannelSameFrameToMany(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	frame := mustEncode(t, map[string]string{"cmd": "broadcast"})
 	var conns []*Conn
 	var chans []*Channel

@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // helperEnv makes the test binary run as a worker (helperMain) instead of
@@ -91,21 +93,15 @@ func startHelper(t *testing.T, rec *recorder) (*exec.Cmd, *Channel, *bytes.Buffe
 // waitExit waits a bounded time for cmd to exit, killing it if it does not.
 func waitExit(t *testing.T, cmd *exec.Cmd, d time.Duration) error {
 	t.Helper()
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	select {
-	case err := <-exited:
-		return err
-	case <-time.After(d):
-		cmd.Process.Kill()
-		<-exited
-		t.Fatalf("worker did not exit within %v", d)
-		return nil
+	err := testutil.Wait(cmd, d)
+	if errors.Is(err, testutil.ErrStillRunning) {
+		t.Fatalf("worker: %v", err)
 	}
+	return err
 }
 
 func TestConnFromEnvWorker(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	rec := newRecorder()
 	cmd, ch, stderr := startHelper(t, rec)
 	defer ch.Close()
@@ -145,7 +141,7 @@ func TestConnFromEnvWorker(t *testing.T) {
 }
 
 func TestChannelWorkerDies(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	rec := newRecorder()
 	cmd, ch, _ := startHelper(t, rec)
 	defer ch.Close()
@@ -201,7 +197,7 @@ func TestOpenEnvErrors(t *testing.T) {
 }
 
 func TestConnClose(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	defer master.Close()
 	c := NewConn(worker)
@@ -241,7 +237,7 @@ func TestConnClose(t *testing.T) {
 }
 
 func TestConnMasterGone(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	c := NewConn(worker)
 	defer c.Close()
@@ -260,7 +256,7 @@ func TestConnMasterGone(t *testing.T) {
 }
 
 func TestConnMessagesFull(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	c := NewConn(worker)
 	defer c.Close()

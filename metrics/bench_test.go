@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/expfmt"
 
+	"github.com/shoal-sh/shoal/internal/testutil"
 	"github.com/shoal-sh/shoal/supervisor"
 )
 
@@ -23,7 +24,7 @@ func BenchmarkScrape64(b *testing.B) {
 	events := make(chan supervisor.Event, 4*n)
 	s := start(b, supervisor.Options{
 		Workers: n,
-		Port:    freePort(b),
+		Port:    testutil.FreePort(b),
 		OnEvent: func(e supervisor.Event) {
 			select {
 			case events <- e:

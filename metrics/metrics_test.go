@@ -25,6 +25,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	shoaltest "github.com/shoal-sh/shoal/internal/testutil"
 	"github.com/shoal-sh/shoal/ipc"
 	"github.com/shoal-sh/shoal/reuseport"
 	"github.com/shoal-sh/shoal/supervisor"
@@ -144,30 +145,10 @@ func run(tb testing.TB, s *supervisor.Supervisor) {
 	})
 }
 
-func freePort(tb testing.TB) int {
-	tb.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // waitEvent waits up to 15s for an event that matches.
 func waitEvent(tb testing.TB, events <-chan supervisor.Event, what string, match func(supervisor.Event) bool) supervisor.Event {
 	tb.Helper()
-	deadline := time.After(15 * time.Second)
-	for {
-		select {
-		case e := <-events:
-			if match(e) {
-				return e
-			}
-		case <-deadline:
-			tb.Fatalf("no %s within 15s", what)
-		}
-	}
+	return shoaltest.Recv(tb, events, 15*time.Second, what, match)
 }
 
 // waitListening waits until each of the slots ids has had a listening
@@ -189,13 +170,7 @@ func waitListening(tb testing.TB, events <-chan supervisor.Event, ids ...int) {
 // waitFor polls cond every 10ms for up to 10s.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("no %s within 10s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	shoaltest.Eventually(t, 10*time.Second, what, cond)
 }
 
 // scrape gathers reg into a map from series ("name{k="v",...}", labels
@@ -280,7 +255,7 @@ func pidOf(t *testing.T, s *supervisor.Supervisor, id int) int {
 }
 
 func TestCollector(t *testing.T) {
-	port := freePort(t)
+	port := shoaltest.FreePort(t)
 	events := make(chan supervisor.Event, 256)
 	msgs := make(chan supervisor.Message, 64)
 	s := start(t, supervisor.Options{
@@ -458,7 +433,7 @@ func TestCollectorSocketsFromProc(t *testing.T) {
 		reads.Add(1)
 		return reuseport.Inodes(pid)
 	}
-	port := freePort(t)
+	port := shoaltest.FreePort(t)
 	s := start(t, supervisor.Options{Workers: 3, Port: port, Ready: supervisor.ReadyMessage,
 		Env: []string{envWaitListen + "=3"}})
 	reg := prometheus.NewPedanticRegistry()
@@ -569,7 +544,7 @@ func TestHandler(t *testing.T) {
 	stuck, unblock := make(chan struct{}, 1), make(chan struct{})
 	s, err := supervisor.New(supervisor.Options{
 		Workers:     2,
-		Port:        freePort(t),
+		Port:        shoaltest.FreePort(t),
 		Env:         []string{envWaitListen + "=3", noRaceExitSleep},
 		StopTimeout: 5 * time.Second,
 		OnEvent: func(e supervisor.Event) {
@@ -663,7 +638,7 @@ func TestHandler(t *testing.T) {
 // loopback, as the binary serves it.
 func TestHandlerServer(t *testing.T) {
 	events := make(chan supervisor.Event, 64)
-	s := start(t, supervisor.Options{Workers: 1, Port: freePort(t), OnEvent: func(e supervisor.Event) { events <- e }})
+	s := start(t, supervisor.Options{Workers: 1, Port: shoaltest.FreePort(t), OnEvent: func(e supervisor.Event) { events <- e }})
 	waitListening(t, events, 1)
 	srv := httptest.NewServer(Handler(s, NewRegistry(s), Options{}))
 	defer srv.Close()

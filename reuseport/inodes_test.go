@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // The test binary doubles as a helper process when this variable is set:
@@ -70,27 +72,9 @@ func runListenHelper() int {
 	io.Copy(io.Discard, os.Stdin) // until the test closes our stdin, or dies
 	if child != nil {
 		childIn.Close()
-		waitBounded(child, 5*time.Second)
+		testutil.Wait(child, 5*time.Second)
 	}
 	return 0
-}
-
-// waitBounded waits for cmd, and kills it if it has not exited by timeout.
-func waitBounded(cmd *exec.Cmd, timeout time.Duration) error {
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	select {
-	case err := <-done:
-		return err
-	case <-time.After(timeout):
-		cmd.Process.Kill()
-		select {
-		case err := <-done:
-			return err
-		case <-time.After(timeout):
-			return errors.New("process did not exit after SIGKILL")
-		}
-	}
 }
 
 // startHelpers starts a chain of depth+1 listen helpers (child, grandchild,
@@ -115,7 +99,7 @@ func startHelpers(t *testing.T, depth int) (map[int]int, []int) {
 	}
 	t.Cleanup(func() {
 		stdin.Close()
-		if err := waitBounded(cmd, 5*time.Second); err != nil {
+		if err := testutil.Wait(cmd, 5*time.Second); err != nil {
 			t.Errorf("helper %d: %v", cmd.Process.Pid, err)
 		}
 	})
@@ -269,7 +253,7 @@ func TestInodesGone(t *testing.T) {
 		t.Fatal(err)
 	}
 	pid := cmd.Process.Pid
-	if err := waitBounded(cmd, 5*time.Second); err != nil {
+	if err := testutil.Wait(cmd, 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	set, err := Inodes(pid)

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 	"github.com/shoal-sh/shoal/ipc"
 	"github.com/shoal-sh/shoal/reuseport"
 )
@@ -170,30 +171,10 @@ func run(t *testing.T, s *Supervisor) (stop func() error) {
 	return stop
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
-// waitEvent waits for an event that matches.
+// waitEvent waits up to 10s for an event that matches.
 func waitEvent(t *testing.T, events <-chan Event, what string, match func(Event) bool) Event {
 	t.Helper()
-	deadline := time.After(10 * time.Second)
-	for {
-		select {
-		case e := <-events:
-			if match(e) {
-				return e
-			}
-		case <-deadline:
-			t.Fatalf("no %s within 10s", what)
-		}
-	}
+	return testutil.Recv(t, events, 10*time.Second, what, match)
 }
 
 func waitMessage(t *testing.T, msgs <-chan Message, match func(map[string]any) bool) Message {
@@ -218,7 +199,7 @@ func TestLibraryLifecycleAndMessages(t *testing.T) {
 	msgs := make(chan Message, 256)
 	s, err := New(Options{
 		Workers:     2,
-		Port:        freePort(t),
+		Port:        testutil.FreePort(t),
 		StopTimeout: 5 * time.Second,
 		OnEvent:     func(e Event) { events <- e },
 		OnMessage:   func(m Message) { msgs <- m },
@@ -449,7 +430,7 @@ func (l *listeningSet) add(e Event) {
 
 func TestReloadRollsEverySlotWithoutLosingCapacity(t *testing.T) {
 	events := make(chan Event, 1024)
-	s, err := New(Options{Workers: 3, Port: freePort(t), OnEvent: func(e Event) { events <- e }})
+	s, err := New(Options{Workers: 3, Port: testutil.FreePort(t), OnEvent: func(e Event) { events <- e }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -514,7 +495,7 @@ func TestBrokenReloadKeepsTheOldWorkers(t *testing.T) {
 	events := make(chan Event, 1024)
 	s, err := New(Options{
 		Workers:      2,
-		Port:         freePort(t),
+		Port:         testutil.FreePort(t),
 		ReadyTimeout: time.Second,
 		Env:          []string{"SUP_TEST_RELEASE=" + release},
 		OnEvent:      func(e Event) { events <- e },
@@ -598,7 +579,7 @@ func TestWorkersWithoutHeartbeatsAreNotWatched(t *testing.T) {
 
 func TestMaxRequestsRecyclesThroughTheReloadPath(t *testing.T) {
 	events := make(chan Event, 256)
-	s, err := New(Options{Workers: 1, Port: freePort(t), MaxRequests: 50, MaxRequestsJitter: 20,
+	s, err := New(Options{Workers: 1, Port: testutil.FreePort(t), MaxRequests: 50, MaxRequestsJitter: 20,
 		Env: []string{"SUP_TEST_MODE=busy"}, OnEvent: func(e Event) { events <- e }})
 	if err != nil {
 		t.Fatal(err)
@@ -619,7 +600,7 @@ func TestMaxRequestsRecyclesThroughTheReloadPath(t *testing.T) {
 
 func TestMaxMemoryRecycles(t *testing.T) {
 	events := make(chan Event, 256)
-	s, err := New(Options{Workers: 1, Port: freePort(t), MaxMemory: 1 << 20, // every Go process is above 1 MiB
+	s, err := New(Options{Workers: 1, Port: testutil.FreePort(t), MaxMemory: 1 << 20, // every Go process is above 1 MiB
 		Env: []string{"SUP_TEST_MODE=busy"}, OnEvent: func(e Event) { events <- e }})
 	if err != nil {
 		t.Fatal(err)

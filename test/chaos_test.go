@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // children returns the pids of a process's children.
@@ -57,7 +58,7 @@ func rssOf(t *testing.T, pid int) int {
 // counter ever decreases.
 func TestKillStorm(t *testing.T) {
 	const workers, kills = 4, 200
-	port, maddr := freePort(t), loopbackAddr(t)
+	port, maddr := testutil.FreePort(t), loopbackAddr(t)
 	m := startShoal(t, []string{"SHOAL_LOG_LEVEL=info"}, "--workers", strconv.Itoa(workers), "--port", strconv.Itoa(port),
 		"--host", "127.0.0.1", "--metrics-addr", maddr, "--restart-delay-max", "50ms")
 	m.listening(15*time.Second, workers)
@@ -197,7 +198,7 @@ func TestCrashLoopStaysIdle(t *testing.T) {
 
 func TestHungWorkerKilledAndReplaced(t *testing.T) {
 	// Built-in workers send a heartbeat every second: they live.
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	m := startShoal(t, nil, "--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--heartbeat-timeout", "3s")
 	m.listening(15*time.Second, 2)
 	time.Sleep(4500 * time.Millisecond)
@@ -222,7 +223,7 @@ func TestHungWorkerKilledAndReplaced(t *testing.T) {
 func TestStubbornWorkerKilledDuringReload(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	flags, argv := helperCmd("stubborn-hello")
-	m := startShoal(t, nil, append(append(flags, "--workers", "2", "--port", strconv.Itoa(freePort(t)), "--control", sock,
+	m := startShoal(t, nil, append(append(flags, "--workers", "2", "--port", strconv.Itoa(testutil.FreePort(t)), "--control", sock,
 		"--stop-timeout", "1s", "--"), argv...)...)
 	before := m.listening(15*time.Second, 2)
 	begin := time.Now()
@@ -248,7 +249,7 @@ func TestStubbornWorkerKilledDuringReload(t *testing.T) {
 // killed: the other is replaced promptly, scrapes answer, and the master's
 // memory stays bounded.
 func TestFloodWhileAnotherDies(t *testing.T) {
-	port, maddr := freePort(t), loopbackAddr(t)
+	port, maddr := testutil.FreePort(t), loopbackAddr(t)
 	flags, argv := helperCmd("hello")
 	script := `if [ "$SHOAL_WORKER_ID" = 1 ]; then exec yes '{"flood":true,"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}' >&3; fi; exec "$0"`
 	m := startShoal(t, []string{"SHOAL_LOG_LEVEL=info"}, append(append(flags, "--workers", "3", "--port", strconv.Itoa(port),
@@ -295,7 +296,7 @@ func TestWorkersRunAsNobody(t *testing.T) {
 	if os.Getuid() != 0 {
 		peer.Missing(t, "needs root")
 	}
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	m := startShoal(t, nil, "--workers", "1", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--user", "nobody")
 	pids := m.listening(15*time.Second, 1)
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pids[1]))

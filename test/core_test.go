@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shoal-sh/shoal/internal/testutil"
 	"github.com/shoal-sh/shoal/reuseport"
 )
 
@@ -42,7 +43,7 @@ func listenersByPID(t *testing.T, port int, pids map[int]int) map[int]int {
 }
 
 func TestBuiltinWorkersShareOnePort(t *testing.T) {
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	m := startShoal(t, nil, "--workers", "3", "--port", strconv.Itoa(port), "--host", "127.0.0.1")
 	pids := m.listening(10*time.Second, 3)
 
@@ -79,7 +80,7 @@ func TestBuiltinWorkersShareOnePort(t *testing.T) {
 }
 
 func TestKilledWorkerIsReplacedInItsSlot(t *testing.T) {
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	m := startShoal(t, nil, "--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1")
 	before := m.listening(10*time.Second, 2)
 	victim := before[2]
@@ -116,7 +117,7 @@ func TestKilledWorkerIsReplacedInItsSlot(t *testing.T) {
 }
 
 func TestMasterKilledTakesWorkersWithIt(t *testing.T) {
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	m := startShoal(t, nil, "--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1")
 	pids := m.listening(10*time.Second, 2)
 	m.signal(syscall.SIGKILL)
@@ -288,7 +289,7 @@ func notExecutable(t *testing.T) string {
 
 func TestWorkerContract(t *testing.T) {
 	dir := t.TempDir()
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	script := `echo "$SHOAL_WORKER_ID $SHOAL_MASTER_PID $PORT $SHOAL_IPC_FD $NODE_CHANNEL_FD $(readlink /proc/self/fd/3)" > "$OUT/$SHOAL_WORKER_ID.tmp" && mv "$OUT/$SHOAL_WORKER_ID.tmp" "$OUT/$SHOAL_WORKER_ID"; exec sleep 60`
 	m := startShoal(t, []string{"OUT=" + dir, "SHOAL_MASTER_PID=99", "NODE_UNIQUE_ID=1", "SECRET_TOKEN=hunter2"},
 		"--workers", "2", "--port", strconv.Itoa(port), "--env", "OUT", "--", "sh", "-c", script)

@@ -5,10 +5,10 @@ package test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -19,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // shoalBin is the binary under test, built once by TestMain.
@@ -54,17 +56,6 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
-}
-
-// freePort returns a TCP port that is free on 127.0.0.1 now.
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // entry is one JSON log line of the master.
@@ -368,16 +359,6 @@ func environ(t *testing.T, pid int) map[string]string {
 	return out
 }
 
-// scanLines calls f for each line of r until it returns true or r ends.
-func scanLines(r io.Reader, f func(string) bool) {
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		if f(sc.Text()) {
-			return
-		}
-	}
-}
-
 // scrape fetches a Prometheus text page and returns each sample's value by
 // its series, as written: `name{label="v",...}`.
 func scrape(t *testing.T, url string) map[string]float64 {
@@ -399,18 +380,30 @@ func tryScrape(url string) (map[string]float64, error) {
 	if resp.StatusCode != 200 {
 		return nil, fmt.Errorf("scrape %s: %s", url, resp.Status)
 	}
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	return parseSamples(string(b)), nil
+}
+
+// parseSamples reads a Prometheus text page into each sample's value by its
+// series, as written.
+func parseSamples(text string) map[string]float64 {
 	out := map[string]float64{}
-	scanLines(resp.Body, func(line string) bool {
+	sc := bufio.NewScanner(strings.NewReader(text))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
 		if line == "" || strings.HasPrefix(line, "#") {
-			return false
+			continue
 		}
 		i := strings.LastIndexByte(line, ' ')
 		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
 			out[line[:i]] = v
 		}
-		return false
-	})
-	return out, nil
+	}
+	return out
 }
 
 // sumOf adds the samples of one metric name.
@@ -442,5 +435,54 @@ func waitMetric(t *testing.T, url string, timeout time.Duration, what string, f 
 
 // loopbackAddr returns a free 127.0.0.1 address.
 func loopbackAddr(t *testing.T) string {
-	return fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	return fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
+}
+
+// noRaceSleep is added to the environment of the binary under test: built
+// with -race, it would sleep 1s at exit (GORACE atexit_sleep_ms), which
+// would count against the stop times measured here.
+const noRaceSleep = "GORACE=atexit_sleep_ms=0"
+
+// waitHTTPStatus polls url with c until it answers code. It gives up early
+// when exited, if not nil, is closed: the server is gone.
+func waitHTTPStatus(t *testing.T, c *http.Client, url string, code int, timeout time.Duration, exited <-chan struct{}) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	last := ""
+	for {
+		select {
+		case <-exited:
+			t.Fatalf("GET %s: the server exited before answering %d; last: %s", url, code, last)
+		default:
+		}
+		got, body, err := httpGetWith(c, url)
+		if err == nil && got == code {
+			return body
+		}
+		if err != nil {
+			last = err.Error()
+		} else {
+			last = fmt.Sprintf("%d %q", got, body)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("GET %s: want %d within %s, last: %s", url, code, timeout, last)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func httpGetWith(c *http.Client, url string) (int, string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "GET", url, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	return resp.StatusCode, string(b), err
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 	"github.com/shoal-sh/shoal/ipc"
 	"github.com/shoal-sh/shoal/supervisor"
 )
@@ -60,7 +61,7 @@ func TestSeedExampleCountsEveryRequest(t *testing.T) {
 			case "python":
 				argv = []string{"--", peer.Require(t, "python3"), filepath.Join("testdata", "worker.py")}
 			}
-			port, maddr := freePort(t), loopbackAddr(t)
+			port, maddr := testutil.FreePort(t), loopbackAddr(t)
 			m := startShoal(t, nil, append([]string{"--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--metrics-addr", maddr}, argv...)...)
 			m.listening(15*time.Second, 2)
 			const k = 300
@@ -77,7 +78,7 @@ func TestSeedExampleCountsEveryRequest(t *testing.T) {
 
 func TestNodeRelayThroughMaster(t *testing.T) {
 	node := nodeBin(t)
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	m := startShoal(t, nil, "--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--env", "RELAY=1", "--", node, filepath.Join("testdata", "node-worker.js"))
 	m.listening(15*time.Second, 2)
 	deadline := time.Now().Add(10 * time.Second)
@@ -111,7 +112,7 @@ func TestNodeWithGoLibraryMaster(t *testing.T) {
 	s, err := supervisor.New(supervisor.Options{
 		Command:   []string{node, script},
 		Workers:   2,
-		Port:      freePort(t),
+		Port:      testutil.FreePort(t),
 		Env:       []string{"HOST=127.0.0.1"},
 		OnMessage: func(m supervisor.Message) { mu.Lock(); got = append(got, m); mu.Unlock() },
 	})
@@ -180,7 +181,7 @@ func TestNodeDisconnectWhenMasterGoes(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(node, filepath.Join("testdata", "node-worker.js"))
-	cmd.Env = append(os.Environ(), "NODE_CHANNEL_FD=3", "SHOAL_IPC_FD=3", "SHOAL_WORKER_ID=1", "PORT="+strconv.Itoa(freePort(t)))
+	cmd.Env = append(os.Environ(), "NODE_CHANNEL_FD=3", "SHOAL_IPC_FD=3", "SHOAL_WORKER_ID=1", "PORT="+strconv.Itoa(testutil.FreePort(t)))
 	cmd.ExtraFiles = []*os.File{peer}
 	out := newLogs()
 	cmd.Stdout = out

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // TestMetricsPrometheusCountsEveryRequest runs shoal with its built-in
@@ -27,7 +28,7 @@ func TestMetricsPrometheusCountsEveryRequest(t *testing.T) {
 	promtool := peer.Require(t, "promtool")
 	const k = 300
 
-	port, mport := freePort(t), freePort(t)
+	port, mport := testutil.FreePort(t), testutil.FreePort(t)
 	m := startShoal(t, nil, "--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1",
 		"--metrics-addr", "127.0.0.1:"+strconv.Itoa(mport), "--stop-timeout", "5s")
 	pids := m.listening(15*time.Second, 2)
@@ -199,7 +200,7 @@ func startPrometheus(t *testing.T, bin string, target int) *promServer {
 	if err := os.WriteFile(conf, []byte(fmt.Sprintf(promConfig, target)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	addr := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
 	out := newLogs()
 	cmd := exec.Command(bin,
 		"--config.file="+conf,

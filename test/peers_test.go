@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // nginxConf is a one-process nginx that shares the port with SO_REUSEPORT
@@ -38,7 +39,7 @@ http {
 func TestNginxWorkers(t *testing.T) {
 	nginx := peer.Require(t, "nginx")
 	dir := t.TempDir()
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	conf := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(conf, []byte(fmt.Sprintf(nginxConf, dir, port)), 0o644); err != nil {
 		t.Fatal(err)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // ctl runs 'shoal ctl' against a master's control socket.
@@ -145,7 +146,7 @@ func TestReloadInNamespace(t *testing.T) {
 	}
 	migrate := os.Getenv("E2E_MIGRATE")
 	mode := map[string]string{"1": "on", "0": "off"}[migrate]
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	args := []string{"--workers", "4", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--control", sock,
 		"--migrate-req", mode, "--stop-timeout", "10s"}
@@ -230,7 +231,7 @@ func TestBrokenReloadKeepsServing(t *testing.T) {
 		}
 	}
 	write(fmt.Sprintf("exec %q", argv[0]))
-	port, sock := freePort(t), filepath.Join(dir, "ctl.sock")
+	port, sock := testutil.FreePort(t), filepath.Join(dir, "ctl.sock")
 	m := startShoal(t, nil, append(flags, "--workers", "2", "--port", strconv.Itoa(port), "--control", sock, "--ready-timeout", "2s", "--", release)...)
 	m.listening(15*time.Second, 2)
 	before := pidsOf(status(t, sock))
@@ -258,7 +259,7 @@ func TestBrokenReloadKeepsServing(t *testing.T) {
 
 func TestScaleBySignalAndCtl(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	m := startShoal(t, nil, "--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--control", sock)
 	m.listening(15*time.Second, 2)
 	waitDesired := func(n int) ctlStatus {

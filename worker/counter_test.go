@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shoal-sh/shoal/internal/testutil"
 	"github.com/shoal-sh/shoal/ipc"
 )
 
@@ -98,20 +99,7 @@ func (m *master) wait(t *testing.T, timeout time.Duration) {
 // fails the test after timeout.
 func (m *master) next(t *testing.T, cmd string, timeout time.Duration) ipc.Message {
 	t.Helper()
-	deadline := time.After(timeout)
-	for {
-		select {
-		case msg, ok := <-m.msgs:
-			if !ok {
-				t.Fatalf("channel closed while waiting for %s", cmd)
-			}
-			if msg.Cmd == cmd {
-				return msg
-			}
-		case <-deadline:
-			t.Fatalf("no %s message within %v", cmd, timeout)
-		}
-	}
+	return testutil.Recv(t, m.msgs, timeout, cmd+" message", func(msg ipc.Message) bool { return msg.Cmd == cmd })
 }
 
 // drain returns the messages received until the channel is quiet for

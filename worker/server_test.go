@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shoal-sh/shoal/internal/testutil"
 	"github.com/shoal-sh/shoal/ipc"
 )
 
@@ -43,17 +44,6 @@ func runHelper() int {
 	return 0
 }
 
-// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // helper is a worker process running runHelper.
 type helper struct {
 	cmd    *exec.Cmd
@@ -72,7 +62,7 @@ func startHelper(t *testing.T) *helper {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	addr := fmt.Sprintf("127.0.0.1:%d", testutil.FreePort(t))
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(),
 		"WORKER_TEST_HELPER=1",
@@ -220,7 +210,7 @@ func TestServeWithoutMaster(t *testing.T) {
 }
 
 func TestListenAndServe(t *testing.T) {
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)

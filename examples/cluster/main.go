@@ -11,13 +11,12 @@ import (
 	"io"
 	"log"
 	"net/http"
-	"os"
 	"os/signal"
 	"runtime"
 	"syscall"
 
-	"github.com/shoal-sh/shoal/reuseport"
 	"github.com/shoal-sh/shoal/supervisor"
+	"github.com/shoal-sh/shoal/worker"
 )
 
 func main() {
@@ -47,12 +46,13 @@ func main() {
 		}
 		return
 	}
-	// Worker processes have an HTTP server.
-	ln, err := reuseport.Listen("tcp", ":"+os.Getenv("PORT"))
-	if err != nil {
+	// Worker processes have an HTTP server. worker.ListenAndServe listens
+	// on $PORT with SO_REUSEPORT, tells the master it is ready, reports
+	// the requests it serves, and on SIGTERM drains without losing one.
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "hello world\n")
+	})
+	if err := worker.ListenAndServe(context.Background(), h); err != nil {
 		log.Fatal(err)
 	}
-	log.Fatal(http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, "hello world\n")
-	})))
 }

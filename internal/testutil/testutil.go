@@ -1,0 +1,126 @@
+// Package testutil holds the helpers that the tests of several packages
+// share: free loopback ports, bounded waits for a value on a channel, for a
+// condition or for a child process, and goroutine-leak checks. Every wait has a deadline, and
+// every failure says what was awaited.
+package testutil
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os/exec"
+	"slices"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+)
+
+// FreePort returns a TCP port that was free on 127.0.0.1 a moment ago. It
+// fails tb when no port can be had.
+func FreePort(tb testing.TB) int {
+	tb.Helper()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatalf("find a free port on 127.0.0.1: %v", err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// Recv receives from ch until a value satisfies match and returns it,
+// dropping the others. It fails tb when none has come within timeout, or
+// when ch is closed first; what names the awaited value in that message.
+func Recv[T any](tb testing.TB, ch <-chan T, timeout time.Duration, what string, match func(T) bool) T {
+	tb.Helper()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		select {
+		case v, ok := <-ch:
+			if !ok {
+				tb.Fatalf("channel closed before %s", what)
+			}
+			if match(v) {
+				return v
+			}
+		case <-deadline.C:
+			tb.Fatalf("no %s within %s", what, timeout)
+		}
+	}
+}
+
+// Eventually calls cond every 10ms until it returns true. It fails tb when
+// cond has not held within timeout; what names the condition in that
+// message.
+func Eventually(tb testing.TB, timeout time.Duration, what string, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("no %s within %s", what, timeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// leakWait bounds how long LeakCheck waits for goroutines to end: those
+// of a closed connection or process may need a moment, more under -race
+// on a loaded machine. A variable for this package's own tests.
+var leakWait = 5 * time.Second
+
+// LeakCheck fails tb if a goroutine started after the call is still
+// running when tb's cleanups have run, after a bounded wait. Call it first
+// in a test, so that its cleanup runs last, after those that stop what the
+// test started. opts are goleak's, to ignore more goroutines.
+//
+// It cannot tell the goroutines of parallel tests apart: use it only in
+// tests that do not call t.Parallel, and goleak.VerifyTestMain for a whole
+// package.
+func LeakCheck(tb testing.TB, opts ...goleak.Option) {
+	tb.Helper()
+	opts = append(slices.Clip(opts), goleak.IgnoreCurrent())
+	tb.Cleanup(func() {
+		deadline := time.Now().Add(leakWait)
+		for {
+			err := goleak.Find(opts...)
+			if err == nil {
+				return
+			}
+			if time.Now().After(deadline) {
+				tb.Errorf("goroutines still running %s after the test: %v", leakWait, err)
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	})
+}
+
+// ErrStillRunning is wrapped by the error of Wait when the process had not
+// exited within the timeout.
+var ErrStillRunning = errors.New("process still running")
+
+// Wait waits for cmd, which must have been started, to exit, and returns
+// the error of cmd.Wait. When cmd has not exited within timeout, Wait kills
+// it with SIGKILL, reaps it, waiting as long again at most, and returns an
+// error that wraps ErrStillRunning. It needs no testing.TB, so that a
+// helper process can use it for its own children.
+func Wait(cmd *exec.Cmd, timeout time.Duration) error {
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+	}
+	cmd.Process.Kill()
+	t.Reset(timeout)
+	select {
+	case err := <-done:
+		return fmt.Errorf("pid %d: %w %s later; killed: %v", cmd.Process.Pid, ErrStillRunning, timeout, err)
+	case <-t.C:
+		return fmt.Errorf("pid %d: %w %s later, and %s after SIGKILL", cmd.Process.Pid, ErrStillRunning, timeout, timeout)
+	}
+}
