@@ -118,16 +118,6 @@ func (l *load) finish() (int64, map[string]int) {
 	return l.ok.Load(), l.failures
 }
 
-func (l *load) failed() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	n := 0
-	for _, c := range l.failures {
-		n += c
-	}
-	return n
-}
-
 func describe(failures map[string]int) string {
 	var parts []string
 	for r, n := range failures {

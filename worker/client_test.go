@@ -190,17 +190,17 @@ func start(t *testing.T, s *Server, ln net.Listener, name string) *running {
 
 // stop cancels the server and returns Serve's result and how long the drain
 // took; it fails the test after timeout.
-func (r *running) stop(t *testing.T, timeout time.Duration) (error, time.Duration) {
+func (r *running) stop(t *testing.T, timeout time.Duration) (time.Duration, error) {
 	t.Helper()
 	t0 := time.Now()
 	r.cancel()
 	select {
 	case err := <-r.errc:
 		r.errc <- err // for the cleanup
-		return err, time.Since(t0)
+		return time.Since(t0), err
 	case <-time.After(timeout):
 		t.Fatalf("server %s did not stop within %v", r.name, timeout)
-		return nil, 0
+		return 0, nil
 	}
 }
 

@@ -104,7 +104,7 @@ func TestDrainKeepAliveNoLoss(t *testing.T) {
 		t.Fatalf("the kernel did not spread the load over both servers: %v", l.ta)
 	}
 
-	err, d := a.stop(t, 10*time.Second)
+	d, err := a.stop(t, 10*time.Second)
 	if err != nil {
 		t.Errorf("Serve of the stopped server: %v", err)
 	}
@@ -172,7 +172,7 @@ func TestDrainZeroLoss(t *testing.T) {
 		servers = append(servers, start(t, &Server{Handler: testHandler(name), Heartbeat: -1}, listen(t, port), name))
 		time.Sleep(150 * time.Millisecond)
 		before := l.ta.ok.Load()
-		err, d := servers[0].stop(t, 10*time.Second)
+		d, err := servers[0].stop(t, 10*time.Second)
 		if err != nil {
 			t.Errorf("Serve of %s: %v", servers[0].name, err)
 		}

@@ -176,7 +176,7 @@ func TestServeTalksToMaster(t *testing.T) {
 		}
 	}
 	rc.close()
-	if err, _ := r.stop(t, 5*time.Second); err != nil {
+	if _, err := r.stop(t, 5*time.Second); err != nil {
 		t.Fatalf("Serve: %v", err)
 	}
 	if ta.fail.Load() != 0 {
@@ -204,7 +204,7 @@ func TestServeWithoutMaster(t *testing.T) {
 	ta := newTally()
 	rc := &rawClient{addr: ln.Addr().String(), ta: ta}
 	rc.do("/", false)
-	if err, _ := r.stop(t, 5*time.Second); err != nil || ta.fail.Load() != 0 {
+	if _, err := r.stop(t, 5*time.Second); err != nil || ta.fail.Load() != 0 {
 		t.Fatalf("Serve: %v; %v", err, ta)
 	}
 }
@@ -330,7 +330,7 @@ func TestDrainEndsWaitingConnections(t *testing.T) {
 	if late.c != nil {
 		t.Error("response during the drain did not carry Connection: close")
 	}
-	err, _ = r.stop(t, 5*time.Second)
+	_, err = r.stop(t, 5*time.Second)
 	d := time.Since(t0)
 	if err != nil {
 		t.Fatalf("Serve: %v", err)
@@ -370,7 +370,7 @@ func TestDrainTimeout(t *testing.T) {
 	defer c.Close()
 	io.WriteString(c, "GET / HTTP/1.1\r\nHost: test\r\n\r\n")
 	<-started
-	err, d := r.stop(t, 5*time.Second)
+	d, err := r.stop(t, 5*time.Second)
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Serve after the drain timed out: %v, want DeadlineExceeded", err)
 	}
