@@ -37,7 +37,7 @@ func littleEndian(t *testing.T) {
 
 func parseSample(t *testing.T, text string, port int) []Socket {
 	t.Helper()
-	socks, err := parseProcNet(bufio.NewReader(strings.NewReader(text)), port, nil)
+	socks, err := parseProcNet(bufio.NewReader(strings.NewReader(text)), tcpListeners(port), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,13 +93,13 @@ func TestParseProcNetErrors(t *testing.T) {
 		"   0: 0100007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 x 1\n",
 		"   0: 00007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1\n",
 	} {
-		if socks, err := parseProcNet(bufio.NewReader(strings.NewReader(header+line)), 0, nil); err == nil {
+		if socks, err := parseProcNet(bufio.NewReader(strings.NewReader(header+line)), tcpListeners(0), nil); err == nil {
 			t.Errorf("no error for %q: %+v", line, socks)
 		}
 	}
 	// Header only, blank lines and a missing final newline are fine.
 	for _, text := range []string{header, header + "\n", ""} {
-		if socks, err := parseProcNet(bufio.NewReader(strings.NewReader(text)), 0, nil); err != nil || len(socks) != 0 {
+		if socks, err := parseProcNet(bufio.NewReader(strings.NewReader(text)), tcpListeners(0), nil); err != nil || len(socks) != 0 {
 			t.Errorf("%q: %+v, %v", text, socks, err)
 		}
 	}
