@@ -120,7 +120,7 @@ func parseProcNetLine(line []byte, q query) (Socket, bool, error) {
 	if n == 0 {
 		return Socket{}, false, nil // a blank line
 	}
-	if n < want {
+	if n < 4 {
 		return Socket{}, false, errProcNetSyntax
 	}
 	// f[1] is ADDR:PORT, f[2] the remote ADDR:PORT, f[3] the state, f[4]
@@ -139,6 +139,9 @@ func parseProcNetLine(line []byte, q query) (Socket, bool, error) {
 	}
 	if st >= 32 || q.states&(1<<st) == 0 || (q.port != 0 && int(p) != q.port) {
 		return Socket{}, false, nil // most lines: parse no further
+	}
+	if n < want {
+		return Socket{}, false, errProcNetSyntax
 	}
 	local, ok := parseProcAddr(f[1])
 	if !ok {
