@@ -16,7 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// procReaders holds buffered readers for /proc/net/tcp across calls.
+// procReaders holds buffered readers for the /proc/net tables across calls.
 var procReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 64<<10) }}
 
 // listenersProc reads the listeners on port from /proc/net/tcp and

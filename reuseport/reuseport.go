@@ -172,8 +172,8 @@ type Socket struct {
 	RecvQueueBytes uint32
 
 	// RecvBufBytes is, for a UDP socket, the receive buffer's size in
-	// bytes: twice the SO_RCVBUF asked for (the kernel doubles it), or
-	// net.core.rmem_default. A datagram that arrives when RecvQueueBytes
+	// bytes: twice the SO_RCVBUF asked for (the kernel doubles it, and caps
+	// the request at net.core.rmem_max), or net.core.rmem_default. A datagram that arrives when RecvQueueBytes
 	// has reached it is dropped. It is 0 when unknown, that is when the
 	// sockets were read from /proc/net/udp rather than with netlink, and 0
 	// for TCP listeners.
@@ -181,7 +181,8 @@ type Socket struct {
 
 	// Drops is, for a UDP socket, the number of datagrams that the kernel
 	// dropped on their way to this socket since it was opened, mostly
-	// because the receive buffer was full. It wraps around at 1<<32, and is
+	// because the receive buffer was full: the drops column of
+	// /proc/net/udp. It wraps around at 1<<32, and is
 	// 0 on kernels older than Linux 4.7 and for TCP listeners.
 	Drops uint32
 }
@@ -228,6 +229,8 @@ func Listeners(port int) ([]Socket, error) {
 // every bound UDP socket if port is 0. Unconnected sockets, which receive
 // from anyone, and connected ones (whose Peer is set) are both returned: a
 // server may connect a socket of its SO_REUSEPORT group to one client.
+// With port 0, the connected sockets are mostly clients' (a DNS lookup's,
+// say): the sockets without a Peer are those that serve.
 //
 // Like [Listeners], it asks the kernel with netlink socket diagnostics,
 // which here also report each socket's receive buffer and drops, and reads

@@ -64,7 +64,7 @@ const (
 	diagBufMaxSize = 1 << 20
 )
 
-// diagBufs holds receive buffers across calls of Listeners.
+// diagBufs holds receive buffers across calls of Listeners and UDPSockets.
 var diagBufs = sync.Pool{New: func() any { b := make([]byte, diagBufSize); return &b }}
 
 // netlinkSocket is unix.Socket; tests replace it to fake a kernel without

@@ -30,11 +30,16 @@ func listenUDP(t testing.TB, network, address string) *net.UDPConn {
 
 func udpPort(c net.PacketConn) int { return c.LocalAddr().(*net.UDPAddr).Port }
 
-// waitUDP polls UDPSockets(port) until ok accepts the sockets, for at most
-// 5 seconds, and returns the last sockets read.
+// waitUDP polls read(port) until ok accepts the sockets, for at most 5
+// seconds, and returns the last sockets read.
 func waitUDP(t *testing.T, port int, read func(int) ([]Socket, error), ok func([]Socket) bool) []Socket {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	return waitUDPFor(t, 5*time.Second, port, read, ok)
+}
+
+func waitUDPFor(t *testing.T, timeout time.Duration, port int, read func(int) ([]Socket, error), ok func([]Socket) bool) []Socket {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
 	for {
 		socks, err := read(port)
 		if err != nil {
@@ -255,10 +260,10 @@ func testQueueAndDrops(t *testing.T, address string) {
 	}
 	t.Logf("a datagram of 100 bytes takes %d bytes of a receive buffer of %d", one, s.RecvBufBytes)
 
-	// Fill the buffer until the kernel drops.
+	// Fill the buffer until the kernel drops (within 5 seconds).
 	for range 20 {
 		send(int(s.RecvBufBytes/one) + 1)
-		s = mine(waitUDP(t, port, UDPSockets, func(ss []Socket) bool { return mine(ss).Drops > 0 }))
+		s = mine(waitUDPFor(t, 250*time.Millisecond, port, UDPSockets, func(ss []Socket) bool { return mine(ss).Drops > 0 }))
 		if s.Drops > 0 {
 			break
 		}
