@@ -140,3 +140,61 @@ func raiseNofile(b *testing.B, n uint64) {
 	}
 	b.Cleanup(func() { unix.Setrlimit(unix.RLIMIT_NOFILE, &old) })
 }
+
+// BenchmarkUDPSockets measures UDPSockets on a port with 2 reuseport
+// sockets: on an idle host and with 1,000 UDP sockets on other ports. It
+// compares the netlink dump with the kernel's port filter (what UDPSockets
+// does), the netlink dump filtered in user space only, and the
+// /proc/net/udp fallback.
+func BenchmarkUDPSockets(b *testing.B) {
+	c1 := listenUDP(b, "udp4", "127.0.0.1:0")
+	listenUDP(b, "udp4", c1.LocalAddr().String())
+	port := udpPort(c1)
+
+	run := func(b *testing.B) {
+		check := func(b *testing.B, socks []Socket, err error) {
+			if err != nil {
+				b.Fatal(err)
+			}
+			if len(socks) != 2 {
+				b.Fatalf("%d sockets, want 2", len(socks))
+			}
+		}
+		b.Run("netlink", func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				socks, err := udpSocketsNetlink(port, true)
+				check(b, socks, err)
+			}
+		})
+		b.Run("netlink-userfilter", func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				socks, err := udpSocketsNetlink(port, false)
+				check(b, socks, err)
+			}
+		})
+		b.Run("proc", func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				socks, err := udpSocketsProc(port)
+				check(b, socks, err)
+			}
+		})
+	}
+
+	b.Run("idle", run)
+
+	b.Run("sockets=1000", func(b *testing.B) {
+		const n = 1000
+		raiseNofile(b, n+500)
+		for range n {
+			c, err := net.ListenPacket("udp4", "127.0.0.1:0")
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+		}
+		run(b)
+	})
+}

@@ -8,9 +8,11 @@
 // uid into a group, and "tcp" on ":port" (a dual-stack IPv6 socket) forms a
 // different group from "tcp4" on "0.0.0.0:port".
 //
-// [Listeners] and [Inodes] let a supervisor see, without the workers'
-// cooperation, which sockets listen on a port, how many connections wait in
-// each accept queue, and which process owns each socket.
+// [Listeners], [UDPSockets] and [Inodes] let a supervisor see, without the
+// workers' cooperation, which sockets listen on a port, how many
+// connections wait in each accept queue, how many bytes wait in each UDP
+// receive queue and how many datagrams were dropped, and which process owns
+// each socket.
 package reuseport
 
 import (
@@ -131,7 +133,8 @@ func wrapListenError(err error) error {
 	return fmt.Errorf("reuseport: %w", err)
 }
 
-// Socket is one listening socket as the kernel reports it.
+// Socket is one socket as the kernel reports it: a TCP socket in the
+// LISTEN state, from [Listeners], or a bound UDP socket, from [UDPSockets].
 type Socket struct {
 	// Inode is the socket's inode number, as in the /proc/PID/fd/N link
 	// "socket:[INODE]" of every process that holds the socket open.
@@ -141,18 +144,47 @@ type Socket struct {
 	// the same effective uid.
 	UID uint32
 
-	// Addr is the local address and port. A socket listening on every
-	// address has the unspecified address (0.0.0.0 or ::).
+	// Addr is the local address and port. A socket bound to every address
+	// has the unspecified address (0.0.0.0 or ::).
 	Addr netip.AddrPort
 
-	// Queue is the number of connections that wait in the accept queue now:
-	// established, but not yet accepted by the process.
+	// Peer is, for a connected UDP socket, the remote address it is
+	// connected to. It is the zero AddrPort (Peer.IsValid() is false) for a
+	// TCP listener and for an unconnected UDP socket, which receives
+	// datagrams from anyone.
+	Peer netip.AddrPort
+
+	// Queue is, for a TCP listener, the number of connections that wait in
+	// the accept queue now: established, but not yet accepted by the
+	// process. It is 0 for UDP sockets; see RecvQueueBytes.
 	Queue uint32
 
-	// Backlog is the accept-queue limit, the backlog given to listen(2)
-	// capped by net.core.somaxconn. It is 0 when unknown, that is when the
-	// sockets were read from /proc/net/tcp rather than with netlink.
+	// Backlog is, for a TCP listener, the accept-queue limit: the backlog
+	// given to listen(2) capped by net.core.somaxconn. It is 0 when
+	// unknown, that is when the sockets were read from /proc/net/tcp rather
+	// than with netlink, and 0 for UDP sockets.
 	Backlog uint32
+
+	// RecvQueueBytes is, for a UDP socket, the memory that the datagrams
+	// waiting to be read take in the receive buffer, in bytes: their
+	// payload and the kernel's bookkeeping of each (several hundred bytes
+	// a datagram), as the Recv-Q of "ss -u". It is 0 for TCP listeners.
+	RecvQueueBytes uint32
+
+	// RecvBufBytes is, for a UDP socket, the receive buffer's size in
+	// bytes: twice the SO_RCVBUF asked for (the kernel doubles it, and caps
+	// the request at net.core.rmem_max), or net.core.rmem_default. A datagram that arrives when RecvQueueBytes
+	// has reached it is dropped. It is 0 when unknown, that is when the
+	// sockets were read from /proc/net/udp rather than with netlink, and 0
+	// for TCP listeners.
+	RecvBufBytes uint32
+
+	// Drops is, for a UDP socket, the number of datagrams that the kernel
+	// dropped on their way to this socket since it was opened, mostly
+	// because the receive buffer was full: the drops column of
+	// /proc/net/udp. It wraps around at 1<<32, and is
+	// 0 on kernels older than Linux 4.7 and for TCP listeners.
+	Drops uint32
 }
 
 // errNotLinux is returned on platforms other than Linux.
@@ -191,6 +223,27 @@ func Listeners(port int) ([]Socket, error) {
 		return nil, fmt.Errorf("reuseport: listeners on port %d: port out of range", port)
 	}
 	return listeners(port)
+}
+
+// UDPSockets returns the UDP sockets, IPv4 and IPv6, bound to port, or
+// every bound UDP socket if port is 0. Unconnected sockets, which receive
+// from anyone, and connected ones (whose Peer is set) are both returned: a
+// server may connect a socket of its SO_REUSEPORT group to one client.
+// With port 0, the connected sockets are mostly clients' (a DNS lookup's,
+// say): the sockets without a Peer are those that serve.
+//
+// Like [Listeners], it asks the kernel with netlink socket diagnostics,
+// which here also report each socket's receive buffer and drops, and reads
+// /proc/net/udp and /proc/net/udp6 where netlink is not available (or the
+// kernel lacks the udp_diag module); RecvBufBytes is then 0.
+//
+// Sockets of every process and every user in the caller's network namespace
+// are returned; use [Inodes] to tell which belong to a process.
+func UDPSockets(port int) ([]Socket, error) {
+	if port < 0 || port > 65535 {
+		return nil, fmt.Errorf("reuseport: UDP sockets on port %d: port out of range", port)
+	}
+	return udpSockets(port)
 }
 
 // Inodes returns the inodes of the sockets held open by the process pid and

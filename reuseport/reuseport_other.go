@@ -13,9 +13,11 @@ func control(string, syscall.RawConn) error { return errNotLinux }
 
 func listeners(int) ([]Socket, error) { return nil, errNoProc }
 
+func udpSockets(int) ([]Socket, error) { return nil, errNoProc }
+
 func inodes(int) (map[uint64]struct{}, error) { return nil, errNoProc }
 
-// errNoProc is returned by Listeners and Inodes on platforms other than Linux.
+// errNoProc is returned by Listeners, UDPSockets and Inodes on platforms other than Linux.
 var errNoProc = errors.New("reuseport: reading sockets from the kernel needs Linux")
 
 // ErrNoMigrateReq is returned where there is no net.ipv4.tcp_migrate_req.

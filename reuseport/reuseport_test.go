@@ -419,11 +419,11 @@ func TestKernelPortFilter(t *testing.T) {
 		t.Skip(err)
 	}
 	defer unix.Close(fd)
-	if err := sendDiagRequest(fd, 1, unix.AF_INET, p1, true); err != nil {
+	if err := sendDiagRequest(fd, 1, unix.AF_INET, tcpListeners(p1)); err != nil {
 		t.Fatal(err)
 	}
 	// Port 0: no filtering in user space.
-	socks, err := recvDiagDump(fd, make([]byte, diagBufSize), 1, 0, nil)
+	socks, err := recvDiagDump(fd, make([]byte, diagBufSize), 1, tcpListeners(0), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -439,7 +439,7 @@ func TestKernelPortFilter(t *testing.T) {
 
 func TestNetlinkTruncated(t *testing.T) {
 	listenTCP4(t)
-	if _, err := dumpListeners(make([]byte, 64), 0, false); err != errTruncated {
+	if _, err := dump(make([]byte, 64), tcpListeners(0)); err != errTruncated {
 		t.Fatalf("dump into 64 bytes: %v, want errTruncated", err)
 	}
 }
