@@ -231,7 +231,7 @@ func TestDialRefusesOthers(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("not root: making files of another user's (nobody, uid 65534) needs root")
 	}
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	const nobody = "uid 65534 (nobody)"
 
 	// A directory of another user's.

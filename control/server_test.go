@@ -724,7 +724,7 @@ func TestBusy(t *testing.T) {
 // out: when maxConns are open, a new one takes the place of the one idle
 // the longest.
 func TestIdleEvicted(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	path := sockPath(t)
 	srv := mustListen(t, path)
 	srv.maxConns = 3

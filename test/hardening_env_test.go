@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // startShoalVia starts the binary the way startShoal does, but through
@@ -158,7 +159,7 @@ func TestNumericUserAndHome(t *testing.T) {
 		{"nobody", `Uid:	65534	65534	65534	65534`, homeOf(t, "nobody")},
 	} {
 		t.Run(tc.user, func(t *testing.T) {
-			port := freePort(t)
+			port := testutil.FreePort(t)
 			m := startShoal(t, nil, "--workers", "1", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--user", tc.user)
 			pid := m.listening(15*time.Second, 1)[1]
 			b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // TestInheritedFilesDoNotReachWorkers: a file the shell opened on fd 7
@@ -121,7 +122,7 @@ exec sleep 60`
 	}
 
 	// And it still sees its workers' LISTEN sockets in their /proc.
-	port := freePort(t)
+	port := testutil.FreePort(t)
 	m2 := startShoalVia(t, asNobody, nil, "--workers", "2", "--port", strconv.Itoa(port), "--host", "127.0.0.1")
 	m2.listening(15*time.Second, 2)
 	if code, body := get(t, fmt.Sprintf("http://127.0.0.1:%d/", port)); code != 200 || body != "hello world\n" {
