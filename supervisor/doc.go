@@ -45,7 +45,8 @@ const (
 	EnvWorkerID  = "SHOAL_WORKER_ID"
 	EnvWorkers   = "SHOAL_WORKERS" // the desired number of workers when the worker started
 	EnvMasterPID = "SHOAL_MASTER_PID"
-	EnvPort      = "PORT"
+	EnvPort      = "PORT"        // the first listener's port
+	EnvPorts     = "SHOAL_PORTS" // every listener: "tcp:443,udp:443"
 )
 
 // IsWorker reports whether this process is a shoal worker, that is whether

@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"fmt"
+	"net/netip"
 	"os"
 	"slices"
 	"strconv"
@@ -41,7 +42,7 @@ type fakeProc struct {
 	signals []syscall.Signal
 	ignore  map[syscall.Signal]bool // signals that do not end it
 	alive   bool
-	listens bool
+	holds   []Listener // the sockets it has bound, as listeners
 }
 
 func newFakeSystem() *fakeSystem {
@@ -114,7 +115,7 @@ func (p *fakeProc) release() {}
 // exitLocked ends p with status ws: its channel end closes and its exit
 // waits to be reaped.
 func (f *fakeSystem) exitLocked(p *fakeProc, ws unix.WaitStatus) {
-	p.alive, p.listens = false, false
+	p.alive, p.holds = false, nil
 	p.peer.Close()
 	f.pending = append(f.pending, exit{p.id, ws})
 	select {
@@ -138,20 +139,35 @@ func (f *fakeSystem) reap(pids []int, all bool) []exit {
 	return out
 }
 
-func (f *fakeSystem) listeners(int) ([]reuseport.Socket, error) {
+// sockets lists the sockets the live processes hold. A socket's inode is
+// its holder's pid times 1000 plus its place in the holder's list.
+func (f *fakeSystem) sockets(l Listener) ([]reuseport.Socket, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var socks []reuseport.Socket
 	for pid, p := range f.procs {
-		if p.listens {
-			socks = append(socks, reuseport.Socket{Inode: uint64(pid)})
+		for i, h := range p.holds {
+			if h.Network == l.Network && (l.Port == 0 || h.Port == l.Port) {
+				socks = append(socks, reuseport.Socket{
+					Inode: uint64(pid*1000 + i),
+					Addr:  netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(h.Port)),
+				})
+			}
 		}
 	}
 	return socks, nil
 }
 
 func (f *fakeSystem) inodes(pid int) (map[uint64]struct{}, error) {
-	return map[uint64]struct{}{uint64(pid): {}}, nil
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	set := map[uint64]struct{}{}
+	if p := f.procs[pid]; p != nil {
+		for i := range p.holds {
+			set[uint64(pid*1000+i)] = struct{}{}
+		}
+	}
+	return set, nil
 }
 
 func (f *fakeSystem) rss(pid int) (uint64, error) {
@@ -245,10 +261,16 @@ func (m *machine) exit(p *fakeProc, code int) {
 	m.settle()
 }
 
-// listen makes p listen on the port and lets the loop's next poll see it.
+// listen makes p listen on every listener and lets the loop's next poll
+// see it.
 func (m *machine) listen(p *fakeProc) {
+	m.hold(p, m.s.opts.Listeners...)
+}
+
+// hold makes p bind ls and lets the loop's next poll see it.
+func (m *machine) hold(p *fakeProc, ls ...Listener) {
 	m.sys.mu.Lock()
-	p.listens = true
+	p.holds = append(p.holds, ls...)
 	m.sys.mu.Unlock()
 	m.advance(10 * time.Millisecond)
 }

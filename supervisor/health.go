@@ -2,27 +2,29 @@ package supervisor
 
 import (
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 )
 
-// checkPortFree warns when the port has listeners before any worker: a
+// checkPortFree warns when a listener has sockets before any worker: a
 // socket bound without SO_REUSEPORT, or by another user, makes every
 // worker's bind fail; one that joined the group takes a share of the
-// connections.
+// connections or datagrams.
 func (s *Supervisor) checkPortFree() {
-	if s.opts.Port == 0 {
-		return
+	for _, l := range s.opts.Listeners {
+		socks, err := s.sys.sockets(l)
+		if err != nil || len(socks) == 0 {
+			continue
+		}
+		uids := make([]uint32, 0, len(socks))
+		for _, sk := range socks {
+			uids = append(uids, sk.UID)
+		}
+		s.log.Warn().Str("listener", l.String()).Int("sockets", len(socks)).Interface("uids", uids).
+			Msgf("%s already has %d socket(s) before any worker started: if one was bound without SO_REUSEPORT or by another user, the workers cannot bind it; find the owner with 'ss -%slnp sport = :%d'",
+				l, len(socks), l.Network[:1], l.Port)
 	}
-	socks, err := s.sys.listeners(s.opts.Port)
-	if err != nil || len(socks) == 0 {
-		return
-	}
-	uids := make([]uint32, 0, len(socks))
-	for _, sk := range socks {
-		uids = append(uids, sk.UID)
-	}
-	s.log.Warn().Int("port", s.opts.Port).Int("sockets", len(socks)).Interface("uids", uids).
-		Msgf("port %d already has %d listening socket(s) before any worker started: if it was bound without SO_REUSEPORT or by another user, the workers cannot bind it; find the owner with 'ss -ltnp sport = :%d'", s.opts.Port, len(socks), s.opts.Port)
 }
 
 func (s *Supervisor) setListening(w *worker) {
@@ -78,9 +80,11 @@ func (w *worker) nextPoll(now time.Time) time.Time {
 	return w.polled.Add(100 * time.Millisecond)
 }
 
-// pollListening asks the kernel which of the online workers listen.
+// pollListening asks the kernel which of the online workers listen on
+// every listener, and says once why a worker that runs for a while does
+// not.
 func (s *Supervisor) pollListening(now time.Time) {
-	if s.opts.Ready != ReadyListen || s.opts.Port == 0 {
+	if s.opts.Ready != ReadyListen || len(s.opts.Listeners) == 0 {
 		return
 	}
 	var due []*worker
@@ -92,31 +96,94 @@ func (s *Supervisor) pollListening(now time.Time) {
 	if len(due) == 0 {
 		return
 	}
-	socks, err := s.sys.listeners(s.opts.Port)
-	if err != nil {
-		s.log.Warn().Err(err).Int("port", s.opts.Port).Msg("cannot read the kernel's listening sockets")
-	}
-	inodes := make(map[uint64]bool, len(socks))
-	for _, sk := range socks {
-		inodes[sk.Inode] = true
+	// The kernel's sockets of each listener, read once for all workers.
+	byListener := make([]map[uint64]bool, len(s.opts.Listeners))
+	for i, l := range s.opts.Listeners {
+		socks, err := s.sys.sockets(l)
+		if err != nil {
+			s.log.Warn().Err(err).Str("listener", l.String()).Msg("cannot read the kernel's sockets")
+		}
+		byListener[i] = make(map[uint64]bool, len(socks))
+		for _, sk := range socks {
+			byListener[i][sk.Inode] = true
+		}
 	}
 	for _, w := range due {
 		w.polled = now
-		if len(inodes) == 0 {
-			continue
-		}
 		held, err := s.sys.inodes(w.pid)
 		if err != nil {
 			continue
 		}
-		for ino := range held {
-			if inodes[ino] {
-				w.inodes = append(w.inodes, ino)
+		var found []uint64
+		serves := true
+		for i := range s.opts.Listeners {
+			n := 0
+			for ino := range held {
+				if byListener[i][ino] {
+					found = append(found, ino)
+					n++
+				}
 			}
+			serves = serves && n > 0
 		}
-		if len(w.inodes) > 0 {
-			slices.Sort(w.inodes)
+		if serves {
+			slices.Sort(found)
+			w.inodes, w.waiting = found, ""
 			s.setListening(w)
+			continue
+		}
+		if w.waiting == "" && !now.Before(w.started.Add(s.diagnoseAfter())) {
+			s.diagnose(w, held)
 		}
 	}
+}
+
+// diagnoseAfter is how long a worker may run without listening before the
+// master says why: 5 seconds, or the ready timeout when shorter.
+func (s *Supervisor) diagnoseAfter() time.Duration {
+	return min(5*time.Second, s.opts.ReadyTimeout)
+}
+
+// diagnose logs once what w's process tree listens on instead of every
+// listener, and keeps it for the status.
+func (s *Supervisor) diagnose(w *worker, held map[uint64]struct{}) {
+	var has []string
+	var missing []string
+	for _, network := range []string{"tcp", "udp"} {
+		socks, err := s.sys.sockets(Listener{Network: network})
+		if err != nil {
+			continue
+		}
+		for _, sk := range socks {
+			// A connected UDP socket is a client's (a DNS lookup): not one
+			// that serves.
+			if _, ok := held[sk.Inode]; ok && !sk.Peer.IsValid() {
+				has = append(has, network+":"+sk.Addr.String())
+			}
+		}
+	}
+	for _, l := range s.opts.Listeners {
+		found := false
+		for _, h := range has {
+			if strings.HasPrefix(h, l.Network+":") && strings.HasSuffix(h, ":"+strconv.Itoa(l.Port)) {
+				found = true
+			}
+		}
+		if !found {
+			missing = append(missing, l.String())
+		}
+	}
+	slices.Sort(has)
+	has = slices.Compact(has)
+	if len(has) == 0 {
+		w.waiting = "holds no listening socket; not listening on " + strings.Join(missing, ", ")
+	} else {
+		w.waiting = "listens on " + strings.Join(has, ", ") + ", not on " + strings.Join(missing, ", ")
+	}
+	hint := "check that it binds the port in PORT or SHOAL_PORTS, with SO_REUSEPORT"
+	if s.opts.Ready == ReadyListen && len(has) == 0 {
+		hint += ", or that it has not failed to bind (its own log says)"
+	}
+	s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Str("listens_on", strings.Join(has, ",")).Str("missing", strings.Join(missing, ",")).
+		Msgf("worker runs for %s but does not serve: it %s; %s", s.diagnoseAfter(), w.waiting, hint)
 }

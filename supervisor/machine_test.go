@@ -562,3 +562,47 @@ func TestMachineStopWaitsForOrphans(t *testing.T) {
 		t.Fatalf("left-behind process alive %v, finished %v; want it killed and Run done", left.alive, m.s.finished())
 	}
 }
+
+func TestMachineListeningNeedsEveryListener(t *testing.T) {
+	tcp, udp := Listener{"tcp", 8443}, Listener{"udp", 8443}
+	m := newMachine(t, Options{Workers: 1, Listeners: []Listener{tcp, udp}})
+	p := m.proc(1)
+	m.hold(p, tcp)
+	if st := m.s.slots[1].w.state; st != Online {
+		t.Fatalf("state %s with only the TCP socket, want online", st)
+	}
+	m.hold(p, udp)
+	if st := m.s.slots[1].w.state; st != Listening {
+		t.Fatalf("state %s with both sockets, want listening", st)
+	}
+	if got := len(m.s.slots[1].w.inodes); got != 2 {
+		t.Errorf("%d sockets recorded, want 2", got)
+	}
+	if env := p.env; !slices.Contains(env, "PORT=8443") || !slices.Contains(env, "SHOAL_PORTS=tcp:8443,udp:8443") {
+		t.Errorf("environment %q: want PORT=8443 and SHOAL_PORTS=tcp:8443,udp:8443", env)
+	}
+}
+
+func TestMachineWrongPortIsDiagnosedOnce(t *testing.T) {
+	var logs bytes.Buffer
+	log := zerolog.New(&logs)
+	m := newMachine(t, Options{Workers: 1, Port: 8000, Logger: &log})
+	p := m.proc(1)
+	m.hold(p, Listener{"tcp", 9000})
+	m.advance(4 * time.Second)
+	if strings.Contains(logs.String(), "does not serve") {
+		t.Fatal("diagnosed before 5 s")
+	}
+	m.advance(time.Second)
+	m.advance(time.Second)
+	if n := strings.Count(logs.String(), "does not serve"); n != 1 {
+		t.Fatalf("%d warnings, want 1:\n%s", n, logs.String())
+	}
+	if !strings.Contains(logs.String(), "listens on tcp:127.0.0.1:9000, not on tcp:8000") {
+		t.Errorf("the warning does not name the port it listens on:\n%s", logs.String())
+	}
+	snap := m.s.snapshot()
+	if w := snap.Workers[0].Waiting; !strings.Contains(w, "127.0.0.1:9000") {
+		t.Errorf("status says %q, want why it does not serve", w)
+	}
+}

@@ -67,8 +67,9 @@ type ReadyMode int
 
 const (
 	// ReadyListen waits until the kernel shows the worker's process (or one
-	// of its descendants) owning a TCP socket in LISTEN state on Options.Port.
-	// It needs no cooperation from the worker: nginx is seen listening too.
+	// of its descendants) owning a socket on every one of Options.Listeners:
+	// a TCP socket in LISTEN state, or a bound UDP socket. It needs no
+	// cooperation from the worker: nginx is seen listening too.
 	ReadyListen ReadyMode = iota
 	// ReadyMessage waits for the worker to send {"cmd":"shoal:ready"}.
 	ReadyMessage
@@ -141,9 +142,15 @@ type Options struct {
 	// Workers is the number of workers. 0 means AvailableCPUs(), unless Fork
 	// was called before Run: then the forked workers alone.
 	Workers int
-	// Port is exported to workers as PORT, and is the port on which the
-	// master looks for their LISTEN sockets. 0 means no port: no PORT, and
-	// with ReadyListen a worker counts as serving once it runs.
+	// Listeners are the ports the workers serve, TCP or UDP. Workers get
+	// the first one's port as PORT and all of them as SHOAL_PORTS
+	// ("tcp:443,udp:443"); with ReadyListen a worker serves once it, or a
+	// descendant, holds a socket on every listener: a TCP socket in LISTEN
+	// state, or a bound UDP socket. None means no port: no PORT, and with
+	// ReadyListen a worker counts as serving once it runs.
+	Listeners []Listener
+	// Port is a shorthand for one TCP listener when Listeners is empty;
+	// otherwise New sets it to the first listener's port.
 	Port int
 	// Ready says how the master learns that a worker serves.
 	Ready ReadyMode
@@ -234,6 +241,12 @@ var ErrTooManyRestarts = fmt.Errorf("supervisor: too many restarts")
 func (o Options) withDefaults() Options {
 	if o.StopTimeout <= 0 {
 		o.StopTimeout = DefaultStopTimeout
+	}
+	if len(o.Listeners) == 0 && o.Port != 0 {
+		o.Listeners = []Listener{{"tcp", o.Port}}
+	}
+	if len(o.Listeners) > 0 {
+		o.Port = o.Listeners[0].Port
 	}
 	if o.StopSignal == 0 {
 		o.StopSignal = DefaultStopSignal

@@ -109,7 +109,7 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 func (s *Supervisor) online(w *worker) {
 	w.state = Online
 	s.emit(Event{Type: EventOnline, Worker: w.slot.id, PID: w.pid})
-	if s.opts.Ready == ReadyListen && s.opts.Port == 0 {
+	if s.opts.Ready == ReadyListen && len(s.opts.Listeners) == 0 {
 		s.setListening(w)
 	}
 }
@@ -161,8 +161,8 @@ func (s *Supervisor) env(id int) []string {
 		"NODE_CHANNEL_FD=3",
 		"NODE_CHANNEL_SERIALIZATION_MODE=json",
 	)
-	if s.opts.Port != 0 {
-		env = append(env, EnvPort+"="+strconv.Itoa(s.opts.Port))
+	if len(s.opts.Listeners) > 0 {
+		env = append(env, EnvPort+"="+strconv.Itoa(s.opts.Listeners[0].Port), EnvPorts+"="+listenersText(s.opts.Listeners))
 	}
 	return dedupEnv(env)
 }

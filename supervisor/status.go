@@ -23,17 +23,19 @@ type WorkerStatus struct {
 	Deaths   map[string]uint64 // deaths in this slot by Death.Class
 	Backoff  time.Duration     // delay before the pending restart, if one is pending
 	IPC      ipc.Stats         // the slot's message counters, across restarts
-	Sockets  []uint64          // inodes of the LISTEN sockets on Port in which the master saw the current process listen
+	Sockets  []uint64          // inodes of the sockets on the listeners in which the master saw the current process listen
+	Waiting  string            // why a running process does not serve yet, once the master has looked (see Options.Ready)
 }
 
 // Snapshot is the supervisor's state at one moment.
 type Snapshot struct {
-	Desired  int    // slots wanted
-	Port     int    // the port workers listen on; 0 for none
-	Restarts uint64 // replacements started after deaths
-	GiveUps  uint64 // times MaxRestarts ended the supervisor
-	Stopping bool   // a stop was requested or the supervisor gave up
-	Reloads  uint64 // reloads that finished
+	Desired   int        // slots wanted
+	Port      int        // the first listener's port; 0 for none
+	Listeners []Listener // the ports workers serve
+	Restarts  uint64     // replacements started after deaths
+	GiveUps   uint64     // times MaxRestarts ended the supervisor
+	Stopping  bool       // a stop was requested or the supervisor gave up
+	Reloads   uint64     // reloads that finished
 	// ReloadFailures counts reloads aborted by a broken replacement.
 	ReloadFailures uint64
 	Reloading      bool           // a reload runs now
@@ -62,28 +64,33 @@ func (s *Supervisor) Snapshot() (snap Snapshot, ok bool) {
 // or ctx ends first.
 func (s *Supervisor) SnapshotContext(ctx context.Context) (Snapshot, error) {
 	var snap Snapshot
-	err := s.doContext(ctx, func() {
-		now := s.now()
-		snap = Snapshot{Desired: s.desired(), Port: s.opts.Port, Restarts: s.restarts, GiveUps: s.giveUps, Stopping: s.stopping,
-			Reloads: s.reloads, ReloadFailures: s.reloadErrs, Reloading: s.reload != nil}
-		for _, id := range s.slotIDs() {
-			sl := s.slots[id]
-			st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Restarts: sl.restarts, Reloads: sl.reloads, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}
-			addStats(&st.IPC, sl.ipcBase)
-			for _, ch := range sl.retired {
-				addStats(&st.IPC, ch.Stats())
-			}
-			if w := sl.w; w != nil {
-				st.PID, st.State, st.Started, st.Uptime = w.pid, w.state, w.started, now.Sub(w.started)
-				st.Sockets = slices.Clone(w.inodes)
-				addStats(&st.IPC, w.ch.Stats())
-			} else if !sl.restartAt.IsZero() {
-				st.Backoff = sl.restartAt.Sub(now)
-			}
-			snap.Workers = append(snap.Workers, st)
-		}
-	})
+	err := s.doContext(ctx, func() { snap = s.snapshot() })
 	return snap, err
+}
+
+// snapshot takes the snapshot, on the loop goroutine.
+func (s *Supervisor) snapshot() Snapshot {
+	now := s.now()
+	snap := Snapshot{Desired: s.desired(), Port: s.opts.Port, Listeners: s.opts.Listeners, Restarts: s.restarts, GiveUps: s.giveUps, Stopping: s.stopping,
+		Reloads: s.reloads, ReloadFailures: s.reloadErrs, Reloading: s.reload != nil}
+	for _, id := range s.slotIDs() {
+		sl := s.slots[id]
+		st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Restarts: sl.restarts, Reloads: sl.reloads, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}
+		addStats(&st.IPC, sl.ipcBase)
+		for _, ch := range sl.retired {
+			addStats(&st.IPC, ch.Stats())
+		}
+		if w := sl.w; w != nil {
+			st.PID, st.State, st.Started, st.Uptime = w.pid, w.state, w.started, now.Sub(w.started)
+			st.Sockets = slices.Clone(w.inodes)
+			st.Waiting = w.waiting
+			addStats(&st.IPC, w.ch.Stats())
+		} else if !sl.restartAt.IsZero() {
+			st.Backoff = sl.restartAt.Sub(now)
+		}
+		snap.Workers = append(snap.Workers, st)
+	}
+	return snap
 }
 
 // Requests returns the number of requests all workers have reported, ever.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -89,7 +90,8 @@ type worker struct {
 	stopAt  time.Time // when it was sent SIGTERM
 	killed  bool      // it was sent SIGKILL
 	polled  time.Time // when the kernel was last asked whether it listens
-	inodes  []uint64  // its LISTEN sockets on the port, as first seen
+	inodes  []uint64  // its sockets on the listeners, as first seen
+	waiting string    // why it does not serve, once diagnosed
 
 	// Set by its channel's reader goroutine.
 	beat      atomic.Int64  // unix nanoseconds of its last heartbeat; 0 if none yet
@@ -111,6 +113,14 @@ func New(opts Options) (*Supervisor, error) {
 	}
 	if opts.Port < 0 || opts.Port > 65535 {
 		return nil, fmt.Errorf("supervisor: port %d: want 1..65535, or 0 for none", opts.Port)
+	}
+	for i, l := range opts.Listeners {
+		if _, err := parseListener(l.String()); err != nil {
+			return nil, fmt.Errorf("supervisor: %w", err)
+		}
+		if slices.Contains(opts.Listeners[:i], l) {
+			return nil, fmt.Errorf("supervisor: listener %s given twice", l)
+		}
 	}
 	s := &Supervisor{
 		opts:    opts,
@@ -247,7 +257,7 @@ func (s *Supervisor) begin() {
 	if n == 0 {
 		n = AvailableCPUs()
 	}
-	s.log.Info().Int("workers", n).Str("command", strings.Join(s.argv, " ")).Int("port", s.opts.Port).
+	s.log.Info().Int("workers", n).Str("command", strings.Join(s.argv, " ")).Str("listeners", listenersText(s.opts.Listeners)).
 		Str("restart", s.opts.Restart.String()).Msg("starting workers")
 	s.checkPortFree()
 	// Every slot first, so each worker's SHOAL_WORKERS is the count.
@@ -380,7 +390,7 @@ func (s *Supervisor) nextWake(now time.Time) time.Duration {
 				earlier(s.stopDeadline(w))
 			}
 		case Online:
-			if s.opts.Ready == ReadyListen && s.opts.Port != 0 {
+			if s.opts.Ready == ReadyListen && len(s.opts.Listeners) > 0 {
 				earlier(w.nextPoll(now))
 			}
 		}

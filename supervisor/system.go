@@ -36,10 +36,11 @@ type system interface {
 	// With all, it collects any child's (orphans are a subreaper's too),
 	// reporting them by pid.
 	reap(pids []int, all bool) []exit
-	// listeners returns the kernel's sockets on a port that the
-	// supervisor counts as serving; inodes the socket inodes that pid and
-	// its descendants hold.
-	listeners(port int) ([]reuseport.Socket, error)
+	// sockets returns the kernel's sockets of a listener that count as
+	// serving it: TCP sockets in LISTEN state, bound UDP sockets; port 0
+	// means every port. inodes returns the socket inodes that pid and its
+	// descendants hold.
+	sockets(l Listener) ([]reuseport.Socket, error)
 	inodes(pid int) (map[uint64]struct{}, error)
 	// rss returns pid's resident memory in bytes.
 	rss(pid int) (uint64, error)
@@ -190,7 +191,12 @@ func (*realSystem) reap(pids []int, all bool) []exit {
 	return out
 }
 
-func (*realSystem) listeners(port int) ([]reuseport.Socket, error) { return reuseport.Listeners(port) }
+func (*realSystem) sockets(l Listener) ([]reuseport.Socket, error) {
+	if l.Network == "udp" {
+		return reuseport.UDPSockets(l.Port)
+	}
+	return reuseport.Listeners(l.Port)
+}
 
 func (*realSystem) inodes(pid int) (map[uint64]struct{}, error) { return reuseport.Inodes(pid) }
 
