@@ -200,6 +200,80 @@ func parseSize(s string) (uint64, error) {
 	return n * mult, nil
 }
 
+// portsFlag takes listeners, comma-separated or repeated; the first use
+// replaces the default. "0" means none.
+type portsFlag struct {
+	v   *[]supervisor.Listener
+	set bool
+}
+
+func (f *portsFlag) String() string {
+	if f.v == nil || len(*f.v) == 0 {
+		return "0"
+	}
+	parts := make([]string, len(*f.v))
+	for i, l := range *f.v {
+		parts[i] = l.String()
+	}
+	return strings.Join(parts, ",")
+}
+
+func (f *portsFlag) Set(s string) error {
+	if !f.set {
+		*f.v, f.set = nil, true
+	}
+	if strings.TrimSpace(s) == "0" {
+		*f.v = nil
+		return nil
+	}
+	ls, err := supervisor.ParseListeners(s)
+	if err != nil {
+		return err
+	}
+	for _, l := range ls {
+		if slices.Contains(*f.v, l) {
+			return fmt.Errorf("listener %s given twice", l)
+		}
+		*f.v = append(*f.v, l)
+	}
+	return nil
+}
+
+// signalFlag is a signal: TERM, SIGTERM, term or 15.
+type signalFlag struct{ v *syscall.Signal }
+
+func (f signalFlag) String() string {
+	if f.v == nil || *f.v == 0 {
+		return "TERM"
+	}
+	return strings.TrimPrefix(unix.SignalName(*f.v), "SIG")
+}
+
+func (f signalFlag) Set(s string) error {
+	sig, err := parseSignal(s)
+	if err != nil {
+		return err
+	}
+	*f.v = sig
+	return nil
+}
+
+// parseSignal reads a signal's name, with or without SIG, in any case, or
+// its number.
+func parseSignal(s string) (syscall.Signal, error) {
+	s = strings.ToUpper(strings.TrimSpace(s))
+	if n, err := strconv.Atoi(s); err == nil && n > 0 && n < 65 {
+		return syscall.Signal(n), nil
+	}
+	if !strings.HasPrefix(s, "SIG") {
+		s = "SIG" + s
+	}
+	if sig := unix.SignalNum(s); sig != 0 {
+		return sig, nil
+	}
+	return 0, fmt.Errorf("signal %q: want a name such as TERM, QUIT, INT, USR1 or a number 1..64", strings.TrimPrefix(s, "SIG"))
+}
+
 // uint64Flag is a count.
 type uint64Flag struct{ v *uint64 }
 
@@ -347,7 +421,8 @@ func parseConfig(args []string, lookupEnv func(string) (string, bool), stdout, s
 // field left zero mean one thing.
 func defaultConfig() config {
 	var c config
-	c.opts.Port = 8000
+	c.opts.Listeners = []supervisor.Listener{{Network: "tcp", Port: 8000}}
+	c.opts.StopSignal = supervisor.DefaultStopSignal
 	c.opts.StopTimeout = supervisor.DefaultStopTimeout
 	c.opts.ReadyTimeout = supervisor.DefaultReadyTimeout
 	c.opts.RestartWindow = supervisor.DefaultRestartWindow
@@ -376,8 +451,8 @@ func (c *config) flags() (*flag.FlagSet, map[string]string) {
 	}
 	def("workers", intFlag{&c.opts.Workers, 1, 1 << 16, "a whole number of workers, 1 or more"},
 		"number of workers (default: the CPUs this process may use, after affinity and cgroup quota)")
-	def("port", intFlag{&c.opts.Port, 0, 65535, "a port number 1..65535, or 0 for none"},
-		"port exported to workers as PORT and watched for their LISTEN sockets; 0 for none")
+	def("port", &portsFlag{v: &c.opts.Listeners},
+		"listeners the workers serve: 8000 (TCP), tcp:8000, udp:5353, comma-separated or repeated; workers get the first one's port as PORT and all as SHOAL_PORTS; 0 for none")
 	def("host", &stringFlag{&c.host},
 		"address exported to workers as HOST; the built-in worker listens there (default: all addresses)")
 	def("env", listFlag{&c.opts.Env},
@@ -405,7 +480,9 @@ func (c *config) flags() (*flag.FlagSet, map[string]string) {
 	def("restart", textFlag{&c.opts.Restart},
 		"restart policy: always, on-failure or never")
 	def("stop-timeout", durationFlag{&c.opts.StopTimeout, 0},
-		"time a worker has to exit after SIGTERM before SIGKILL")
+		"time a worker has to exit after the stop signal before SIGKILL")
+	def("stop-signal", signalFlag{&c.opts.StopSignal},
+		"the signal that asks a worker to finish and exit, on stop, reload, scale-down and recycle: TERM, QUIT (nginx), INT, SIGQUIT or a number")
 	def("max-restarts", intFlag{&c.opts.MaxRestarts, 0, 1 << 30, "a whole number, 0 (no limit) or more"},
 		"give up and exit 1 after this many restarts within --restart-window; 0 for no limit")
 	def("restart-window", durationFlag{&c.opts.RestartWindow, time.Second},
@@ -496,8 +573,8 @@ func (c *config) finish() error {
 	if c.bindCap {
 		c.opts.AmbientCaps = []uintptr{unix.CAP_NET_BIND_SERVICE}
 	}
-	if len(c.opts.Command) == 0 && c.opts.Port == 0 {
-		return errors.New("the built-in worker needs a port: give --port 1..65535")
+	if len(c.opts.Command) == 0 && !slices.ContainsFunc(c.opts.Listeners, func(l supervisor.Listener) bool { return l.Network == "tcp" }) {
+		return errors.New("the built-in worker needs a port: it serves HTTP on a TCP listener; give --port 8000 or --port tcp:PORT")
 	}
 	return checkExecSize(c.opts)
 }

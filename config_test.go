@@ -5,7 +5,9 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -41,7 +43,7 @@ func TestDefaultsAreTheSupervisors(t *testing.T) {
 		o.MaxMessage != supervisor.DefaultMaxMessage || o.QueueLen != supervisor.DefaultQueueLen {
 		t.Errorf("defaults differ from the supervisor's: %+v", o)
 	}
-	if o.Restart != supervisor.RestartAlways || o.Ready != supervisor.ReadyListen || o.Port != 8000 || o.Workers != 0 ||
+	if o.Restart != supervisor.RestartAlways || o.Ready != supervisor.ReadyListen || !slices.Equal(o.Listeners, []supervisor.Listener{{Network: "tcp", Port: 8000}}) || o.StopSignal != syscall.SIGTERM || o.Workers != 0 ||
 		c.logFormat != logAuto || zerolog.Level(c.logLevel) != zerolog.InfoLevel || c.migrateReq != migrateAuto {
 		t.Errorf("defaults: %+v", c)
 	}
@@ -177,4 +179,49 @@ func TestEnvFile(t *testing.T) {
 			t.Errorf("%s: error %v, want one naming line 2 and not showing it", name, err)
 		}
 	}
+}
+
+func TestPortsAndStopSignal(t *testing.T) {
+	tcp := func(p int) supervisor.Listener { return supervisor.Listener{Network: "tcp", Port: p} }
+	udp := func(p int) supervisor.Listener { return supervisor.Listener{Network: "udp", Port: p} }
+	for _, tc := range []struct {
+		args []string
+		env  map[string]string
+		want []supervisor.Listener
+	}{
+		{[]string{"--port", "3000"}, nil, []supervisor.Listener{tcp(3000)}},
+		{[]string{"--port", "tcp:443", "--port", "udp:443"}, nil, []supervisor.Listener{tcp(443), udp(443)}},
+		{[]string{"--port", "tcp:443,udp:443", "--", "srv"}, nil, []supervisor.Listener{tcp(443), udp(443)}},
+		{nil, map[string]string{"SHOAL_PORT": "udp:5353,8080"}, []supervisor.Listener{udp(5353), tcp(8080)}},
+		{[]string{"--port", "0", "--", "srv"}, nil, nil},
+	} {
+		c, err := parse(t, env(kv(tc.env)...), tc.args...)
+		if err != nil {
+			t.Errorf("%v %v: %v", tc.args, tc.env, err)
+			continue
+		}
+		if !slices.Equal(c.opts.Listeners, tc.want) {
+			t.Errorf("%v %v: listeners %v, want %v", tc.args, tc.env, c.opts.Listeners, tc.want)
+		}
+	}
+	for _, args := range [][]string{{"--port", "udp:"}, {"--port", "sctp:80"}, {"--port", "tcp:70000"}, {"--port", "8000", "--port", "tcp:8000"},
+		{"--port", "udp:53"}, {"--stop-signal", "NOPE"}, {"--stop-signal", "99"}} {
+		if _, err := parse(t, env(), args...); err == nil || strings.Contains(err.Error(), "\n") {
+			t.Errorf("%v: error %v, want one line", args, err)
+		}
+	}
+	for text, want := range map[string]syscall.Signal{"QUIT": syscall.SIGQUIT, "sigquit": syscall.SIGQUIT, "3": syscall.SIGQUIT, "TERM": syscall.SIGTERM, "USR2": syscall.SIGUSR2} {
+		c, err := parse(t, env(), "--stop-signal", text)
+		if err != nil || c.opts.StopSignal != want {
+			t.Errorf("--stop-signal %s: %v, %v; want %v", text, c.opts.StopSignal, err, want)
+		}
+	}
+}
+
+func kv(m map[string]string) []string {
+	var out []string
+	for k, v := range m {
+		out = append(out, k+"="+v)
+	}
+	return out
 }

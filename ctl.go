@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/shoal-sh/shoal/control"
 	"github.com/shoal-sh/shoal/supervisor"
@@ -71,6 +72,16 @@ func handleControl(ctx context.Context, req control.Request, sup *supervisor.Sup
 		if err := sup.Broadcast(req.Msg); err != nil {
 			return fail(err)
 		}
+	case "signal":
+		sig, err := parseSignal(req.Signal)
+		if err != nil {
+			return fail(err)
+		}
+		n, err := sup.Signal(req.Worker, sig)
+		if err != nil {
+			return fail(err)
+		}
+		log.Info().Str("signal", unix.SignalName(sig)).Int("workers", n).Msg("signal sent to workers")
 	case "stop":
 		stop()
 	default:
@@ -85,7 +96,7 @@ func statusOf(snap supervisor.Snapshot) control.Status {
 	st := control.Status{Desired: snap.Desired, Reloading: snap.Reloading, Stopping: snap.Stopping, Workers: []control.WorkerStatus{}}
 	for _, w := range snap.Workers {
 		st.Workers = append(st.Workers, control.WorkerStatus{Slot: w.ID, PID: w.PID, State: w.State.String(),
-			Uptime: w.Uptime.Seconds(), Restarts: w.Restarts, Reloads: w.Reloads, Requests: w.Requests})
+			Uptime: w.Uptime.Seconds(), Restarts: w.Restarts, Reloads: w.Reloads, Requests: w.Requests, Waiting: w.Waiting})
 	}
 	return st
 }
@@ -94,15 +105,17 @@ func statusOf(snap supervisor.Snapshot) control.Status {
 type ctlCommand struct {
 	name, args, what string
 	nargs            int
+	optional         int // arguments that may be left out, at the end
 }
 
 var ctlCommands = []ctlCommand{
-	{"status", "", "a table of the workers: slot, pid, state, uptime, restarts, reloads, requests", 0},
-	{"reload", "", "roll every worker over with no downtime; exits 1 if the reload aborted", 0},
-	{"scale", "N", "run N workers", 1},
-	{"send", "SLOT JSON", "send a message to one worker through the message bus", 2},
-	{"broadcast", "JSON", "send a message to every worker", 1},
-	{"stop", "", "stop shoal gracefully", 0},
+	{"status", "", "a table of the workers: slot, pid, state, uptime, restarts, reloads, requests", 0, 0},
+	{"reload", "", "roll every worker over with no downtime; exits 1 if the reload aborted", 0, 0},
+	{"scale", "N", "run N workers", 1, 0},
+	{"send", "SLOT JSON", "send a message to one worker through the message bus", 2, 0},
+	{"broadcast", "JSON", "send a message to every worker", 1, 0},
+	{"signal", "SIG [SLOT|all]", "send a signal (USR1, HUP, 10) to one worker or to all", 2, 1},
+	{"stop", "", "stop shoal gracefully", 0, 0},
 }
 
 const ctlFlagsUsage = "[--control PATH] [--json] [--timeout D]"
@@ -247,13 +260,13 @@ func findCtlCommand(args []string) (ctlCommand, bool) {
 // ctlRequest builds the request that the command line asks for.
 func ctlRequest(args []string) (control.Request, error) {
 	if len(args) == 0 {
-		return control.Request{}, errors.New("no command: want one of status, reload, scale, send, broadcast, stop")
+		return control.Request{}, errors.New("no command: want one of status, reload, scale, send, broadcast, signal, stop")
 	}
 	c, ok := findCtlCommand(args)
 	if !ok {
-		return control.Request{}, fmt.Errorf("unknown command %q: want one of status, reload, scale, send, broadcast, stop", args[0])
+		return control.Request{}, fmt.Errorf("unknown command %q: want one of status, reload, scale, send, broadcast, signal, stop", args[0])
 	}
-	if got := len(args) - 1; got != c.nargs {
+	if got := len(args) - 1; got > c.nargs || got < c.nargs-c.optional {
 		what := "no arguments"
 		if c.nargs > 0 {
 			what = fmt.Sprintf("%d argument(s), %s", c.nargs, c.args)
@@ -280,6 +293,13 @@ func ctlRequest(args []string) (control.Request, error) {
 		req.Msg, err = msg(args[2])
 	case "broadcast":
 		req.Msg, err = msg(args[1])
+	case "signal":
+		req.Signal = args[1]
+		if len(args) == 3 && args[2] != "all" {
+			if req.Worker, err = strconv.Atoi(args[2]); err != nil || req.Worker < 1 {
+				return req, fmt.Errorf("signal %q: want a worker slot, 1 or more, or all", args[2])
+			}
+		}
 	}
 	return req, err
 }

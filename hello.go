@@ -7,17 +7,28 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 
 	"github.com/shoal-sh/shoal/supervisor"
 	"github.com/shoal-sh/shoal/worker"
 )
 
 // runHello is the built-in worker: the hello-world HTTP server of the
-// Node.js cluster documentation, on $PORT.
+// Node.js cluster documentation, on $PORT, or the first TCP listener of
+// $SHOAL_PORTS.
 func runHello() int {
 	port := os.Getenv(supervisor.EnvPort)
 	if port == "" {
 		port = "8000"
+	}
+	// With several listeners, HTTP is served on the first TCP one.
+	if ls, err := supervisor.ParseListeners(os.Getenv(supervisor.EnvPorts)); err == nil {
+		for _, l := range ls {
+			if l.Network == "tcp" {
+				port = strconv.Itoa(l.Port)
+				break
+			}
+		}
 	}
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")

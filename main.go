@@ -18,7 +18,6 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
-	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -60,8 +59,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	// Handle signals before anything is forked: a Go PID 1 that does not
 	// would die of SIGTERM with no drain.
-	sigs := make(chan os.Signal, 8)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGTTIN, syscall.SIGTTOU)
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, masterSignals...)
 	defer signal.Stop(sigs)
 
 	cfg, err := parseConfig(args, os.LookupEnv, stdout, stderr)
@@ -169,41 +168,6 @@ func cloexecByProc(first int) error {
 		}
 	}
 	return nil
-}
-
-// handleSignals turns signals to the master into supervisor calls until ctx
-// ends.
-func handleSignals(ctx context.Context, sigs <-chan os.Signal, sup *supervisor.Supervisor, stop func(), log *zerolog.Logger) {
-	for {
-		var sig os.Signal
-		select {
-		case sig = <-sigs:
-		case <-ctx.Done():
-			return
-		}
-		switch sig {
-		case syscall.SIGTERM, syscall.SIGINT:
-			log.Info().Str("signal", sig.String()).Msg("stop requested")
-			stop()
-		case syscall.SIGHUP:
-			log.Info().Msg("reload requested (SIGHUP)")
-			go func() {
-				if err := sup.Reload(ctx); err != nil && ctx.Err() == nil {
-					log.Error().Err(err).Msg("reload failed")
-				}
-			}()
-		case syscall.SIGTTIN, syscall.SIGTTOU:
-			delta := 1
-			if sig == syscall.SIGTTOU {
-				delta = -1
-			}
-			if n, err := sup.ScaleBy(delta); err != nil {
-				log.Error().Err(err).Msg("scale failed")
-			} else {
-				log.Info().Str("signal", unix.SignalName(sig.(syscall.Signal))).Int("workers", n).Msg("scale requested")
-			}
-		}
-	}
 }
 
 // setupMigrateReq applies --migrate-req: with auto it turns

@@ -20,6 +20,8 @@
 //	{"cmd":"scale","n":4}                       run n workers (n >= 1)
 //	{"cmd":"send","worker":2,"msg":{"op":"x"}}  send msg to the worker in slot 2 (worker >= 1)
 //	{"cmd":"broadcast","msg":{"op":"x"}}        send msg to every worker
+//	{"cmd":"signal","signal":"USR1"}            send a signal to every worker
+//	{"cmd":"signal","signal":"HUP","worker":2}  send a signal to the worker in slot 2
 //	{"cmd":"stop"}                              stop shoal gracefully
 //
 // "n" and "worker" are whole numbers; "msg" is any JSON value, null
@@ -34,7 +36,7 @@
 //
 //	{"ok":true}
 //	{"ok":true,"result":{"desired":2,"reloading":false,"stopping":false,"workers":[{"slot":1,"pid":40112,"state":"listening","uptime_seconds":192.4,"restarts":0,"reloads":1,"requests":18234},...]}}
-//	{"ok":false,"error":"control: bad request: unknown cmd \"halt\": want one of status, reload, scale, send, broadcast, stop"}
+//	{"ok":false,"error":"control: bad request: unknown cmd \"halt\": want one of status, reload, scale, send, broadcast, signal, stop"}
 //
 // Every request line is answered, a bad one with "ok":false, and the
 // connection goes on. A line longer than MaxRequest is answered with an
@@ -97,11 +99,12 @@ const (
 	CmdScale     = "scale"     // run Request.N workers
 	CmdSend      = "send"      // send Request.Msg to the worker in slot Request.Worker
 	CmdBroadcast = "broadcast" // send Request.Msg to every worker
+	CmdSignal    = "signal"    // send Request.Signal to the worker in slot Request.Worker, or to all when it is 0
 	CmdStop      = "stop"      // stop shoal gracefully
 )
 
 // cmds lists the commands in the order error messages name them.
-var cmds = []string{CmdStatus, CmdReload, CmdScale, CmdSend, CmdBroadcast, CmdStop}
+var cmds = []string{CmdStatus, CmdReload, CmdScale, CmdSend, CmdBroadcast, CmdSignal, CmdStop}
 
 // wantCmd ends the error messages about a bad or missing cmd.
 var wantCmd = "want one of " + strings.Join(cmds, ", ")
@@ -112,7 +115,8 @@ var wantCmd = "want one of " + strings.Join(cmds, ", ")
 type Request struct {
 	Cmd    string          `json:"cmd"`              // one of the Cmd constants
 	N      int             `json:"n,omitempty"`      // scale: the number of workers, at least 1
-	Worker int             `json:"worker,omitempty"` // send: the worker's slot, at least 1
+	Worker int             `json:"worker,omitempty"` // send: the worker's slot, at least 1; signal: the same, or 0 (absent) for every worker
+	Signal string          `json:"signal,omitempty"` // signal: the signal's name (USR1, SIGHUP) or number
 	Msg    json.RawMessage `json:"msg,omitempty"`    // send, broadcast: the message, any JSON value
 }
 
@@ -129,6 +133,7 @@ var members = []struct{ name, what string }{
 	{"n", "the number of workers, at least 1"},
 	{"worker", "the worker's slot, at least 1"},
 	{"msg", "the message, any JSON value"},
+	{"signal", "the signal's name, such as USR1, or its number"},
 }
 
 // takes reports whether cmd takes the member name.
@@ -139,12 +144,18 @@ func takes(cmd, name string) bool {
 	case "n":
 		return cmd == CmdScale
 	case "worker":
-		return cmd == CmdSend
+		return cmd == CmdSend || cmd == CmdSignal
 	case "msg":
 		return cmd == CmdSend || cmd == CmdBroadcast
+	case "signal":
+		return cmd == CmdSignal
 	}
 	return false
 }
+
+// optional reports whether cmd may go without the member name: a signal
+// with no "worker" goes to every worker.
+func optional(cmd, name string) bool { return cmd == CmdSignal && name == "worker" }
 
 // ParseRequest decodes and checks one request line, with or without its
 // line end. It accepts a JSON object of at most MaxRequest bytes, in UTF-8,
@@ -208,6 +219,9 @@ func ParseRequest(line []byte) (Request, error) {
 			continue
 		}
 		raw, ok := m[mb.name]
+		if !ok && optional(req.Cmd, mb.name) {
+			continue
+		}
 		if !ok {
 			return Request{}, badf("%s needs %q, %s", req.Cmd, mb.name, mb.what)
 		}
@@ -220,6 +234,8 @@ func ParseRequest(line []byte) (Request, error) {
 			var b bytes.Buffer
 			err = json.Compact(&b, raw)
 			req.Msg = b.Bytes()
+		case "signal":
+			req.Signal, err = signalName(raw)
 		}
 		if err != nil {
 			return Request{}, err
@@ -247,9 +263,9 @@ func objectMembers(obj []byte) (map[string]json.RawMessage, error) {
 			return nil, badf("invalid JSON: %v", err)
 		}
 		switch name {
-		case "cmd", "n", "worker", "msg":
+		case "cmd", "n", "worker", "msg", "signal":
 		default:
-			return nil, badf(`unknown member %q: a request has "cmd" and, by command, "n" (scale), "worker" (send) or "msg" (send, broadcast)`, name)
+			return nil, badf(`unknown member %q: a request has "cmd" and, by command, "n" (scale), "worker" (send, signal), "msg" (send, broadcast) or "signal" (signal)`, name)
 		}
 		if _, dup := m[name]; dup {
 			return nil, badf("%q given twice", name)
@@ -274,6 +290,21 @@ func count(cmd, name string, raw json.RawMessage) (int, error) {
 		return 0, badf("%s: %q is %d, want at least 1", cmd, name, n)
 	}
 	return n, nil
+}
+
+// signalName parses the "signal" member: a string of at most 16 letters
+// and digits. Whether it names a signal is for the handler to say.
+func signalName(raw json.RawMessage) (string, error) {
+	var s string
+	if raw[0] != '"' || json.Unmarshal(raw, &s) != nil {
+		return "", badf(`signal: "signal" is a JSON %s, want a string such as "USR1"`, kind(raw))
+	}
+	if s == "" || len(s) > 16 || strings.IndexFunc(s, func(r rune) bool {
+		return !(r >= 'A' && r <= 'Z' || r >= 'a' && r <= 'z' || r >= '0' && r <= '9')
+	}) >= 0 {
+		return "", badf(`signal: "signal" is %s, want a signal's name such as "USR1" or its number`, snippet(raw))
+	}
+	return s, nil
 }
 
 // badf returns a bad request error.

@@ -22,13 +22,14 @@ type Status struct {
 
 // WorkerStatus is one slot of a [Status].
 type WorkerStatus struct {
-	Slot     int     `json:"slot"`           // 1, 2, ...
-	PID      int     `json:"pid"`            // 0 when no process fills the slot now
-	State    string  `json:"state"`          // "starting", "listening", ...
-	Uptime   float64 `json:"uptime_seconds"` // of the current process
-	Restarts int     `json:"restarts"`       // replacements after a death in the slot
-	Reloads  int     `json:"reloads"`        // replacements by a reload or recycle that took over the slot
-	Requests uint64  `json:"requests"`       // requests reported from the slot, across restarts
+	Slot     int     `json:"slot"`              // 1, 2, ...
+	PID      int     `json:"pid"`               // 0 when no process fills the slot now
+	State    string  `json:"state"`             // "starting", "listening", ...
+	Uptime   float64 `json:"uptime_seconds"`    // of the current process
+	Restarts int     `json:"restarts"`          // replacements after a death in the slot
+	Reloads  int     `json:"reloads"`           // replacements by a reload or recycle that took over the slot
+	Requests uint64  `json:"requests"`          // requests reported from the slot, across restarts
+	Waiting  string  `json:"waiting,omitempty"` // why a running worker does not serve yet, once the master has looked
 }
 
 // WriteTable writes st as the table `shoal ctl status` prints:
@@ -36,7 +37,8 @@ type WorkerStatus struct {
 //	SLOT  PID    STATE      UPTIME  RESTARTS  RELOADS  REQUESTS
 //	1     40112  listening  3m12s   0         1        18234
 //
-// A slot with no process shows "-" for its pid and uptime. Text from the
+// A slot with no process shows "-" for its pid and uptime. A worker that
+// runs but does not serve gets a line after the table saying why. Text from the
 // master is printed with control characters escaped, so that an answer
 // cannot drive the terminal.
 func (st *Status) WriteTable(w io.Writer) error {
@@ -50,7 +52,17 @@ func (st *Status) WriteTable(w io.Writer) error {
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%d\t%d\t%d\n", wk.Slot, pid, Printable(wk.State), up, wk.Restarts, wk.Reloads, wk.Requests)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, wk := range st.Workers {
+		if wk.Waiting != "" {
+			if _, err := fmt.Fprintf(w, "worker %d does not serve: it %s\n", wk.Slot, Printable(wk.Waiting)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // Printable returns s with what a terminal would act on escaped as Go

@@ -147,7 +147,7 @@ func TestCtlFlagsAfterTheCommand(t *testing.T) {
 			}
 		}
 	}
-	if _, stderr, code := ctlSplit(t, "frobnicate"); code != 2 || !strings.Contains(stderr, `unknown command "frobnicate": want one of status, reload, scale, send, broadcast, stop`) {
+	if _, stderr, code := ctlSplit(t, "frobnicate"); code != 2 || !strings.Contains(stderr, `unknown command "frobnicate": want one of status, reload, scale, send, broadcast, signal, stop`) {
 		t.Errorf("an unknown command: exit %d: %s", code, stderr)
 	}
 }
