@@ -31,6 +31,7 @@ type config struct {
 	metrics    string // address for /metrics, /healthz, /readyz; "" for none
 	minReady   int
 	control    string // the control socket's path; "" for none
+	controlSet bool   // --control or SHOAL_CONTROL was given
 	migrateReq migrateMode
 	logFormat  logFormat
 	logLevel   logLevel
@@ -199,6 +200,22 @@ func parseSize(s string) (uint64, error) {
 	}
 	return n * mult, nil
 }
+
+// controlFlag is --control: a path, "" for none; left unset, the default
+// follows the first port.
+type controlFlag struct {
+	v   *string
+	set *bool
+}
+
+func (f *controlFlag) String() string {
+	if f.v == nil || !*f.set {
+		return ""
+	}
+	return *f.v
+}
+
+func (f *controlFlag) Set(s string) error { *f.v, *f.set = s, true; return nil }
 
 // portsFlag takes listeners, comma-separated or repeated; the first use
 // replaces the default. "0" means none.
@@ -435,7 +452,6 @@ func defaultConfig() config {
 	c.logFormat, c.logLevel = logAuto, logLevel(zerolog.InfoLevel)
 	c.metrics = ":9441"
 	c.migrateReq = migrateAuto
-	c.control = control.DefaultPath()
 	return c
 }
 
@@ -501,8 +517,8 @@ func (c *config) flags() (*flag.FlagSet, map[string]string) {
 		"how long a reload waits for a replacement to serve before it aborts, keeping the old workers")
 	def("migrate-req", textFlag{&c.migrateReq},
 		"net.ipv4.tcp_migrate_req, so a stopping worker's queued connections move to the others: auto (set it when allowed, else warn), on (fail if it cannot be set), off (leave it)")
-	def("control", &stringFlag{&c.control},
-		`path of the control socket for 'shoal ctl'; "" turns it off`)
+	def("control", &controlFlag{&c.control, &c.controlSet},
+		`path of the control socket for 'shoal ctl' (default: shoal-PORT.sock, PORT the first listener's, in /run/shoal for root, else $XDG_RUNTIME_DIR or $TMPDIR/shoal-UID); "" turns it off`)
 	def("log-format", textFlag{&c.logFormat},
 		"log format: json, console, or auto (console when stderr is a terminal)")
 	def("log-level", textFlag{&c.logLevel},
@@ -524,7 +540,8 @@ func applyEnv(fs *flag.FlagSet, envNames map[string]string, lookupEnv func(strin
 		// An empty variable counts as unset, but for a string flag,
 		// where empty is a value: SHOAL_METRICS_ADDR= turns metrics off.
 		_, isString := f.Value.(*stringFlag)
-		if v, ok := lookupEnv(env); ok && (v != "" || isString) {
+		_, isControl := f.Value.(*controlFlag)
+		if v, ok := lookupEnv(env); ok && (v != "" || isString || isControl) {
 			if serr := f.Value.Set(v); serr != nil {
 				err = fmt.Errorf("%s=%q: %v", env, v, serr)
 			}
@@ -572,6 +589,15 @@ func (c *config) finish() error {
 	}
 	if c.bindCap {
 		c.opts.AmbientCaps = []uintptr{unix.CAP_NET_BIND_SERVICE}
+	}
+	if !c.controlSet {
+		// One socket per port, so a second service on the host needs no
+		// --control of its own.
+		port := 0
+		if len(c.opts.Listeners) > 0 {
+			port = c.opts.Listeners[0].Port
+		}
+		c.control = control.DefaultPath(port)
 	}
 	if len(c.opts.Command) == 0 && !slices.ContainsFunc(c.opts.Listeners, func(l supervisor.Listener) bool { return l.Network == "tcp" }) {
 		return errors.New("the built-in worker needs a port: it serves HTTP on a TCP listener; give --port 8000 or --port tcp:PORT")

@@ -118,7 +118,7 @@ var ctlCommands = []ctlCommand{
 	{"stop", "", "stop shoal gracefully", 0, 0},
 }
 
-const ctlFlagsUsage = "[--control PATH] [--json] [--timeout D]"
+const ctlFlagsUsage = "[--port PORT | --control PATH] [--json] [--timeout D]"
 
 // usage is the usage line of one command.
 func (c ctlCommand) usage() string {
@@ -167,6 +167,39 @@ func parseCtlArgs(fs *flag.FlagSet, args []string) ([]string, error) {
 	}
 }
 
+// ctlPath finds the master's control socket: the path given; else the
+// default path of the master of port (or $SHOAL_PORT); else the only
+// master's at a default path. With several, it lists them and asks.
+func ctlPath(path, port string) (string, error) {
+	if path != "" {
+		return path, nil
+	}
+	if port == "" {
+		port = os.Getenv("SHOAL_PORT")
+	}
+	if strings.TrimSpace(port) == "0" {
+		return control.DefaultPath(0), nil
+	}
+	if port != "" {
+		ls, err := supervisor.ParseListeners(port)
+		if err != nil {
+			return "", fmt.Errorf("--port: %w", err)
+		}
+		return control.DefaultPath(ls[0].Port), nil
+	}
+	masters, err := control.Masters()
+	if err != nil {
+		return "", err
+	}
+	switch len(masters) {
+	case 0:
+		return "", fmt.Errorf("no shoal master found: no control socket in %s. Is shoal running as this user? Give --port, or --control with the master's --control", control.DefaultDir())
+	case 1:
+		return masters[0], nil
+	}
+	return "", fmt.Errorf("%d shoal masters found, choose one with --port PORT (or --control PATH): %s", len(masters), strings.Join(masters, ", "))
+}
+
 // isNegativeNumber reports whether a looks like -5 or -2.5: a message or a
 // count, not a flag.
 func isNegativeNumber(a string) bool {
@@ -177,7 +210,8 @@ func isNegativeNumber(a string) bool {
 func runCtl(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("shoal ctl", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	path := fs.String("control", envOr("SHOAL_CONTROL", control.DefaultPath()), "path of the master's control socket ($SHOAL_CONTROL)")
+	path := fs.String("control", os.Getenv("SHOAL_CONTROL"), "path of the master's control socket ($SHOAL_CONTROL; default: the master of --port, or the only one running)")
+	port := fs.String("port", "", "find the master whose first listener is this port (8000, tcp:8000); $SHOAL_PORT")
 	asJSON := fs.Bool("json", false, "print the master's JSON answer")
 	timeout := fs.Duration("timeout", 0, "give up after this long (0: wait as long as the command takes)")
 	usage := func() {
@@ -209,6 +243,11 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, *timeout)
 		defer cancel()
+	}
+	*path, err = ctlPath(*path, *port)
+	if err != nil {
+		fmt.Fprintf(stderr, "shoal ctl: %s\n", control.Printable(err.Error()))
+		return exitFailure
 	}
 	c, err := control.Dial(*path)
 	if err != nil {
@@ -302,11 +341,4 @@ func ctlRequest(args []string) (control.Request, error) {
 		}
 	}
 	return req, err
-}
-
-func envOr(name, def string) string {
-	if v, ok := os.LookupEnv(name); ok {
-		return v
-	}
-	return def
 }

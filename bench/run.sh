@@ -471,9 +471,9 @@ scenario_5() {
 		"$tmp/restart" -master "$m" -port "$p" -workers "$RESTART_SLOTS" -kills "$KILLS" >"$tmp/logs/s5-$w.out" ||
 			die "restart measurement failed: $(tail -n 3 "$tmp/logs/s5-$w.out")"
 		echo "s5 worker=$w slots=$RESTART_SLOTS start_ms=$t0 end_ms=$(now_ms) $(grep '^RESTART ' "$tmp/logs/s5-$w.out" | sed 's/^RESTART //')" >>"$RAW"
-		# shoal's own view: "after" (ms from fork to seen listening) of the replacements.
+		# shoal's own view: "after_seconds" (from fork to seen listening) of the replacements, in ms.
 		grep '"worker listening"' "$tmp/logs/s5-$w.log" | tail -n "$KILLS" |
-			sed -n 's/.*"after":\([0-9.]*\).*/\1/p' | sort -n |
+			sed -n 's/.*"after_seconds":\([0-9.e-]*\).*/\1/p' | awk '{printf "%.3f\n", $1 * 1000}' | sort -n |
 			awk -v w="$w" '{a[NR] = $1} END {if (NR) printf "s5log worker=%s n=%d after_p50_ms=%s after_p99_ms=%s\n", w, NR, a[int((NR + 1) / 2)], a[int(NR * 0.99 + 0.999)]}' >>"$RAW"
 		log "  $w: $(grep '^RESTART ' "$tmp/logs/s5-$w.out")"
 	done

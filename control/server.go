@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sort"
 	"sync"
 	"time"
 
@@ -27,24 +28,55 @@ const (
 	backlog      = 64               // the listen backlog
 )
 
-// DefaultPath returns the control socket's path when none is given:
-// /run/shoal/shoal.sock for root; $XDG_RUNTIME_DIR/shoal.sock for other
-// users when XDG_RUNTIME_DIR is set to an absolute path; otherwise
-// shoal-UID/shoal.sock in [os.TempDir]. The master and `shoal ctl` agree on
-// it only when they run as the same user, and [Dial] talks only to a master
-// of the caller's or root's: to control another user's master, run `shoal
-// ctl` as that user. The shoal-UID directory in a shared temporary directory
-// is predictable: if another user made it first, Listen and Dial refuse it,
-// naming its owner.
-func DefaultPath() string {
+// DefaultDir returns the directory of the default control sockets:
+// /run/shoal for root; $XDG_RUNTIME_DIR for other users when it is set to
+// an absolute path; otherwise shoal-UID in [os.TempDir]. The master and
+// `shoal ctl` agree on it only when they run as the same user, and [Dial]
+// talks only to a master of the caller's or root's: to control another
+// user's master, run `shoal ctl` as that user. The shoal-UID directory in
+// a shared temporary directory is predictable: if another user made it
+// first, Listen and Dial refuse it, naming its owner.
+func DefaultDir() string {
 	uid := os.Getuid()
 	if uid == 0 {
-		return "/run/shoal/shoal.sock"
+		return "/run/shoal"
 	}
 	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" && filepath.IsAbs(d) {
-		return filepath.Join(d, "shoal.sock")
+		return d
 	}
-	return filepath.Join(os.TempDir(), fmt.Sprintf("shoal-%d", uid), "shoal.sock")
+	return filepath.Join(os.TempDir(), fmt.Sprintf("shoal-%d", uid))
+}
+
+// DefaultPath returns the default control socket of a master whose first
+// listener is port: shoal-PORT.sock in [DefaultDir], so that two masters
+// on other ports never share a socket; with port 0 (no listener),
+// shoal.sock.
+func DefaultPath(port int) string {
+	if port == 0 {
+		return filepath.Join(DefaultDir(), "shoal.sock")
+	}
+	return filepath.Join(DefaultDir(), fmt.Sprintf("shoal-%d.sock", port))
+}
+
+// Masters returns the control sockets at default paths, sorted: the
+// masters of the caller's user (or root's, for root) that run, or that
+// ended without removing theirs. `shoal ctl` uses the only one, or asks.
+func Masters() ([]string, error) {
+	dir := DefaultDir()
+	var out []string
+	for _, pattern := range []string{"shoal.sock", "shoal-*.sock"} {
+		m, err := filepath.Glob(filepath.Join(dir, pattern))
+		if err != nil {
+			return nil, err
+		}
+		for _, p := range m {
+			if fi, err := os.Lstat(p); err == nil && fi.Mode().Type() == os.ModeSocket {
+				out = append(out, p)
+			}
+		}
+	}
+	sort.Strings(out)
+	return out, nil
 }
 
 // A Handler carries out one request and returns its response. It runs on

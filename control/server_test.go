@@ -763,18 +763,21 @@ func TestDefaultPath(t *testing.T) {
 	if os.Getuid() != 0 {
 		want := filepath.Join(os.TempDir(), fmt.Sprintf("shoal-%d", os.Getuid()), "shoal.sock")
 		t.Setenv("XDG_RUNTIME_DIR", "")
-		if got := DefaultPath(); got != want {
-			t.Errorf("DefaultPath() = %q without XDG_RUNTIME_DIR, want %q", got, want)
+		if got := DefaultPath(0); got != want {
+			t.Errorf("DefaultPath(0) = %q without XDG_RUNTIME_DIR, want %q", got, want)
 		}
 		t.Setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-		if got := DefaultPath(); got != "/run/user/1000/shoal.sock" {
-			t.Errorf("DefaultPath() = %q with XDG_RUNTIME_DIR, want /run/user/1000/shoal.sock", got)
+		if got := DefaultPath(0); got != "/run/user/1000/shoal.sock" {
+			t.Errorf("DefaultPath(0) = %q with XDG_RUNTIME_DIR, want /run/user/1000/shoal.sock", got)
 		}
 		return
 	}
 	t.Setenv("XDG_RUNTIME_DIR", "/run/user/0")
-	if got := DefaultPath(); got != "/run/shoal/shoal.sock" {
-		t.Errorf("DefaultPath() = %q for root, want /run/shoal/shoal.sock", got)
+	if got := DefaultPath(0); got != "/run/shoal/shoal.sock" {
+		t.Errorf("DefaultPath(0) = %q for root, want /run/shoal/shoal.sock", got)
+	}
+	if got := DefaultPath(8000); got != "/run/shoal/shoal-8000.sock" {
+		t.Errorf("DefaultPath(8000) = %q for root, want /run/shoal/shoal-8000.sock", got)
 	}
 }
 

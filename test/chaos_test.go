@@ -180,7 +180,7 @@ func TestCrashLoopStaysIdle(t *testing.T) {
 	}
 	var delays []string
 	for _, e := range m.logs.entries(msg("restarting worker after backoff")) {
-		delays = append(delays, (time.Duration(e["delay"].(float64)) * time.Millisecond).String())
+		delays = append(delays, time.Duration(e["delay_seconds"].(float64)*float64(time.Second)).Round(time.Millisecond).String())
 	}
 	want := "100ms 200ms 400ms 400ms 400ms 400ms 400ms 400ms 400ms 400ms 400ms"
 	if strings.Join(delays, " ") != want {

@@ -90,7 +90,7 @@ func TestKilledWorkerIsReplacedInItsSlot(t *testing.T) {
 	death := m.waitFor(5*time.Second, 1, "death of the killed worker", func(e entry) bool {
 		return e.str("message") == "worker died" && e.num("pid") == victim
 	})[0]
-	if death.num("worker") != 2 || death.str("signal") != "SIGKILL" || death.str("uptime") == "" && death["uptime"] == nil {
+	if death.num("worker") != 2 || death.str("signal") != "SIGKILL" || death["uptime_seconds"] == nil {
 		t.Errorf("death event = %v, want worker 2, signal SIGKILL, an uptime", death)
 	}
 	deadline := time.Now().Add(5 * time.Second)
@@ -153,7 +153,7 @@ func TestCrashLoopBacksOffAndGivesUp(t *testing.T) {
 	}
 	var delays []time.Duration
 	for _, e := range m.logs.entries(msg("restarting worker after backoff")) {
-		delays = append(delays, time.Duration(e["delay"].(float64))*time.Millisecond)
+		delays = append(delays, time.Duration(e["delay_seconds"].(float64)*float64(time.Second)).Round(time.Millisecond))
 	}
 	// Restart 1 is immediate; 2, 3, 4 wait 100ms, 200ms, 400ms.
 	want := []time.Duration{100 * time.Millisecond, 200 * time.Millisecond, 400 * time.Millisecond}
@@ -347,7 +347,7 @@ func TestReadyByMessage(t *testing.T) {
 	m := startShoal(t, nil, "--workers", "1", "--port", "0", "--ready", "message", "--", "sh", "-c",
 		`sleep 0.3; printf '{"cmd":"shoal:ready"}\n' >&3; exec sleep 60`)
 	e := m.waitFor(10*time.Second, 1, "worker listening", msg("worker listening"))[0]
-	if after := time.Duration(e["after"].(float64) * float64(time.Millisecond)); after < 300*time.Millisecond {
+	if after := time.Duration(e["after_seconds"].(float64) * float64(time.Second)); after < 300*time.Millisecond {
 		t.Errorf("listening %s after start, before the worker said it was ready (300ms)", after)
 	}
 }

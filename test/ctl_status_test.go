@@ -132,10 +132,10 @@ func TestCtlFlagsAfterTheCommand(t *testing.T) {
 		args []string
 		want []string
 	}{
-		{[]string{"status", "--json", "extra"}, []string{`shoal ctl: status takes no arguments, got 1: ["extra"]`, "Usage: shoal ctl [--control PATH] [--json] [--timeout D] status\n  a table of the workers"}},
-		{[]string{"scale"}, []string{"shoal ctl: scale takes 1 argument(s), N, got 0", "Usage: shoal ctl [--control PATH] [--json] [--timeout D] scale N\n  run N workers"}},
-		{[]string{"send", "x", "{}"}, []string{`shoal ctl: send "x": want a worker slot, 1 or more`, "Usage: shoal ctl [--control PATH] [--json] [--timeout D] send SLOT JSON\n"}},
-		{[]string{"broadcast", "not-json"}, []string{`is not JSON`, "Usage: shoal ctl [--control PATH] [--json] [--timeout D] broadcast JSON\n"}},
+		{[]string{"status", "--json", "extra"}, []string{`shoal ctl: status takes no arguments, got 1: ["extra"]`, "Usage: shoal ctl [--port PORT | --control PATH] [--json] [--timeout D] status\n  a table of the workers"}},
+		{[]string{"scale"}, []string{"shoal ctl: scale takes 1 argument(s), N, got 0", "Usage: shoal ctl [--port PORT | --control PATH] [--json] [--timeout D] scale N\n  run N workers"}},
+		{[]string{"send", "x", "{}"}, []string{`shoal ctl: send "x": want a worker slot, 1 or more`, "Usage: shoal ctl [--port PORT | --control PATH] [--json] [--timeout D] send SLOT JSON\n"}},
+		{[]string{"broadcast", "not-json"}, []string{`is not JSON`, "Usage: shoal ctl [--port PORT | --control PATH] [--json] [--timeout D] broadcast JSON\n"}},
 	} {
 		stdout, stderr, code := ctlSplit(t, append([]string{"--control", sock}, tc.args...)...)
 		if code != 2 || stdout != "" || strings.Contains(stderr, "Commands:") {
