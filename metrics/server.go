@@ -36,6 +36,9 @@ var (
 	// refreshEvery is how often the connection limit is computed again
 	// from the number of workers and RLIMIT_NOFILE.
 	refreshEvery = time.Second
+	// firstRefresh is how often it is computed until the supervisor
+	// first answers.
+	firstRefresh = 10 * time.Millisecond
 )
 
 // Connection limits of the server of [Listen].
@@ -100,7 +103,8 @@ type Server struct {
 // keep-alive connection is closed after 2 minutes. The server keeps at most
 // opts.MaxConns connections open (256 when 0), fewer when RLIMIT_NOFILE
 // would not leave 64 descriptors plus 4 per worker slot to the rest of the
-// master; it computes this limit again every second. When a connection
+// master; it computes this limit again every second (every 10ms until the
+// supervisor first answers). When a connection
 // comes at the limit, the server closes the connection that has waited the
 // longest without a request in progress (idle, or still sending its
 // request), so a new scraper or health check is always served; only when
@@ -163,8 +167,6 @@ func Listen(addr string, src Source, opts Options) (*Server, error) {
 		// panics, go to the log, not to stderr.
 		ErrorLog: stdlog.New(logWriter{log}, "", 0),
 	}
-	s.refresh()
-
 	where := ln.Addr().String()
 	text, all := describe(ln.Addr())
 	log.Info().Str("addr", where).Bool("all_interfaces", all).Msg(text)
@@ -179,14 +181,22 @@ func Listen(addr string, src Source, opts Options) (*Server, error) {
 	}()
 	go func() {
 		defer wg.Done()
-		t := time.NewTicker(refreshEvery)
+		// Until the supervisor runs and answers, the number of its
+		// workers is unknown: ask often, then every refreshEvery.
+		known := false
+		t := time.NewTimer(firstRefresh)
 		defer t.Stop()
 		for {
 			select {
 			case <-s.stop:
 				return
 			case <-t.C:
-				s.refresh()
+				known = s.refresh() || known
+				if known {
+					t.Reset(refreshEvery)
+				} else {
+					t.Reset(firstRefresh)
+				}
 			}
 		}
 	}()
@@ -229,8 +239,9 @@ func (s *Server) Close() error {
 
 // refresh computes the connection limit again from the number of worker
 // slots and RLIMIT_NOFILE, and closes the connections over it that wait.
-// When the supervisor does not answer, the last number of slots stands.
-func (s *Server) refresh() {
+// When the supervisor does not answer, the last number of slots stands and
+// refresh returns false.
+func (s *Server) refresh() bool {
 	ctx, cancel := context.WithTimeout(context.Background(), refreshEvery)
 	snap, err := s.src.SnapshotContext(ctx)
 	cancel()
@@ -239,6 +250,7 @@ func (s *Server) refresh() {
 		workers = max(snap.Desired, len(snap.Workers))
 	}
 	s.lim.setLimit(nofile(), workers, s.maxConn)
+	return err == nil
 }
 
 // nofile returns the soft RLIMIT_NOFILE of the process, or a common default
