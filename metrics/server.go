@@ -321,22 +321,22 @@ func (l *limiter) add(nc net.Conn) *trackedConn {
 	c := &trackedConn{Conn: nc, l: l}
 	l.mu.Lock()
 	l.tracked[c] = l.waiting.PushBack(c)
-	victims := l.overLimit(c)
+	victims := l.overLimit()
 	l.mu.Unlock()
 	closeAll(victims)
 	return c
 }
 
 // overLimit removes, longest waiting first, the connections without a
-// request in progress that are over the limit, but not keep, and returns
-// them to be closed. l.mu is held.
-func (l *limiter) overLimit(keep *trackedConn) []net.Conn {
+// request in progress that are over the limit, and returns them to be
+// closed. It spares the one that waited the least, which is the one just
+// accepted: when every other connection is busy, it is the one over the
+// limit, and it is served. l.mu is held.
+func (l *limiter) overLimit() []net.Conn {
 	var victims []net.Conn
-	for e := l.waiting.Front(); e != nil && l.open() > l.limit; {
+	for e := l.waiting.Front(); e != nil && e != l.waiting.Back() && l.open() > l.limit; {
 		next := e.Next()
-		if c := e.Value.(*trackedConn); c != keep {
-			victims = append(victims, l.untrack(c))
-		}
+		victims = append(victims, l.untrack(e.Value.(*trackedConn)))
 		e = next
 	}
 	return victims
@@ -418,7 +418,7 @@ func (l *limiter) setLimit(nofile uint64, workers, maxConns int) {
 		l.workers = workers
 	}
 	l.limit = connLimit(nofile, l.workers, maxConns)
-	victims := l.overLimit(nil)
+	victims := l.overLimit()
 	l.room.Broadcast()
 	l.mu.Unlock()
 	closeAll(victims)

@@ -249,6 +249,12 @@ func closedByServer(c net.Conn, wait time.Duration) bool {
 	return err != nil && !(errors.As(err, &ne) && ne.Timeout())
 }
 
+func evicted(s *Server) uint64 {
+	s.lim.mu.Lock()
+	defer s.lim.mu.Unlock()
+	return s.lim.evicted
+}
+
 func running() *fixedSource { return &fixedSource{snap: fixedSnapshot()} }
 
 // TestServerTimeouts checks that a connection that sends nothing, and a
@@ -314,8 +320,8 @@ func TestServerEvictsWaitingConnections(t *testing.T) {
 	if open != limit-1 {
 		t.Errorf("%d of the first %d connections open, want %d", open, len(conns), limit-1)
 	}
-	if s.lim.evicted != uint64(len(conns)+1-limit) {
-		t.Errorf("%d evicted, want %d", s.lim.evicted, len(conns)+1-limit)
+	if n := evicted(s); n != uint64(len(conns)+1-limit) {
+		t.Errorf("%d evicted, want %d", n, len(conns)+1-limit)
 	}
 }
 
@@ -361,8 +367,8 @@ func TestServerKeepsBusyConnections(t *testing.T) {
 			t.Errorf("request %d = %d %v, want 200", r.i, r.code, r.err)
 		}
 	}
-	if s.lim.evicted != 0 {
-		t.Errorf("%d connections evicted, want none", s.lim.evicted)
+	if n := evicted(s); n != 0 {
+		t.Errorf("%d connections evicted, want none", n)
 	}
 }
 
