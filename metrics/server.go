@@ -36,8 +36,8 @@ var (
 	// refreshEvery is how often the connection limit is computed again
 	// from the number of workers and RLIMIT_NOFILE.
 	refreshEvery = time.Second
-	// firstRefresh is how often it is computed until the supervisor
-	// first answers.
+	// firstRefresh is the first wait before it is computed; the wait
+	// doubles up to refreshEvery until the supervisor answers.
 	firstRefresh = 10 * time.Millisecond
 )
 
@@ -82,7 +82,6 @@ type Server struct {
 	lim     *limiter
 	src     Source
 	maxConn int
-	log     *zerolog.Logger
 
 	stop chan struct{} // closed by Close
 	done chan struct{} // closed when the serving and refreshing goroutines ended
@@ -103,14 +102,14 @@ type Server struct {
 // keep-alive connection is closed after 2 minutes. The server keeps at most
 // opts.MaxConns connections open (256 when 0), fewer when RLIMIT_NOFILE
 // would not leave 64 descriptors plus 4 per worker slot to the rest of the
-// master; it computes this limit again every second (every 10ms until the
-// supervisor first answers). When a connection
-// comes at the limit, the server closes the connection that has waited the
-// longest without a request in progress (idle, or still sending its
-// request), so a new scraper or health check is always served; only when
-// every connection is being answered does a new one wait in the kernel's
-// accept queue. When accepting fails for want of descriptors, the server
-// closes such a connection too.
+// master; it computes this limit again every second, and more often until
+// the supervisor first answers. When a connection comes at the limit, the
+// server closes the connection that has waited the longest without a
+// request in progress (idle, or still sending its request), so a new
+// scraper or health check is always served; only when every connection is
+// being answered does a new one wait in the kernel's accept queue. When
+// accepting fails for want of descriptors, the server closes such a
+// connection too.
 //
 // Listen logs the address it serves on, and says so when it is every
 // interface. It fails when addr cannot be listened on.
@@ -128,7 +127,6 @@ func Listen(addr string, src Source, opts Options) (*Server, error) {
 		ln:      ln,
 		src:     src,
 		maxConn: opts.MaxConns,
-		log:     log,
 		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
 	}
@@ -182,21 +180,21 @@ func Listen(addr string, src Source, opts Options) (*Server, error) {
 	go func() {
 		defer wg.Done()
 		// Until the supervisor runs and answers, the number of its
-		// workers is unknown: ask often, then every refreshEvery.
-		known := false
-		t := time.NewTimer(firstRefresh)
+		// workers is unknown: ask often at first, every refreshEvery
+		// once it answered or after a while.
+		wait := firstRefresh
+		t := time.NewTimer(wait)
 		defer t.Stop()
 		for {
 			select {
 			case <-s.stop:
 				return
 			case <-t.C:
-				known = s.refresh() || known
-				if known {
-					t.Reset(refreshEvery)
-				} else {
-					t.Reset(firstRefresh)
+				if s.refresh() {
+					wait = refreshEvery
 				}
+				wait = min(2*wait, refreshEvery)
+				t.Reset(wait)
 			}
 		}
 	}()

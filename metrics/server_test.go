@@ -360,6 +360,9 @@ func TestServerKeepsBusyConnections(t *testing.T) {
 		t.Fatalf("request %d answered %d %v while every connection is busy", r.i, r.code, r.err)
 	case <-time.After(300 * time.Millisecond):
 	}
+	if n := evicted(s); n != 0 {
+		t.Errorf("%d connections evicted while all were busy, want none", n)
+	}
 	close(src.gate)
 	for range minConns + 1 {
 		r := <-results
@@ -367,9 +370,7 @@ func TestServerKeepsBusyConnections(t *testing.T) {
 			t.Errorf("request %d = %d %v, want 200", r.i, r.code, r.err)
 		}
 	}
-	if n := evicted(s); n != 0 {
-		t.Errorf("%d connections evicted, want none", n)
-	}
+	// Idle now, one of the five is over the limit and may be closed.
 }
 
 // TestServerLimitFollowsWorkers checks that the limit is computed again
