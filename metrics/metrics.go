@@ -22,6 +22,10 @@
 // process's file-descriptor limit, so that connections to it never take the
 // descriptors the supervisor needs for its workers.
 //
+// Everything here reads the supervisor through a [Source]: a
+// *supervisor.Supervisor, or anything else that returns its snapshots, such
+// as fixed ones in a test.
+//
 // [NewCollector] is one [prometheus.Collector] that takes one snapshot of
 // the supervisor per scrape and emits every shoal_ series from it, plus what
 // the kernel says about the port and /proc says about each worker process.
