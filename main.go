@@ -13,12 +13,9 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
-	"time"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -88,12 +85,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	if cfg.metrics != "" {
-		stop, err := serveMetrics(cfg.metrics, sup, metrics.Options{MinReady: cfg.minReady}, &log)
+		srv, err := metrics.Listen(cfg.metrics, sup, metrics.Options{MinReady: cfg.minReady, Logger: &log})
 		if err != nil {
-			fmt.Fprintf(stderr, "shoal: %v\n", err)
+			fmt.Fprintf(stderr, "shoal: %v (give another --metrics-addr, or \"\" to turn metrics off)\n", err)
 			return exitUsage
 		}
-		defer stop()
+		defer srv.Close()
 	}
 	if cfg.control != "" {
 		stop, err := serveControl(ctx, cfg.control, sup, cancel, &log)
@@ -195,33 +192,4 @@ func setupMigrateReq(mode migrateMode, log *zerolog.Logger) error {
 		"the connections waiting in its accept queue are reset. Fix: 'sysctl -w net.ipv4.tcp_migrate_req=1' on the host, " +
 		"'docker run --sysctl net.ipv4.tcp_migrate_req=1', or the Kubernetes pod's securityContext.sysctls")
 	return nil
-}
-
-// serveMetrics serves /metrics, /healthz and /readyz on addr until ctx ends.
-// It fails at once when addr cannot be listened on, before any worker starts.
-func serveMetrics(addr string, sup *supervisor.Supervisor, opts metrics.Options, log *zerolog.Logger) (stop func(), err error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("metrics: %w (give another --metrics-addr, or \"\" to turn metrics off)", err)
-	}
-	srv := &http.Server{
-		Handler:           metrics.Handler(sup, metrics.NewRegistry(sup), opts),
-		ReadHeaderTimeout: 5 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		MaxHeaderBytes:    16 << 10,
-	}
-	log.Info().Str("addr", ln.Addr().String()).Msg("serving /metrics, /healthz and /readyz")
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := srv.Serve(ln); err != nil && err != http.ErrServerClosed {
-			log.Error().Err(err).Msg("metrics server stopped")
-		}
-	}()
-	return func() {
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		srv.Shutdown(sctx)
-		<-done
-	}, nil
 }

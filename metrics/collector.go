@@ -38,6 +38,8 @@ var (
 	descDeaths     = newDesc("worker_deaths_total", "Deaths in the slot by how the process ended.", byWorkerReason)
 	descStartTime  = newDesc("worker_start_time_seconds", "Start time of the slot's current process since the unix epoch.", byWorker)
 	descBackoff    = newDesc("worker_backoff_seconds", "Delay left before the slot's pending restart; 0 when none is pending.", byWorker)
+	descWRestarts  = newDesc("worker_restarts_total", "Replacements started in the slot after a death.", byWorker)
+	descWReloads   = newDesc("worker_reloads_total", "Replacements that took over the slot in a reload or a recycle.", byWorker)
 	descRestarts   = newDesc("restarts_total", "Replacements started after worker deaths.", nil)
 	descGiveUps    = newDesc("give_ups_total", "Times the restart limit made the supervisor give up.", nil)
 	descReloads    = newDesc("reloads_total", "Rolling reloads by result: ok, or aborted by a replacement that failed to start or serve.", []string{"result"})
@@ -57,7 +59,7 @@ var (
 
 	allDescs = []*prometheus.Desc{
 		descRequests, descDesired, descRunning, descListening, descUp, descStarts,
-		descDeaths, descStartTime, descBackoff, descRestarts, descGiveUps, descReloads, descReloading,
+		descDeaths, descStartTime, descBackoff, descWRestarts, descWReloads, descRestarts, descGiveUps, descReloads, descReloading,
 		descIPCInMsgs, descIPCInBytes, descIPCOutMsgs, descIPCOutByte, descIPCDropped, descIPCErrors,
 		descQueue, descBacklog, descPortSocks, descForeign, descCPU, descRSS,
 	}
@@ -70,11 +72,25 @@ func newDesc(name, help string, labels []string) *prometheus.Desc {
 	return prometheus.NewDesc("shoal_"+name, help, labels, nil)
 }
 
+// Source is what the metrics read: the state of a supervisor at one moment.
+// *supervisor.Supervisor is a Source; a test can pass fixed snapshots.
+type Source interface {
+	// SnapshotContext returns the supervisor's state. It fails when the
+	// supervisor is not running, or with ctx's error when ctx ends first.
+	SnapshotContext(ctx context.Context) (supervisor.Snapshot, error)
+}
+
+// procSample is what /proc says of one process.
+type procSample struct {
+	cpu float64 // user and system CPU time, in seconds
+	rss float64 // resident memory, in bytes
+}
+
 // collector is the prometheus.Collector of one supervisor.
 type collector struct {
-	sup   *supervisor.Supervisor
-	fs    procfs.FS
-	fsErr error
+	src       Source
+	readProc  func(pid int) (procSample, error)          // nil without /proc
+	listeners func(port int) ([]reuseport.Socket, error) // LISTEN sockets on a port
 
 	mu    sync.Mutex            // serializes scrapes; guards what follows
 	cpu   map[int]*cpuAccount   // by slot
@@ -97,18 +113,35 @@ type socketsCache struct {
 	seen    map[uint64]struct{} // every LISTEN socket on the port when read
 }
 
-// NewCollector returns a collector of the shoal_ series of sup. Each scrape
-// takes one snapshot of sup, reads the port's LISTEN sockets from the
+// NewCollector returns a collector of the shoal_ series of src. Each
+// scrape takes one snapshot of src, reads the port's LISTEN sockets from the
 // kernel once, and each worker's /proc/PID/stat. Scrapes through one
 // collector are serialized.
-func NewCollector(sup *supervisor.Supervisor) prometheus.Collector {
-	fs, err := procfs.NewDefaultFS()
+func NewCollector(src Source) prometheus.Collector {
+	var readProc func(int) (procSample, error)
+	if fs, err := procfs.NewDefaultFS(); err == nil {
+		readProc = func(pid int) (procSample, error) {
+			p, err := fs.Proc(pid)
+			if err != nil {
+				return procSample{}, err
+			}
+			st, err := p.Stat()
+			if err != nil {
+				return procSample{}, err
+			}
+			return procSample{cpu: st.CPUTime(), rss: float64(st.ResidentMemory())}, nil
+		}
+	}
+	return newCollector(src, readProc, reuseport.Listeners)
+}
+
+func newCollector(src Source, readProc func(int) (procSample, error), listeners func(int) ([]reuseport.Socket, error)) *collector {
 	return &collector{
-		sup:   sup,
-		fs:    fs,
-		fsErr: err,
-		cpu:   make(map[int]*cpuAccount),
-		socks: make(map[int]*socketsCache),
+		src:       src,
+		readProc:  readProc,
+		listeners: listeners,
+		cpu:       make(map[int]*cpuAccount),
+		socks:     make(map[int]*socketsCache),
 	}
 }
 
@@ -122,7 +155,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 // Collect takes one snapshot and sends its series.
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ctx, cancel := context.WithTimeout(context.Background(), scrapeTimeout)
-	snap, err := c.sup.SnapshotContext(ctx)
+	snap, err := c.src.SnapshotContext(ctx)
 	cancel()
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
@@ -172,6 +205,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(ch, descStartTime, float64(w.Started.UnixNano())/1e9, id)
 		}
 		gauge(ch, descBackoff, max(w.Backoff, 0).Seconds(), id)
+		counter(ch, descWRestarts, float64(w.Restarts), id)
+		counter(ch, descWReloads, float64(w.Reloads), id)
 
 		counter(ch, descIPCInMsgs, float64(w.IPC.MessagesIn), id)
 		counter(ch, descIPCInBytes, float64(w.IPC.BytesIn), id)
@@ -195,7 +230,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 
 // collectProc sends the CPU and memory series of each slot.
 func (c *collector) collectProc(ch chan<- prometheus.Metric, snap supervisor.Snapshot) {
-	if c.fsErr != nil {
+	if c.readProc == nil {
 		return // no /proc
 	}
 	seen := make(map[int]bool, len(snap.Workers))
@@ -213,9 +248,9 @@ func (c *collector) collectProc(ch chan<- prometheus.Metric, snap supervisor.Sna
 			acct.pid, acct.started, acct.last = w.PID, w.Started, 0
 		}
 		if w.PID != 0 {
-			if st, err := c.stat(w.PID); err == nil {
-				acct.last = max(acct.last, st.CPUTime())
-				gauge(ch, descRSS, float64(st.ResidentMemory()), strconv.Itoa(w.ID))
+			if p, err := c.readProc(w.PID); err == nil {
+				acct.last = max(acct.last, p.cpu)
+				gauge(ch, descRSS, p.rss, strconv.Itoa(w.ID))
 			}
 		}
 		counter(ch, descCPU, acct.base+acct.last, strconv.Itoa(w.ID))
@@ -227,18 +262,10 @@ func (c *collector) collectProc(ch chan<- prometheus.Metric, snap supervisor.Sna
 	}
 }
 
-func (c *collector) stat(pid int) (procfs.ProcStat, error) {
-	p, err := c.fs.Proc(pid)
-	if err != nil {
-		return procfs.ProcStat{}, err
-	}
-	return p.Stat()
-}
-
 // collectSockets sends the kernel's view of the port: each worker's accept
 // queues, and the LISTEN sockets no worker holds.
 func (c *collector) collectSockets(ch chan<- prometheus.Metric, snap supervisor.Snapshot) {
-	socks, err := reuseport.Listeners(snap.Port)
+	socks, err := c.listeners(snap.Port)
 	if err != nil {
 		return
 	}

@@ -12,7 +12,19 @@
 //     [Options].MinReady), 503 with a one-line reason otherwise.
 //
 // HEAD is served like GET; every other method gets 405. Nothing served over
-// HTTP changes the supervisor's state.
+// HTTP changes the supervisor's state. Concurrent scrapes share one gather:
+// a scrape that arrives while another gathers waits for that gather's
+// result instead of starting its own, so any number of scrapers cost one
+// snapshot at a time and none is refused.
+//
+// [Listen] serves the handler on a TCP address with the bounds a port open
+// to a network needs: timeouts, and a cap on connections derived from the
+// process's file-descriptor limit, so that connections to it never take the
+// descriptors the supervisor needs for its workers.
+//
+// Everything here reads the supervisor through a [Source]: a
+// *supervisor.Supervisor, or anything else that returns its snapshots, such
+// as fixed ones in a test.
 //
 // [NewCollector] is one [prometheus.Collector] that takes one snapshot of
 // the supervisor per scrape and emits every shoal_ series from it, plus what
@@ -34,6 +46,8 @@
 //	shoal_worker_deaths_total{worker,reason}       counter  deaths in the slot by how they ended (supervisor.Death.Class)
 //	shoal_worker_start_time_seconds{worker}        gauge    unix start time of the slot's current process; absent when none
 //	shoal_worker_backoff_seconds{worker}           gauge    delay left before the slot's pending restart; 0 when none
+//	shoal_worker_restarts_total{worker}            counter  replacements started in the slot after a death
+//	shoal_worker_reloads_total{worker}             counter  replacements that took over the slot in a reload or recycle
 //	shoal_restarts_total                           counter  replacements started after deaths
 //	shoal_give_ups_total                           counter  times the restart limit stopped the supervisor
 //	shoal_reloads_total{result}                    counter  rolling reloads: result "ok" or "aborted"
@@ -81,33 +95,46 @@ package metrics
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/rs/zerolog"
 
 	"github.com/shoal-sh/shoal/supervisor"
 )
 
-// Options configure [Handler].
+// Options configure [Handler] and [Listen].
 type Options struct {
 	// MinReady is the number of listening workers at which /readyz answers
 	// 200. 0 means every desired worker.
 	MinReady int
+
+	// MaxConns is the number of connections the server of [Listen] keeps
+	// open at most; 0 means [DefaultMaxConns]. The server keeps fewer when
+	// RLIMIT_NOFILE requires.
+	MaxConns int
+	// Logger receives the log lines of the server of [Listen]; nil
+	// discards them.
+	Logger *zerolog.Logger
 }
 
 // healthTimeout bounds the snapshot behind /healthz and /readyz.
 const healthTimeout = time.Second
 
-// NewRegistry returns a new registry holding the collector of sup
+// NewRegistry returns a new registry holding the collector of src
 // ([NewCollector]) and the master's own Go runtime and process collectors.
-func NewRegistry(sup *supervisor.Supervisor) *prometheus.Registry {
+func NewRegistry(src Source) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
-		NewCollector(sup),
+		NewCollector(src),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -115,24 +142,24 @@ func NewRegistry(sup *supervisor.Supervisor) *prometheus.Registry {
 }
 
 // Handler returns the handler of /metrics, which serves what reg gathers,
-// and of /healthz and /readyz, which ask sup. It registers
+// and of /healthz and /readyz, which ask src. It registers
 // promhttp_metric_handler_errors_total in reg. Paths other than those three
-// get 404; methods other than GET and HEAD get 405.
-func Handler(sup *supervisor.Supervisor, reg *prometheus.Registry, opts Options) http.Handler {
+// get 404; methods other than GET and HEAD get 405. Concurrent requests to
+// /metrics share one reg.Gather.
+func Handler(src Source, reg *prometheus.Registry, opts Options) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{
-		Registry:            reg,
-		MaxRequestsInFlight: 4,
+	mux.Handle("GET /metrics", promhttp.HandlerFor(&sharedGatherer{g: reg}, promhttp.HandlerOpts{
+		Registry: reg,
 	}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		if _, err := snapshot(r.Context(), sup); err != nil {
+		if _, err := snapshot(r.Context(), src); err != nil {
 			reply(w, http.StatusServiceUnavailable, err.Error())
 			return
 		}
 		reply(w, http.StatusOK, "ok")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		snap, err := snapshot(r.Context(), sup)
+		snap, err := snapshot(r.Context(), src)
 		if err != nil {
 			reply(w, http.StatusServiceUnavailable, err.Error())
 			return
@@ -143,12 +170,60 @@ func Handler(sup *supervisor.Supervisor, reg *prometheus.Registry, opts Options)
 	return mux
 }
 
-// snapshot asks sup for a snapshot within healthTimeout and words the
+// sharedGatherer lets concurrent callers share one Gather: a caller that
+// comes while a Gather runs waits for its result. A caller that comes after
+// it ended starts a new one, so no result is older than its caller.
+type sharedGatherer struct {
+	g prometheus.Gatherer
+
+	mu  sync.Mutex
+	cur *gathering // the Gather running now, if any
+}
+
+// gathering is one Gather and its result, set before done is closed.
+type gathering struct {
+	done chan struct{}
+	mfs  []*dto.MetricFamily
+	err  error
+}
+
+// Gather returns the result of the Gather running now, or of a new one. The
+// families are shared with other callers and must not be changed; the slice
+// is the caller's.
+func (s *sharedGatherer) Gather() ([]*dto.MetricFamily, error) {
+	s.mu.Lock()
+	g := s.cur
+	if g == nil {
+		g = &gathering{done: make(chan struct{})}
+		s.cur = g
+		s.mu.Unlock()
+		panicked := true
+		defer func() {
+			// Joiners of a Gather that panicked get an error, not an
+			// empty page; the panic goes on to net/http.
+			if panicked {
+				g.err = errors.New("metrics: gather panicked")
+			}
+			s.mu.Lock()
+			s.cur = nil
+			s.mu.Unlock()
+			close(g.done)
+		}()
+		g.mfs, g.err = s.g.Gather()
+		panicked = false
+	} else {
+		s.mu.Unlock()
+		<-g.done
+	}
+	return slices.Clone(g.mfs), g.err
+}
+
+// snapshot asks src for a snapshot within healthTimeout and words the
 // failure for a health check.
-func snapshot(ctx context.Context, sup *supervisor.Supervisor) (supervisor.Snapshot, error) {
+func snapshot(ctx context.Context, src Source) (supervisor.Snapshot, error) {
 	ctx, cancel := context.WithTimeout(ctx, healthTimeout)
 	defer cancel()
-	snap, err := sup.SnapshotContext(ctx)
+	snap, err := src.SnapshotContext(ctx)
 	switch {
 	case err == nil:
 		return snap, nil
