@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -385,5 +386,50 @@ func TestChannelSameFrameToMany(t *testing.T) {
 		chans[i].Close()
 		conns[i].Close()
 		<-conns[i].Done()
+	}
+}
+
+// A worker cannot make the master's request count go down: twenty reports
+// of 999999999999999999 requests once wrapped the slot's counter. Reports
+// over MaxRequestsPerMessage are skipped and counted as bad_field; the good
+// reports around them all arrive.
+func TestChannelRequestsCap(t *testing.T) {
+	leakCheck(t)
+	master, worker := mustPair(t)
+	defer worker.Close()
+	var sum, bad atomic.Int64
+	done := make(chan struct{})
+	ch := NewChannel(master, ChannelOptions{
+		OnMessage: func(m Message) {
+			sum.Add(m.N)
+			if m.Cmd == CmdReady {
+				close(done)
+			}
+		},
+		OnError: func(err error) {
+			var fe *FrameError
+			if errors.As(err, &fe) && fe.Reason == ReasonBadField && strings.Contains(fe.Error(), "over 1000000") {
+				bad.Add(1)
+			}
+		},
+	})
+	defer ch.Close()
+	var in bytes.Buffer
+	for range 20 {
+		in.WriteString(`{"cmd":"shoal:requests","n":999999999999999999}` + "\n")
+		in.WriteString(`{"cmd":"shoal:requests","n":1000000}` + "\n")
+		in.WriteString(`{"n":1000001,"cmd":"shoal:requests"}` + "\n")
+	}
+	in.WriteString(frameReady + "\n")
+	if _, err := worker.Write(in.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, done, 5*time.Second, "the last message")
+	if got, want := sum.Load(), int64(20*MaxRequestsPerMessage); got != want {
+		t.Errorf("requests counted %d, want %d", got, want)
+	}
+	s := ch.Stats()
+	if s.Errors[ReasonBadField] != 40 || bad.Load() != 40 || s.MessagesIn != 21 {
+		t.Errorf("Errors[bad_field] = %d, OnError saw %d over the cap, %d messages in; want 40, 40, 21", s.Errors[ReasonBadField], bad.Load(), s.MessagesIn)
 	}
 }

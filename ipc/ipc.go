@@ -71,6 +71,18 @@ const EnvFD = "SHOAL_IPC_FD"
 // without its "\n" (or "\r\n").
 const DefaultMaxMessage = 1 << 20
 
+// MaxRequestsPerMessage is the largest "n" of a [CmdRequests] message; a
+// larger one is a bad frame ([ReasonBadField]), skipped and counted.
+//
+// A report covers the requests served since the previous one: the Go
+// worker package reports every 100 ms, so reaching the cap takes 10 million
+// requests a second from one process, or 100,000 a second reported every
+// 10 s. The cap keeps the master's counters from wrapping: at most 10^6 a
+// message, a worker must send over 9 * 10^12 messages (more than 300 TB) to
+// carry an int64 total past its maximum, where without the cap ten messages
+// of 18 digits did.
+const MaxRequestsPerMessage = 1_000_000
+
 // Reserved commands: the values of a message's "cmd" member that are for the
 // master. All others are the application's.
 const (
@@ -104,7 +116,8 @@ type Message struct {
 	// Cmd is the "cmd" member when the frame is an object and that member is
 	// a string; otherwise it is "".
 	Cmd string
-	// N is the "n" member of a CmdRequests message, a non-negative integer.
+	// N is the "n" member of a CmdRequests message, an integer from 0 to
+	// MaxRequestsPerMessage.
 	N int64
 	// To is the "to" member of a CmdSend message: "all", or a worker slot
 	// (1, 2, ...) as decimal text, whether it was sent as a JSON number or a
