@@ -159,7 +159,7 @@ func TestChannelBothWays(t *testing.T) {
 		map[string]any{"cmd": "NODE_CLUSTER"},
 		[]int{1, 2, 3},
 	} {
-		if !ch.Send(mustEncode(t, v)) {
+		if ch.Send(mustEncode(t, v)) != nil {
 			t.Fatal("Send dropped a frame on an idle channel")
 		}
 	}
@@ -173,12 +173,12 @@ func TestChannelBothWays(t *testing.T) {
 			t.Fatalf("worker did not get %s", want)
 		}
 	}
-	if ch.Send([]byte(`{"no":"newline"}`)) {
-		t.Error("Send accepted a frame without a newline")
+	if err := ch.Send([]byte(`{"no":"newline"}`)); !isDrop(err, DropInvalidFrame) {
+		t.Errorf("Send of a frame without a newline: %v, want a DropError %s", err, DropInvalidFrame)
 	}
 
 	s := ch.Stats()
-	if s.MessagesIn != 5 || s.Dropped != 1 || s.BytesIn == 0 {
+	if s.MessagesIn != 5 || s.Dropped != 1 || s.Drops[DropInvalidFrame] != 1 || s.BytesIn == 0 {
 		t.Errorf("stats %+v", s)
 	}
 	for _, r := range reasons {
@@ -202,8 +202,8 @@ func TestChannelBothWays(t *testing.T) {
 	}
 	// The worker sees its master go.
 	waitFor(t, w.Done(), 5*time.Second, "worker Done after the master closed")
-	if ch.Send(mustEncode(t, "late")) {
-		t.Error("Send after Close succeeded")
+	if err := ch.Send(mustEncode(t, "late")); !isDrop(err, DropClosed) || !strings.Contains(err.Error(), "the worker is gone") {
+		t.Errorf("Send after Close: %v, want a DropError %s", err, DropClosed)
 	}
 }
 
@@ -280,7 +280,7 @@ func TestChannelPeerClose(t *testing.T) {
 	// Frames to a gone worker are dropped and counted, never blocking.
 	sent := 0
 	for i := 0; i < 100; i++ {
-		if ch.Send(mustEncode(t, i)) {
+		if ch.Send(mustEncode(t, i)) == nil {
 			sent++
 		}
 	}
@@ -303,7 +303,10 @@ func TestChannelWorkerNotReading(t *testing.T) {
 	var slowest time.Duration
 	for total = 0; total < 10000 && refused < 100; total++ {
 		start := time.Now()
-		if !ch.Send(frame) {
+		if err := ch.Send(frame); err != nil {
+			if !isDrop(err, DropQueueFull) {
+				t.Fatalf("Send: %v, want a DropError %s", err, DropQueueFull)
+			}
 			refused++
 		}
 		slowest = max(slowest, time.Since(start))
@@ -334,6 +337,12 @@ func TestChannelWorkerNotReading(t *testing.T) {
 	}
 }
 
+// isDrop reports whether err is a *DropError for reason.
+func isDrop(err error, reason string) bool {
+	var de *DropError
+	return errors.As(err, &de) && de.Reason == reason
+}
+
 func TestChannelNotASocket(t *testing.T) {
 	leakCheck(t)
 	f, err := os.CreateTemp(t.TempDir(), "notasocket")
@@ -343,7 +352,7 @@ func TestChannelNotASocket(t *testing.T) {
 	rec := newRecorder()
 	ch := NewChannel(f, rec.options())
 	waitFor(t, ch.Done(), time.Second, "Done")
-	if ch.Send(mustEncode(t, 1)) {
+	if ch.Send(mustEncode(t, 1)) == nil {
 		t.Log("queued; the writer drops it")
 	}
 	if err := ch.Close(); err != nil {
@@ -368,7 +377,7 @@ func TestChannelSameFrameToMany(t *testing.T) {
 		conns = append(conns, NewConn(worker))
 	}
 	for _, ch := range chans {
-		if !ch.Send(frame) {
+		if ch.Send(frame) != nil {
 			t.Fatal("dropped")
 		}
 	}

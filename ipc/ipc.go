@@ -36,11 +36,15 @@
 //
 // # Flow control
 //
-// A master must never wait for a worker. [Channel.Send] only queues a frame;
-// the channel's writer goroutine writes it. A worker that stops reading
-// fills its socket buffer, then the queue ([ChannelOptions].QueueLen), and
-// from then on frames to it are dropped and counted ([Stats].Dropped) while
-// Send returns false at once. Incoming frames are read by one goroutine per
+// A master must never wait for a worker, nor hold without bound what it
+// cannot deliver. [Channel.Send] only queues a frame; the channel's writer
+// goroutine writes it. A worker that stops reading fills its socket buffer,
+// then its queue, which is bounded in frames ([ChannelOptions].QueueLen) and
+// in bytes ([ChannelOptions].QueueBytes); a [Budget] shared by all of a
+// master's channels bounds the bytes of all the queues together, however
+// many workers stop reading. From then on frames to it are dropped and
+// counted by reason ([Stats].Drops) while Send returns a [*DropError] at
+// once. Incoming frames are read by one goroutine per
 // worker; a slow [ChannelOptions].OnMessage slows only that worker, whose
 // own writes then block, as they would under a slow Node.js parent.
 //
