@@ -16,8 +16,8 @@
 //		log.Warn()....Uint64("suppressed", n).Msg(...)
 //	}
 //
-// and, when [Limiter.Next] says (or on a timer of about the interval),
-// report the counts that no later event will:
+// and, on a timer of about the interval, report the counts that no later
+// event will:
 //
 //	for _, s := range l.Due(time.Now()) {
 //		log.Warn()....Uint64("suppressed", s.Suppressed).Msg(...)
@@ -122,25 +122,6 @@ func (l *Limiter[K]) Due(now time.Time) []Summary[K] {
 		e.logged, e.suppressed = now, 0
 	}
 	return due
-}
-
-// Next returns the earliest time at which Due will return a summary: an
-// interval after the line of the key with suppressed events logged
-// longest ago. It returns the zero Time when no key has suppressed events.
-// It costs a look at every key.
-func (l *Limiter[K]) Next() time.Time {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	var next time.Time
-	for _, e := range l.keys {
-		if e.suppressed > 0 && (next.IsZero() || e.logged.Before(next)) {
-			next = e.logged
-		}
-	}
-	if next.IsZero() {
-		return next
-	}
-	return next.Add(l.interval)
 }
 
 // Len returns the number of keys the Limiter remembers.
