@@ -16,8 +16,8 @@
 //		log.Warn()....Uint64("suppressed", n).Msg(...)
 //	}
 //
-// and, on a timer of about the interval, report the counts that no later
-// event will:
+// and, on a ticker (a tenth of the interval, say), report the counts that
+// no later event will:
 //
 //	for _, s := range l.Due(time.Now()) {
 //		log.Warn()....Uint64("suppressed", s.Suppressed).Msg(...)
@@ -104,8 +104,10 @@ func (l *Limiter[K]) Allow(key K, now time.Time) (suppressed uint64, ok bool) {
 // now instead of when (or whether) the key's next event comes. Each returned
 // key counts as logged at now: its next event within the interval is
 // suppressed. Keys whose interval has passed with nothing suppressed are
-// forgotten; their next event is logged at once, as a first. Call Due about
-// once an interval; it returns nil when nothing is due.
+// forgotten; their next event is logged at once, as a first. A count is
+// due an interval after its key's last line: called on every tick of a
+// ticker, Due reports it at most a tick late. It returns nil when nothing
+// is due.
 func (l *Limiter[K]) Due(now time.Time) []Summary[K] {
 	l.mu.Lock()
 	defer l.mu.Unlock()
