@@ -148,35 +148,78 @@ func BenchmarkChannelIngest(b *testing.B) {
 }
 
 // BenchmarkChannelSend measures queueing and writing frames to a worker that
-// reads them, one op per frame.
+// reads them, one op per frame: with the default limits, and with a Budget
+// shared with other channels (the master's setup), whose cost is two more
+// atomic updates a frame.
 func BenchmarkChannelSend(b *testing.B) {
+	for _, bm := range []struct {
+		name   string
+		budget *Budget
+	}{
+		{"queue", nil},
+		{"budget", NewBudget(0)},
+	} {
+		b.Run(bm.name, func(b *testing.B) {
+			master, worker, err := Pair()
+			if err != nil {
+				b.Fatal(err)
+			}
+			ch := NewChannel(master, ChannelOptions{Budget: bm.budget})
+			drained := make(chan struct{})
+			go func() {
+				io.Copy(io.Discard, worker)
+				close(drained)
+			}()
+			frame, _ := Encode(map[string]any{"cmd": "app:event", "key": "k1"})
+			b.SetBytes(int64(len(frame)))
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				for ch.Send(frame) != nil {
+					time.Sleep(10 * time.Microsecond) // queue full: let the writer catch up
+				}
+			}
+			for deadline := time.Now().Add(time.Minute); ch.Stats().MessagesOut < uint64(b.N); {
+				if time.Now().After(deadline) {
+					b.Fatalf("%d of %d frames written", ch.Stats().MessagesOut, b.N)
+				}
+				time.Sleep(100 * time.Microsecond)
+			}
+			b.StopTimer()
+			ch.Close()
+			worker.Close()
+			<-drained
+		})
+	}
+}
+
+// BenchmarkChannelSendDrop measures Send to a worker that does not read,
+// once its queue is full: the cost of a refusal, which a flooding worker
+// makes the master pay for each of its messages.
+func BenchmarkChannelSendDrop(b *testing.B) {
 	master, worker, err := Pair()
 	if err != nil {
 		b.Fatal(err)
 	}
-	ch := NewChannel(master, ChannelOptions{})
-	drained := make(chan struct{})
-	go func() {
-		io.Copy(io.Discard, worker)
-		close(drained)
-	}()
+	defer worker.Close()
+	ch := NewChannel(master, ChannelOptions{QueueLen: 4, Budget: NewBudget(0)})
+	defer ch.Close()
 	frame, _ := Encode(map[string]any{"cmd": "app:event", "key": "k1"})
-	b.SetBytes(int64(len(frame)))
+	// Fill the socket buffer and the queue: refused a hundred times in a
+	// row, with pauses for the writer, means the writer is blocked.
+	for refused := 0; refused < 100; {
+		if ch.Send(frame) == nil {
+			refused = 0
+		} else {
+			refused++
+			time.Sleep(100 * time.Microsecond)
+		}
+	}
 	b.ReportAllocs()
 	b.ResetTimer()
 	for range b.N {
-		for !ch.Send(frame) {
-			time.Sleep(10 * time.Microsecond) // queue full: let the writer catch up
+		if ch.Send(frame) == nil {
+			b.Fatal("queued to a full queue")
 		}
 	}
-	for deadline := time.Now().Add(time.Minute); ch.Stats().MessagesOut < uint64(b.N); {
-		if time.Now().After(deadline) {
-			b.Fatalf("%d of %d frames written", ch.Stats().MessagesOut, b.N)
-		}
-		time.Sleep(100 * time.Microsecond)
-	}
-	b.StopTimer()
-	ch.Close()
-	worker.Close()
-	<-drained
 }

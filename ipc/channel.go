@@ -13,6 +13,11 @@ import (
 // for its worker.
 const DefaultQueueLen = 1024
 
+// DefaultQueueBytes is the default number of bytes of outgoing frames a
+// Channel holds for its worker: four frames of the default
+// [DefaultMaxMessage] size.
+const DefaultQueueBytes = 4 << 20
+
 // The writer gathers up to this many frames, or about this many bytes, into
 // one writev.
 const (
@@ -28,6 +33,14 @@ type ChannelOptions struct {
 	// QueueLen is the number of outgoing frames queued for the worker
 	// beyond what its socket buffer holds; 0 means DefaultQueueLen.
 	QueueLen int
+	// QueueBytes is the limit on the bytes of the frames the channel holds
+	// for the worker, from Send until the kernel has taken them; 0 means
+	// DefaultQueueBytes. A frame longer than this is never sent.
+	QueueBytes int
+	// Budget, if not nil, is a limit on the bytes held by all the channels
+	// that share it, on top of each one's QueueBytes. A master gives one
+	// Budget to every worker's channel.
+	Budget *Budget
 	// OnMessage, if not nil, is called on the channel's reader goroutine for
 	// each good frame that is not Node.js's own (see Message.Internal).
 	// m.Raw and m.Msg are valid only during the call. The next frame is not
@@ -37,7 +50,7 @@ type ChannelOptions struct {
 	// frame, with a *FrameError (the frame is skipped and reading goes on),
 	// and once for a read error that ends the channel other than end of
 	// file or Close. Dropped outgoing frames are not reported here: Send
-	// returns false and Stats counts them. It must not call Close.
+	// returns a *DropError and Stats counts them. It must not call Close.
 	OnError func(err error)
 }
 
@@ -47,10 +60,125 @@ type Stats struct {
 	BytesIn     uint64 // bytes read
 	MessagesOut uint64 // frames written
 	BytesOut    uint64 // bytes written
-	Dropped     uint64 // outgoing frames dropped: queue full, channel closed or broken
+	Dropped     uint64 // outgoing frames dropped, for any reason: the sum of Drops
+	// Drops counts dropped outgoing frames by DropError.Reason; it has a
+	// key for every reason.
+	Drops map[string]uint64
+	// QueuedBytes is the bytes of the frames held for the worker at the
+	// time of the snapshot: at most ChannelOptions.QueueBytes.
+	QueuedBytes uint64
 	// Errors counts bad incoming frames by FrameError.Reason; it has a key
 	// for every reason.
 	Errors map[string]uint64
+}
+
+// Reasons for a [DropError]; they are also the keys of [Stats].Drops.
+const (
+	DropQueueFull    = "queue_full"    // QueueLen frames are queued
+	DropQueueBytes   = "queue_bytes"   // the frame would take the queue over QueueBytes
+	DropBudget       = "budget"        // the frame would take the shared Budget over its limit
+	DropTooLarge     = "too_large"     // the frame is longer than QueueBytes or the Budget's limit
+	DropClosed       = "closed"        // the channel is closed, or writing to it failed
+	DropInvalidFrame = "invalid_frame" // the frame does not end with '\n'
+)
+
+// drops lists the DropError reasons in the order of Channel's counters.
+var drops = [...]string{DropQueueFull, DropQueueBytes, DropBudget, DropTooLarge, DropClosed, DropInvalidFrame}
+
+// DropError is the error [Channel.Send] returns for a frame it did not
+// queue: the frame is dropped and counted ([Stats].Drops). Callers add which
+// worker it was for.
+type DropError struct {
+	// Reason is one of DropQueueFull, DropQueueBytes, DropBudget,
+	// DropTooLarge, DropClosed and DropInvalidFrame.
+	Reason string
+}
+
+// Error says why the frame was dropped and what to look at.
+func (e *DropError) Error() string {
+	var why string
+	switch e.Reason {
+	case DropQueueFull:
+		why = "the worker's queue is full (QueueLen frames): is the worker reading its channel, fd 3?"
+	case DropQueueBytes:
+		why = "the worker's queue is full (QueueBytes bytes): is the worker reading its channel, fd 3?"
+	case DropBudget:
+		why = "the queues to all workers hold their shared budget of bytes: some workers are not reading their channel, fd 3"
+	case DropTooLarge:
+		why = "the frame is longer than the queue's byte limit (QueueBytes or the shared Budget): send smaller messages or raise the limit"
+	case DropClosed:
+		why = "the channel is closed or broken: the worker is gone"
+	case DropInvalidFrame:
+		why = "the frame does not end with a newline: make frames with ipc.Encode"
+	default:
+		why = e.Reason
+	}
+	return "ipc: message to worker dropped: " + why
+}
+
+// dropErrs holds one DropError per reason, in the order of drops, so that
+// Send does not allocate.
+var dropErrs = func() (errs [len(drops)]*DropError) {
+	for i, r := range drops {
+		errs[i] = &DropError{Reason: r}
+	}
+	return errs
+}()
+
+// Indexes into drops and dropErrs.
+const (
+	dropQueueFull = iota
+	dropQueueBytes
+	dropBudget
+	dropTooLarge
+	dropClosed
+	dropInvalidFrame
+	sent = -1 // not a drop
+)
+
+// DefaultBudget is the limit of a zero Budget, and of NewBudget(0).
+const DefaultBudget = 64 << 20
+
+// Budget is a limit on the bytes of outgoing frames held by all the channels
+// that share it ([ChannelOptions].Budget), so that workers that do not read
+// cannot together make the master hold more than the limit, however many
+// they are. A frame's bytes are taken when Send queues it and given back
+// once it is written, dropped, or its channel closed. The zero Budget has
+// the limit DefaultBudget. A Budget is safe for concurrent use and must not
+// be copied after first use.
+type Budget struct {
+	limit int64
+	used  atomic.Int64
+}
+
+// NewBudget returns a Budget of limit bytes; limit <= 0 means DefaultBudget.
+func NewBudget(limit int) *Budget {
+	return &Budget{limit: int64(limit)}
+}
+
+// Limit returns the budget's limit in bytes.
+func (b *Budget) Limit() int {
+	if b.limit <= 0 {
+		return DefaultBudget
+	}
+	return int(b.limit)
+}
+
+// Used returns the bytes of the frames held now by the channels sharing b.
+func (b *Budget) Used() int { return int(b.used.Load()) }
+
+// take adds n to v unless that would take it over limit, and reports
+// whether it did.
+func take(v *atomic.Int64, n, limit int64) bool {
+	for {
+		cur := v.Load()
+		if cur+n > limit {
+			return false
+		}
+		if v.CompareAndSwap(cur, cur+n) {
+			return true
+		}
+	}
 }
 
 // Channel is the master's end of one worker's channel. It reads and decodes
@@ -62,10 +190,16 @@ type Channel struct {
 	openErr error
 	opts    ChannelOptions
 
-	queue chan []byte   // owned by the writer; Send only adds
-	quit  chan struct{} // closed by Close
-	done  chan struct{} // closed when the reader ends
-	wg    sync.WaitGroup
+	queue chan []byte // owned by the writer; Send only adds
+	// queued is the bytes of the frames held, in the queue and in the
+	// writer's batch; Send adds to it and to the budget before queueing,
+	// the writer and Close take away.
+	queued     atomic.Int64
+	queueBytes int64
+	budget     *Budget
+	quit       chan struct{} // closed by Close
+	done       chan struct{} // closed when the reader ends
+	wg         sync.WaitGroup
 
 	mu     sync.RWMutex // keeps a Send from queueing after Close drained the queue
 	closed bool
@@ -74,8 +208,9 @@ type Channel struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	messagesIn, bytesIn, messagesOut, bytesOut, dropped atomic.Uint64
-	errs                                                [len(reasons)]atomic.Uint64
+	messagesIn, bytesIn, messagesOut, bytesOut atomic.Uint64
+	dropped                                    [len(drops)]atomic.Uint64
+	errs                                       [len(reasons)]atomic.Uint64
 }
 
 // NewChannel returns the master's channel over f, the master end from
@@ -88,11 +223,16 @@ func NewChannel(f *os.File, opts ChannelOptions) *Channel {
 	if opts.QueueLen <= 0 {
 		opts.QueueLen = DefaultQueueLen
 	}
+	if opts.QueueBytes <= 0 {
+		opts.QueueBytes = DefaultQueueBytes
+	}
 	c := &Channel{
-		opts:  opts,
-		queue: make(chan []byte, opts.QueueLen),
-		quit:  make(chan struct{}),
-		done:  make(chan struct{}),
+		opts:       opts,
+		queue:      make(chan []byte, opts.QueueLen),
+		queueBytes: int64(opts.QueueBytes),
+		budget:     opts.Budget,
+		quit:       make(chan struct{}),
+		done:       make(chan struct{}),
 	}
 	// net.FileConn makes a pollable, non-blocking copy of the descriptor, so
 	// that Close interrupts a read or a write in progress.
@@ -110,31 +250,65 @@ func NewChannel(f *os.File, opts ChannelOptions) *Channel {
 }
 
 // Send queues frame, as returned by [Encode], for the worker. It never
-// blocks. It returns false, and counts the frame as dropped, when the queue
-// is full (the worker is not reading), when the channel is closed or writing
-// to it has failed (the worker is gone), or when frame does not end with
-// '\n'. A queued frame that cannot be written any more is dropped and
-// counted too. The channel keeps frame until it is written, so the caller
-// must not change it; the same frame may be sent to many channels.
-func (c *Channel) Send(frame []byte) bool {
-	if len(frame) == 0 || frame[len(frame)-1] != '\n' {
-		c.dropped.Add(1)
-		return false
+// blocks. It returns nil when frame is queued, or a [*DropError] saying why
+// it dropped and counted it instead: the queue holds QueueLen frames or
+// would go over QueueBytes, or the shared Budget over its limit (the worker
+// is not reading); the frame alone is over one of those byte limits; the
+// channel is closed or writing to it has failed (the worker is gone); or
+// frame does not end with '\n'. A queued frame that cannot be written any
+// more is dropped and counted too. The channel keeps frame until it is
+// written, so the caller must not change it; the same frame may be sent to
+// many channels, and counts against each one's limits.
+func (c *Channel) Send(frame []byte) error {
+	r := c.enqueue(frame)
+	if r == sent {
+		return nil
+	}
+	c.dropped[r].Add(1)
+	return dropErrs[r]
+}
+
+// enqueue queues frame, taking its bytes from the queue's limit and the
+// budget, and returns sent or the index of the reason it did not.
+func (c *Channel) enqueue(frame []byte) int {
+	n := int64(len(frame))
+	if n == 0 || frame[n-1] != '\n' {
+		return dropInvalidFrame
+	}
+	if n > c.queueBytes || c.budget != nil && n > int64(c.budget.Limit()) {
+		return dropTooLarge
 	}
 	c.mu.RLock()
-	ok := false
-	if !c.closed && !c.broken.Load() {
-		select {
-		case c.queue <- frame:
-			ok = true
-		default:
-		}
+	defer c.mu.RUnlock()
+	if c.closed || c.broken.Load() {
+		return dropClosed
 	}
-	c.mu.RUnlock()
-	if !ok {
-		c.dropped.Add(1)
+	if len(c.queue) == cap(c.queue) {
+		return dropQueueFull
 	}
-	return ok
+	if !take(&c.queued, n, c.queueBytes) {
+		return dropQueueBytes
+	}
+	if c.budget != nil && !take(&c.budget.used, n, int64(c.budget.Limit())) {
+		c.queued.Add(-n)
+		return dropBudget
+	}
+	select {
+	case c.queue <- frame:
+		return sent
+	default: // filled up since the check above by a concurrent Send
+		c.release(n)
+		return dropQueueFull
+	}
+}
+
+// release gives back n bytes of frames held: written, dropped or thrown
+// away.
+func (c *Channel) release(n int64) {
+	c.queued.Add(-n)
+	if c.budget != nil {
+		c.budget.used.Add(-n)
+	}
 }
 
 // Stats returns a snapshot of the channel's counters. It is safe to call from
@@ -145,8 +319,14 @@ func (c *Channel) Stats() Stats {
 		BytesIn:     c.bytesIn.Load(),
 		MessagesOut: c.messagesOut.Load(),
 		BytesOut:    c.bytesOut.Load(),
-		Dropped:     c.dropped.Load(),
+		QueuedBytes: uint64(max(c.queued.Load(), 0)),
+		Drops:       make(map[string]uint64, len(drops)),
 		Errors:      make(map[string]uint64, len(reasons)),
+	}
+	for i, r := range drops {
+		n := c.dropped[i].Load()
+		s.Drops[r] = n
+		s.Dropped += n
 	}
 	for i, r := range reasons {
 		s.Errors[r] = c.errs[i].Load()
@@ -160,7 +340,8 @@ func (c *Channel) Done() <-chan struct{} { return c.done }
 
 // Close closes the socket, which ends both goroutines even if the writer is
 // blocked on a worker that does not read, and waits for them. Frames still
-// queued are dropped and counted. Close is idempotent; every call returns the
+// queued are dropped and counted, and their bytes given back to the
+// Budget. Close is idempotent; every call returns the
 // first one's result. It must not be called from OnMessage or OnError, which
 // run on the reader goroutine it waits for.
 func (c *Channel) Close() error {
@@ -176,9 +357,9 @@ func (c *Channel) Close() error {
 		}
 		c.wg.Wait()
 		// Nothing can be queued any more: count what was left.
-		c.dropped.Add(uint64(len(c.queue)))
 		for len(c.queue) > 0 {
-			<-c.queue
+			c.release(int64(len(<-c.queue)))
+			c.dropped[dropClosed].Add(1)
 		}
 	})
 	return c.closeErr
@@ -264,7 +445,8 @@ func (c *Channel) write() {
 			}
 		}
 		if c.broken.Load() {
-			c.dropped.Add(uint64(len(batch)))
+			c.dropped[dropClosed].Add(uint64(len(batch)))
+			c.release(int64(size))
 			clear(batch)
 			continue
 		}
@@ -286,10 +468,11 @@ func (c *Channel) write() {
 				n -= int64(l)
 				written++
 			}
-			c.dropped.Add(uint64(len(batch) - written))
+			c.dropped[dropClosed].Add(uint64(len(batch) - written))
 			c.broken.Store(true)
 		}
 		c.messagesOut.Add(uint64(written))
+		c.release(int64(size))
 		clear(batch)
 	}
 }

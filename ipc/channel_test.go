@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -135,7 +136,7 @@ func TestChannelBothWays(t *testing.T) {
 		map[string]any{"cmd": "NODE_CLUSTER"},
 		[]int{1, 2, 3},
 	} {
-		if !ch.Send(mustEncode(t, v)) {
+		if ch.Send(mustEncode(t, v)) != nil {
 			t.Fatal("Send dropped a frame on an idle channel")
 		}
 	}
@@ -149,12 +150,12 @@ func TestChannelBothWays(t *testing.T) {
 			t.Fatalf("worker did not get %s", want)
 		}
 	}
-	if ch.Send([]byte(`{"no":"newline"}`)) {
-		t.Error("Send accepted a frame without a newline")
+	if err := ch.Send([]byte(`{"no":"newline"}`)); !isDrop(err, DropInvalidFrame) {
+		t.Errorf("Send of a frame without a newline: %v, want a DropError %s", err, DropInvalidFrame)
 	}
 
 	s := ch.Stats()
-	if s.MessagesIn != 5 || s.Dropped != 1 || s.BytesIn == 0 {
+	if s.MessagesIn != 5 || s.Dropped != 1 || s.Drops[DropInvalidFrame] != 1 || s.BytesIn == 0 {
 		t.Errorf("stats %+v", s)
 	}
 	for _, r := range reasons {
@@ -178,8 +179,8 @@ func TestChannelBothWays(t *testing.T) {
 	}
 	// The worker sees its master go.
 	waitFor(t, w.Done(), 5*time.Second, "worker Done after the master closed")
-	if ch.Send(mustEncode(t, "late")) {
-		t.Error("Send after Close succeeded")
+	if err := ch.Send(mustEncode(t, "late")); !isDrop(err, DropClosed) || !strings.Contains(err.Error(), "the worker is gone") {
+		t.Errorf("Send after Close: %v, want a DropError %s", err, DropClosed)
 	}
 }
 
@@ -256,7 +257,7 @@ func TestChannelPeerClose(t *testing.T) {
 	// Frames to a gone worker are dropped and counted, never blocking.
 	sent := 0
 	for i := 0; i < 100; i++ {
-		if ch.Send(mustEncode(t, i)) {
+		if ch.Send(mustEncode(t, i)) == nil {
 			sent++
 		}
 	}
@@ -279,7 +280,10 @@ func TestChannelWorkerNotReading(t *testing.T) {
 	var slowest time.Duration
 	for total = 0; total < 10000 && refused < 100; total++ {
 		start := time.Now()
-		if !ch.Send(frame) {
+		if err := ch.Send(frame); err != nil {
+			if !isDrop(err, DropQueueFull) {
+				t.Fatalf("Send: %v, want a DropError %s", err, DropQueueFull)
+			}
 			refused++
 		}
 		slowest = max(slowest, time.Since(start))
@@ -310,6 +314,12 @@ func TestChannelWorkerNotReading(t *testing.T) {
 	}
 }
 
+// isDrop reports whether err is a *DropError for reason.
+func isDrop(err error, reason string) bool {
+	var de *DropError
+	return errors.As(err, &de) && de.Reason == reason
+}
+
 func TestChannelNotASocket(t *testing.T) {
 	testutil.LeakCheck(t)
 	f, err := os.CreateTemp(t.TempDir(), "notasocket")
@@ -319,7 +329,7 @@ func TestChannelNotASocket(t *testing.T) {
 	rec := newRecorder()
 	ch := NewChannel(f, rec.options())
 	waitFor(t, ch.Done(), time.Second, "Done")
-	if ch.Send(mustEncode(t, 1)) {
+	if ch.Send(mustEncode(t, 1)) == nil {
 		t.Log("queued; the writer drops it")
 	}
 	if err := ch.Close(); err != nil {
@@ -344,7 +354,7 @@ func TestChannelSameFrameToMany(t *testing.T) {
 		conns = append(conns, NewConn(worker))
 	}
 	for _, ch := range chans {
-		if !ch.Send(frame) {
+		if ch.Send(frame) != nil {
 			t.Fatal("dropped")
 		}
 	}
@@ -362,5 +372,50 @@ func TestChannelSameFrameToMany(t *testing.T) {
 		chans[i].Close()
 		conns[i].Close()
 		<-conns[i].Done()
+	}
+}
+
+// A worker cannot make the master's request count go down: twenty reports
+// of 999999999999999999 requests once wrapped the slot's counter. Reports
+// over MaxRequestsPerMessage are skipped and counted as bad_field; the good
+// reports around them all arrive.
+func TestChannelRequestsCap(t *testing.T) {
+	leakCheck(t)
+	master, worker := mustPair(t)
+	defer worker.Close()
+	var sum, bad atomic.Int64
+	done := make(chan struct{})
+	ch := NewChannel(master, ChannelOptions{
+		OnMessage: func(m Message) {
+			sum.Add(m.N)
+			if m.Cmd == CmdReady {
+				close(done)
+			}
+		},
+		OnError: func(err error) {
+			var fe *FrameError
+			if errors.As(err, &fe) && fe.Reason == ReasonBadField && strings.Contains(fe.Error(), "over 1000000") {
+				bad.Add(1)
+			}
+		},
+	})
+	defer ch.Close()
+	var in bytes.Buffer
+	for range 20 {
+		in.WriteString(`{"cmd":"shoal:requests","n":999999999999999999}` + "\n")
+		in.WriteString(`{"cmd":"shoal:requests","n":1000000}` + "\n")
+		in.WriteString(`{"n":1000001,"cmd":"shoal:requests"}` + "\n")
+	}
+	in.WriteString(frameReady + "\n")
+	if _, err := worker.Write(in.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, done, 5*time.Second, "the last message")
+	if got, want := sum.Load(), int64(20*MaxRequestsPerMessage); got != want {
+		t.Errorf("requests counted %d, want %d", got, want)
+	}
+	s := ch.Stats()
+	if s.Errors[ReasonBadField] != 40 || bad.Load() != 40 || s.MessagesIn != 21 {
+		t.Errorf("Errors[bad_field] = %d, OnError saw %d over the cap, %d messages in; want 40, 40, 21", s.Errors[ReasonBadField], bad.Load(), s.MessagesIn)
 	}
 }

@@ -118,7 +118,7 @@ func TestConnFromEnvWorker(t *testing.T) {
 		`42`,
 	}
 	for _, m := range msgs {
-		if !ch.Send(mustEncode(t, json.RawMessage(m))) {
+		if ch.Send(mustEncode(t, json.RawMessage(m))) != nil {
 			t.Fatalf("Send(%s) dropped", m)
 		}
 	}

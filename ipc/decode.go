@@ -175,6 +175,9 @@ func parse(line []byte) (Message, error) {
 	}
 	if len(line) > len(prefixRequests)+1 && line[len(line)-1] == '}' && string(line[:len(prefixRequests)]) == prefixRequests {
 		if n, ok := parseCount(line[len(prefixRequests) : len(line)-1]); ok {
+			if n > MaxRequestsPerMessage {
+				return Message{}, badField(line, errBigN)
+			}
 			return Message{Cmd: CmdRequests, N: n, Raw: line}, nil
 		}
 	}
@@ -203,6 +206,7 @@ func parseCount(b []byte) (int64, bool) {
 var (
 	errNoN   = errors.New(`shoal:requests without "n"`)
 	errBadN  = errors.New(`shoal:requests: "n" is not a non-negative integer`)
+	errBigN  = errors.New(`shoal:requests: "n" is over ` + strconv.Itoa(MaxRequestsPerMessage) + `: report large counts in several messages`)
 	errNoTo  = errors.New(`shoal:send without "to"`)
 	errBadTo = errors.New(`shoal:send: "to" is neither "all" nor a worker slot`)
 	errNoMsg = errors.New(`shoal:send without "msg"`)
@@ -269,6 +273,9 @@ func parseSlow(line []byte) (Message, error) {
 		v, ok := parseCount(n)
 		if !ok {
 			return Message{}, badField(line, errBadN)
+		}
+		if v > MaxRequestsPerMessage {
+			return Message{}, badField(line, errBigN)
 		}
 		m.N = v
 	case CmdSend:

@@ -93,6 +93,9 @@ func reference(data []byte, max int) ([]result, error) {
 					break
 				}
 				json.Unmarshal(n, &r.N)
+				if r.N > 1_000_000 { // MaxRequestsPerMessage, as the README says
+					bad = true
+				}
 			case CmdSend:
 				to, ok := obj["to"]
 				var s string
@@ -171,7 +174,7 @@ func TestDecoderReserved(t *testing.T) {
 		{`{"cmd":"shoal:heartbeat"}`, result{Cmd: CmdHeartbeat}},
 		{`{"cmd":"shoal:requests","n":0}`, result{Cmd: CmdRequests, N: 0}},
 		{`{"cmd":"shoal:requests","n":42}`, result{Cmd: CmdRequests, N: 42}},
-		{`{"cmd":"shoal:requests","n":999999999999999999}`, result{Cmd: CmdRequests, N: 999999999999999999}},
+		{`{"cmd":"shoal:requests","n":1000000}`, result{Cmd: CmdRequests, N: MaxRequestsPerMessage}},
 		{`{"n":7,"cmd":"shoal:requests"}`, result{Cmd: CmdRequests, N: 7}},
 		{`{"cmd":"shoal:send","to":"all","msg":{"a":[1,"}"]}}`, result{Cmd: CmdSend, To: "all", Msg: `{"a":[1,"}"]}`}},
 		{`{"cmd":"shoal:send","to":3,"msg":"hi"}`, result{Cmd: CmdSend, To: "3", Msg: `"hi"`}},
@@ -211,6 +214,8 @@ func TestDecoderFastSlowAgree(t *testing.T) {
 		frameNotifyRequest, frameReady, frameHeartbeat,
 		`{"cmd":"shoal:requests","n":0}`,
 		`{"cmd":"shoal:requests","n":123456789012345678}`,
+		`{"cmd":"shoal:requests","n":1000000}`,
+		`{"cmd":"shoal:requests","n":1000001}`,
 		`{"cmd":"shoal:requests","n":1234567890123456789}`, // 19 digits: slow path only
 		`{"cmd":"shoal:requests","n":01}`,
 		`{"cmd":"shoal:requests","n":1.5}`,
@@ -259,6 +264,9 @@ func TestDecoderBadFrames(t *testing.T) {
 		{`{"cmd":"shoal:requests","n":1e3}`, ReasonBadField},
 		{`{"cmd":"shoal:requests","n":"3"}`, ReasonBadField},
 		{`{"cmd":"shoal:requests","n":12345678901234567890}`, ReasonBadField},
+		{`{"cmd":"shoal:requests","n":1000001}`, ReasonBadField},
+		{`{"cmd":"shoal:requests","n":999999999999999999}`, ReasonBadField},
+		{`{"cmd": "shoal:requests", "n": 999999999999999999}`, ReasonBadField},
 		{`{"cmd":"shoal:send","msg":1}`, ReasonBadField},
 		{`{"cmd":"shoal:send","to":0,"msg":1}`, ReasonBadField},
 		{`{"cmd":"shoal:send","to":"03","msg":1}`, ReasonBadField},

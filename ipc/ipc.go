@@ -36,11 +36,15 @@
 //
 // # Flow control
 //
-// A master must never wait for a worker. [Channel.Send] only queues a frame;
-// the channel's writer goroutine writes it. A worker that stops reading
-// fills its socket buffer, then the queue ([ChannelOptions].QueueLen), and
-// from then on frames to it are dropped and counted ([Stats].Dropped) while
-// Send returns false at once. Incoming frames are read by one goroutine per
+// A master must never wait for a worker, nor hold without bound what it
+// cannot deliver. [Channel.Send] only queues a frame; the channel's writer
+// goroutine writes it. A worker that stops reading fills its socket buffer,
+// then its queue, which is bounded in frames ([ChannelOptions].QueueLen) and
+// in bytes ([ChannelOptions].QueueBytes); a [Budget] shared by all of a
+// master's channels bounds the bytes of all the queues together, however
+// many workers stop reading. From then on frames to it are dropped and
+// counted by reason ([Stats].Drops) while Send returns a [*DropError] at
+// once. Incoming frames are read by one goroutine per
 // worker; a slow [ChannelOptions].OnMessage slows only that worker, whose
 // own writes then block, as they would under a slow Node.js parent.
 //
@@ -70,6 +74,18 @@ const EnvFD = "SHOAL_IPC_FD"
 // DefaultMaxMessage is the default limit on one frame: the bytes of a line
 // without its "\n" (or "\r\n").
 const DefaultMaxMessage = 1 << 20
+
+// MaxRequestsPerMessage is the largest "n" of a [CmdRequests] message; a
+// larger one is a bad frame ([ReasonBadField]), skipped and counted.
+//
+// A report covers the requests served since the previous one: the Go
+// worker package reports every 100 ms, so reaching the cap takes 10 million
+// requests a second from one process, or 100,000 a second reported every
+// 10 s. The cap keeps the master's counters from wrapping: at most 10^6 a
+// message, a worker must send over 9 * 10^12 messages (more than 300 TB) to
+// carry an int64 total past its maximum, where without the cap ten messages
+// of 18 digits did.
+const MaxRequestsPerMessage = 1_000_000
 
 // Reserved commands: the values of a message's "cmd" member that are for the
 // master. All others are the application's.
@@ -104,7 +120,8 @@ type Message struct {
 	// Cmd is the "cmd" member when the frame is an object and that member is
 	// a string; otherwise it is "".
 	Cmd string
-	// N is the "n" member of a CmdRequests message, a non-negative integer.
+	// N is the "n" member of a CmdRequests message, an integer from 0 to
+	// MaxRequestsPerMessage.
 	N int64
 	// To is the "to" member of a CmdSend message: "all", or a worker slot
 	// (1, 2, ...) as decimal text, whether it was sent as a JSON number or a
