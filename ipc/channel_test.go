@@ -380,7 +380,7 @@ func TestChannelSameFrameToMany(t *testing.T) {
 // over MaxRequestsPerMessage are skipped and counted as bad_field; the good
 // reports around them all arrive.
 func TestChannelRequestsCap(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	defer worker.Close()
 	var sum, bad atomic.Int64

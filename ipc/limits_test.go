@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // bigFrame returns a new frame of exactly size bytes, its '\n' included: a
@@ -38,7 +40,7 @@ func heapInUse() uint64 {
 // channel holds at most QueueBytes, all together at most the Budget, every
 // refusal says why, and closing a channel gives its bytes back.
 func TestChannelDeafPeersBytes(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	const (
 		frameSize  = 1 << 20
 		queueBytes = 4 << 20
@@ -140,7 +142,7 @@ func TestChannelDeafPeersBytes(t *testing.T) {
 
 // The refusals that do not depend on the peer, and their messages.
 func TestChannelSendTooLarge(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	defer worker.Close()
 	budget := NewBudget(1 << 10)
@@ -169,7 +171,7 @@ func TestChannelSendTooLarge(t *testing.T) {
 // A worker that reads gets every frame, whole and in order, through small
 // byte limits, and the bytes are given back as they are written.
 func TestChannelBytesNormalPeer(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	budget := NewBudget(256 << 10)
 	ch := NewChannel(master, ChannelOptions{QueueBytes: 128 << 10, Budget: budget})
@@ -235,7 +237,7 @@ func TestChannelBytesNormalPeer(t *testing.T) {
 // A worker that reads, with the default limits: a burst of messages is
 // all queued and all arrives, exactly.
 func TestChannelDefaultsNoDrops(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
 	ch := NewChannel(master, ChannelOptions{Budget: &Budget{}})
 	defer ch.Close()
@@ -258,7 +260,7 @@ func TestChannelDefaultsNoDrops(t *testing.T) {
 // some not: the limits hold and every byte is given back at the end. Run
 // with -race.
 func TestChannelBudgetConcurrent(t *testing.T) {
-	leakCheck(t)
+	testutil.LeakCheck(t)
 	budget := NewBudget(1 << 20)
 	var chans []*Channel
 	var workers []*os.File

@@ -127,6 +127,12 @@ func addStats(dst *ipc.Stats, src ipc.Stats) {
 	dst.MessagesOut += src.MessagesOut
 	dst.BytesOut += src.BytesOut
 	dst.Dropped += src.Dropped
+	if dst.Drops == nil {
+		dst.Drops = map[string]uint64{}
+	}
+	for k, v := range src.Drops {
+		dst.Drops[k] += v
+	}
 	if dst.Errors == nil {
 		dst.Errors = map[string]uint64{}
 	}

@@ -234,9 +234,17 @@ func (s *Supervisor) sendFrame(id int, frame []byte) error {
 	if sl == nil || sl.w == nil || sl.w.ch == nil {
 		return fmt.Errorf("supervisor: send to worker %d: no such running worker", id)
 	}
-	if !sl.w.ch.Send(frame) {
-		s.log.Warn().Int("worker", id).Int("pid", sl.w.pid).Msg("message to worker dropped: its queue is full (is it reading fd 3?)")
-		return fmt.Errorf("supervisor: send to worker %d: its queue is full, message dropped", id)
+	if err := sl.w.ch.Send(frame); err != nil {
+		var de *ipc.DropError
+		reason := "dropped"
+		if errors.As(err, &de) {
+			reason = de.Reason
+		}
+		if n, ok := s.warns.Allow(warnKey{id, reason}, s.now()); ok {
+			s.log.Warn().Int("worker", id).Int("pid", sl.w.pid).Str("reason", reason).Uint64("suppressed", n).Err(err).
+				Msg("message to worker dropped (is it reading fd 3?)")
+		}
+		return fmt.Errorf("supervisor: send to worker %d: %w", id, err)
 	}
 	return nil
 }

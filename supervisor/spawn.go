@@ -91,9 +91,18 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 	w.ch = ipc.NewChannel(master, ipc.ChannelOptions{
 		MaxMessage: s.opts.MaxMessage,
 		QueueLen:   s.opts.QueueLen,
+		QueueBytes: max(ipc.DefaultQueueBytes, 2*(s.opts.MaxMessage+1)),
+		Budget:     s.budget,
 		OnMessage:  func(m ipc.Message) { s.onMessage(w, m) },
 		OnError: func(err error) {
-			s.log.Warn().Int("worker", sl.id).Int("pid", w.pid).Err(err).Msg("bad message from worker skipped")
+			reason, what := "read", "reading the worker's channel failed"
+			var fe *ipc.FrameError
+			if errors.As(err, &fe) {
+				reason, what = fe.Reason, "bad message from worker skipped"
+			}
+			if n, ok := s.warns.Allow(warnKey{sl.id, reason}, s.now()); ok {
+				s.log.Warn().Int("worker", sl.id).Int("pid", w.pid).Str("reason", reason).Uint64("suppressed", n).Err(err).Msg(what)
+			}
 		},
 	})
 	go func(ch *ipc.Channel) {

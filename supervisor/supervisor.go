@@ -16,6 +16,7 @@ import (
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/shoal-sh/shoal/internal/ratelog"
 	"github.com/shoal-sh/shoal/ipc"
 )
 
@@ -39,6 +40,9 @@ type Supervisor struct {
 	preForks  int
 	handlers  map[int]func(Message) // per-slot message handlers
 	requested atomic.Uint64         // requests reported by all workers, ever
+
+	budget *ipc.Budget               // bytes queued to all workers together
+	warns  *ratelog.Limiter[warnKey] // warnings caused by workers, per worker and reason
 
 	// Owned by the loop goroutine.
 	slots      map[int]*slot
@@ -131,6 +135,8 @@ func New(opts Options) (*Supervisor, error) {
 		slots:   make(map[int]*slot),
 		byPID:   make(map[int]*worker),
 		orphans: make(map[int]*orphan),
+		budget:  ipc.NewBudget(0),
+		warns:   ratelog.New[warnKey](0),
 		sys:     &realSystem{},
 	}
 	if opts.Logger != nil {
@@ -222,6 +228,10 @@ func (s *Supervisor) Run(ctx context.Context) error {
 
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	// Warnings are rate-limited where the channel readers log them; the
+	// counts of a burst that ended are logged from here.
+	warnTick := time.NewTicker(s.warns.Interval() / 10)
+	defer warnTick.Stop()
 	ctxDone := ctx.Done()
 	for {
 		if s.finished() {
@@ -237,6 +247,8 @@ func (s *Supervisor) Run(ctx context.Context) error {
 			s.reap()
 		case <-timer.C:
 			s.tick(s.now())
+		case <-warnTick.C:
+			s.flushWarnings(s.now())
 		case f := <-s.calls:
 			f()
 		case e := <-s.events:
@@ -307,6 +319,20 @@ func (s *Supervisor) slotIDs() []int {
 	}
 	sort.Ints(ids)
 	return ids
+}
+
+// warnKey is what a rate-limited warning is about.
+type warnKey struct {
+	worker int
+	reason string // an ipc FrameError or DropError reason, or "read"
+}
+
+// flushWarnings logs the counts of suppressed warnings that no later
+// warning will carry.
+func (s *Supervisor) flushWarnings(now time.Time) {
+	for _, d := range s.warns.Due(now) {
+		s.log.Warn().Int("worker", d.Key.worker).Str("reason", d.Key.reason).Uint64("suppressed", d.Suppressed).Msg("more warnings about worker suppressed")
+	}
 }
 
 // now reads the supervisor's clock.

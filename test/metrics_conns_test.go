@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/internal/peer"
+	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
 // startShoalUnder is startShoal with the binary run by a wrapper command
@@ -105,7 +106,7 @@ func TestMetricsIdleConnectionsSpareTheSupervisor(t *testing.T) {
 
 func idleConnections(t *testing.T, prlimit string, nofile, limit int) {
 	const conns = 1100
-	port, maddr := freePort(t), loopbackAddr(t)
+	port, maddr := testutil.FreePort(t), loopbackAddr(t)
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	m := startShoalUnder(t, []string{prlimit, fmt.Sprintf("--nofile=%d:%d", nofile, nofile)},
 		"--workers", "4", "--port", strconv.Itoa(port), "--host", "127.0.0.1",
@@ -214,7 +215,7 @@ func idleConnections(t *testing.T, prlimit string, nofile, limit int) {
 // monitoring.
 func TestMetricsParallelScrapes(t *testing.T) {
 	const scrapers, rounds = 16, 5
-	port, maddr := freePort(t), loopbackAddr(t)
+	port, maddr := testutil.FreePort(t), loopbackAddr(t)
 	m := startShoal(t, nil, "--workers", "4", "--port", strconv.Itoa(port), "--host", "127.0.0.1",
 		"--metrics-addr", maddr, "--stop-timeout", "5s")
 	m.listening(15*time.Second, 4)
