@@ -16,42 +16,6 @@ import (
 	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
-// startShoalVia starts the binary the way startShoal does, but through
-// wrapper (a program that ends by exec'ing the rest of its arguments, such
-// as setpriv or a shell), so the wrapper's process becomes the master.
-func startShoalVia(t *testing.T, wrapper []string, env []string, args ...string) *master {
-	t.Helper()
-	m := &master{t: t, logs: newLogs(), stdout: newLogs(), done: make(chan struct{})}
-	argv := append(append(append([]string(nil), wrapper...), shoalBin), args...)
-	m.cmd = exec.Command(argv[0], argv[1:]...)
-	m.cmd.Env = append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_CONTROL=", "SHOAL_MIGRATE_REQ=off"), env...)
-	m.cmd.Stderr, m.cmd.Stdout = m.logs, m.stdout
-	if err := m.cmd.Start(); err != nil {
-		t.Fatalf("start %v: %v", argv, err)
-	}
-	go func() {
-		m.cmd.Wait()
-		m.state = m.cmd.ProcessState
-		close(m.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-m.done:
-		default:
-			m.cmd.Process.Kill()
-			select {
-			case <-m.done:
-			case <-time.After(10 * time.Second):
-				t.Errorf("shoal (pid %d) not reaped 10s after SIGKILL", m.cmd.Process.Pid)
-			}
-		}
-		if t.Failed() {
-			t.Logf("shoal log:\n%s\nstdout:\n%s", m.logs, m.stdout)
-		}
-	})
-	return m
-}
-
 // runRefused runs shoal with args through sh -c prefix, and wants it to
 // refuse to start: exit 2 within a few seconds, no worker started, and a
 // message that contains want.

@@ -132,13 +132,21 @@ type master struct {
 // The process is killed and reaped when the test ends.
 func startShoal(t *testing.T, env []string, args ...string) *master {
 	t.Helper()
+	return startShoalVia(t, nil, env, args...)
+}
+
+// startShoalVia starts the binary as startShoal does, through wrapper (a
+// command such as prlimit or setpriv that execs its arguments).
+func startShoalVia(t *testing.T, wrapper []string, env []string, args ...string) *master {
+	t.Helper()
 	m := &master{t: t, logs: newLogs(), stdout: newLogs(), done: make(chan struct{})}
-	m.cmd = exec.Command(shoalBin, args...)
+	argv := append(append(append([]string(nil), wrapper...), shoalBin), args...)
+	m.cmd = exec.Command(argv[0], argv[1:]...)
 	m.cmd.Env = append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_CONTROL=", "SHOAL_MIGRATE_REQ=off"), env...)
 	m.cmd.Stderr = m.logs
 	m.cmd.Stdout = m.stdout
 	if err := m.cmd.Start(); err != nil {
-		t.Fatalf("start shoal: %v", err)
+		t.Fatalf("start %v: %v", argv, err)
 	}
 	go func() {
 		m.cmd.Wait()
@@ -157,10 +165,19 @@ func startShoal(t *testing.T, env []string, args ...string) *master {
 			}
 		}
 		if t.Failed() {
-			t.Logf("shoal log:\n%s", m.logs)
+			t.Logf("shoal log (last 200 lines):\n%s\nstdout (last 20 lines):\n%s", tail(m.logs.String(), 200), tail(m.stdout.String(), 20))
 		}
 	})
 	return m
+}
+
+// tail returns the last n lines of s.
+func tail(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }
 
 func (m *master) pid() int { return m.cmd.Process.Pid }

@@ -20,50 +20,6 @@ import (
 	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
-// startShoalUnder is startShoal with the binary run by a wrapper command
-// (such as prlimit) that execs it, so the master keeps the wrapper's pid.
-func startShoalUnder(t *testing.T, wrapper []string, args ...string) *master {
-	t.Helper()
-	m := &master{t: t, logs: newLogs(), stdout: newLogs(), done: make(chan struct{})}
-	argv := append(append(append([]string(nil), wrapper...), shoalBin), args...)
-	m.cmd = exec.Command(argv[0], argv[1:]...)
-	m.cmd.Env = append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_CONTROL=", "SHOAL_MIGRATE_REQ=off")
-	m.cmd.Stderr = m.logs
-	m.cmd.Stdout = m.stdout
-	if err := m.cmd.Start(); err != nil {
-		t.Fatalf("start %v: %v", argv, err)
-	}
-	go func() {
-		m.cmd.Wait()
-		m.state = m.cmd.ProcessState
-		close(m.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-m.done:
-		default:
-			m.cmd.Process.Kill()
-			select {
-			case <-m.done:
-			case <-time.After(10 * time.Second):
-				t.Errorf("shoal (pid %d) not reaped 10s after SIGKILL", m.cmd.Process.Pid)
-			}
-		}
-		if t.Failed() {
-			t.Logf("shoal log (last 60 lines):\n%s", tail(m.logs.String(), 60))
-		}
-	})
-	return m
-}
-
-func tail(s string, n int) string {
-	lines := strings.Split(s, "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
-
 // vmRSS returns the resident memory of pid as /proc/PID/status words it.
 func vmRSS(pid int) string {
 	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
@@ -108,7 +64,7 @@ func idleConnections(t *testing.T, prlimit string, nofile, limit int) {
 	const conns = 1100
 	port, maddr := testutil.FreePort(t), loopbackAddr(t)
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
-	m := startShoalUnder(t, []string{prlimit, fmt.Sprintf("--nofile=%d:%d", nofile, nofile)},
+	m := startShoalVia(t, []string{prlimit, fmt.Sprintf("--nofile=%d:%d", nofile, nofile)}, nil,
 		"--workers", "4", "--port", strconv.Itoa(port), "--host", "127.0.0.1",
 		"--metrics-addr", maddr, "--control", sock, "--stop-timeout", "5s")
 	pids := m.listening(15*time.Second, 4)
