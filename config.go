@@ -201,16 +201,25 @@ func parseSize(s string) (uint64, error) {
 	return n * mult, nil
 }
 
+// defaultPort is the first listener's port, or 0 with none.
+func (c *config) defaultPort() int {
+	if len(c.opts.Listeners) == 0 {
+		return 0
+	}
+	return c.opts.Listeners[0].Port
+}
+
 // controlFlag is --control: a path, "" for none; left unset, the default
 // follows the first port.
 type controlFlag struct {
 	v   *string
 	set *bool
+	def string // shown in the usage: the default for the default port
 }
 
 func (f *controlFlag) String() string {
 	if f.v == nil || !*f.set {
-		return ""
+		return f.def
 	}
 	return *f.v
 }
@@ -227,6 +236,9 @@ type portsFlag struct {
 func (f *portsFlag) String() string {
 	if f.v == nil || len(*f.v) == 0 {
 		return "0"
+	}
+	if ls := *f.v; len(ls) == 1 && ls[0].Network == "tcp" {
+		return strconv.Itoa(ls[0].Port) // as --port 8000 is written
 	}
 	parts := make([]string, len(*f.v))
 	for i, l := range *f.v {
@@ -517,8 +529,8 @@ func (c *config) flags() (*flag.FlagSet, map[string]string) {
 		"how long a reload waits for a replacement to serve before it aborts, keeping the old workers")
 	def("migrate-req", textFlag{&c.migrateReq},
 		"net.ipv4.tcp_migrate_req, so a stopping worker's queued connections move to the others: auto (set it when allowed, else warn), on (fail if it cannot be set), off (leave it)")
-	def("control", &controlFlag{&c.control, &c.controlSet},
-		`path of the control socket for 'shoal ctl' (default: shoal-PORT.sock, PORT the first listener's, in /run/shoal for root, else $XDG_RUNTIME_DIR or $TMPDIR/shoal-UID); "" turns it off`)
+	def("control", &controlFlag{&c.control, &c.controlSet, control.DefaultPath(c.defaultPort())},
+		`path of the control socket for 'shoal ctl' (shoal-PORT.sock, PORT the first listener's, in /run/shoal for root, else $XDG_RUNTIME_DIR or $TMPDIR/shoal-UID); "" turns it off`)
 	def("log-format", textFlag{&c.logFormat},
 		"log format: json, console, or auto (console when stderr is a terminal)")
 	def("log-level", textFlag{&c.logLevel},
@@ -593,11 +605,7 @@ func (c *config) finish() error {
 	if !c.controlSet {
 		// One socket per port, so a second service on the host needs no
 		// --control of its own.
-		port := 0
-		if len(c.opts.Listeners) > 0 {
-			port = c.opts.Listeners[0].Port
-		}
-		c.control = control.DefaultPath(port)
+		c.control = control.DefaultPath(c.defaultPort())
 	}
 	if len(c.opts.Command) == 0 && !slices.ContainsFunc(c.opts.Listeners, func(l supervisor.Listener) bool { return l.Network == "tcp" }) {
 		return errors.New("the built-in worker needs a port: it serves HTTP on a TCP listener; give --port 8000 or --port tcp:PORT")

@@ -3,6 +3,7 @@ package supervisor
 import (
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -97,8 +98,12 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 		OnError: func(err error) {
 			reason, what := "read", "reading the worker's channel failed"
 			var fe *ipc.FrameError
-			if errors.As(err, &fe) {
+			switch {
+			case errors.As(err, &fe):
 				reason, what = fe.Reason, "bad message from worker skipped"
+			case errors.Is(err, io.ErrUnexpectedEOF):
+				// Its last line, cut by its exit.
+				reason, what = "truncated", "bad message from worker skipped"
 			}
 			if n, ok := s.warns.Allow(warnKey{sl.id, reason}, s.now()); ok {
 				s.log.Warn().Int("worker", sl.id).Int("pid", w.pid).Str("reason", reason).Uint64("suppressed", n).Err(err).Msg(what)
