@@ -2,6 +2,7 @@ package test
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/signal"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"github.com/shoal-sh/shoal/reuseport"
+	"github.com/shoal-sh/shoal/supervisor"
 )
 
 // helperCmd returns the flags and the command that run this test binary
@@ -51,7 +53,91 @@ func runHelper(name string) int {
 		signal.Ignore(syscall.SIGTERM)
 		time.Sleep(time.Hour)
 		return 0
+	case "udp-then-tcp":
+		return helperUDPThenTCP()
+	case "usr1":
+		return helperUSR1()
+	case "wrong-port":
+		return helperWrongPort()
 	}
 	fmt.Fprintf(os.Stderr, "unknown helper %q\n", name)
 	return 2
+}
+
+// helperUDPThenTCP binds the UDP listener of SHOAL_PORTS at once, and the
+// TCP one only when it gets SIGUSR1; it exits on SIGTERM.
+func helperUDPThenTCP() int {
+	ls, err := supervisor.ParseListeners(os.Getenv(supervisor.EnvPorts))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGTERM)
+	var keep []io.Closer
+	bind := func(network string) {
+		for _, l := range ls {
+			if l.Network != network {
+				continue
+			}
+			addr := fmt.Sprintf("127.0.0.1:%d", l.Port)
+			var c io.Closer
+			if network == "udp" {
+				c, err = reuseport.ListenPacket("udp4", addr)
+			} else {
+				c, err = reuseport.Listen("tcp4", addr)
+			}
+			if err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(1)
+			}
+			keep = append(keep, c)
+		}
+	}
+	bind("udp")
+	for sig := range sigs {
+		if sig == syscall.SIGTERM {
+			break
+		}
+		if len(keep) == 1 {
+			bind("tcp")
+		}
+	}
+	for _, c := range keep {
+		c.Close()
+	}
+	return 0
+}
+
+// helperUSR1 prints "worker ID usr1 N" on its stdout for the Nth SIGUSR1
+// it gets, after "worker ID ready" once it handles the signal; it exits on
+// SIGTERM.
+func helperUSR1() int {
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGTERM)
+	id := os.Getenv("SHOAL_WORKER_ID")
+	fmt.Printf("worker %s ready\n", id)
+	n := 0
+	for sig := range sigs {
+		if sig == syscall.SIGTERM {
+			return 0
+		}
+		n++
+		fmt.Printf("worker %s usr1 %d\n", id, n)
+	}
+	return 0
+}
+
+// helperWrongPort listens on 127.0.0.1:$E2E_WRONG_PORT instead of $PORT.
+func helperWrongPort() int {
+	ln, err := reuseport.Listen("tcp4", "127.0.0.1:"+os.Getenv("E2E_WRONG_PORT"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer ln.Close()
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM)
+	<-sig
+	return 0
 }
