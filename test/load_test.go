@@ -25,13 +25,19 @@ type load struct {
 	stop      chan struct{}
 	wg        sync.WaitGroup
 	keepAlive bool
+	want      string // the start of every good answer's body
 }
 
 // startLoad runs conns clients against addr until stop is called. With
 // keepAlive each client reuses its connection (reconnecting only when the
 // server says Connection: close); without, every request has its own.
 func startLoad(addr string, conns int, keepAlive bool) *load {
-	l := &load{addr: addr, failures: map[string]int{}, stop: make(chan struct{}), keepAlive: keepAlive}
+	return startLoadWant(addr, conns, keepAlive, "hello world")
+}
+
+// startLoadWant is startLoad for a server whose answers start with want.
+func startLoadWant(addr string, conns int, keepAlive bool, want string) *load {
+	l := &load{addr: addr, failures: map[string]int{}, stop: make(chan struct{}), keepAlive: keepAlive, want: want}
 	for i := 0; i < conns; i++ {
 		l.wg.Add(1)
 		go l.client()
@@ -104,7 +110,7 @@ func (l *load) roundTrip(conn net.Conn, br *bufio.Reader, req string) (closeAfte
 	if err != nil {
 		return false, fmt.Errorf("read body: %w", err)
 	}
-	if resp.StatusCode != 200 || !strings.HasPrefix(string(body), "hello world") {
+	if resp.StatusCode != 200 || !strings.HasPrefix(string(body), l.want) {
 		return false, fmt.Errorf("answer: %d %q", resp.StatusCode, body)
 	}
 	return resp.Close, nil

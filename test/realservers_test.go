@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -303,7 +304,9 @@ func TestNginxThatDaemonizes(t *testing.T) {
 	}
 	m := startShoal(t, nil, "--workers", "1", "--port", strconv.Itoa(port), "--stop-timeout", "3s",
 		"--", nginx, "-e", "stderr", "-p", dir, "-c", conf)
-	e := m.waitFor(15*time.Second, 1, "the daemonized error", msg("worker daemonized"))[0]
+	e := m.waitFor(15*time.Second, 1, "the daemonized error", func(e entry) bool {
+		return strings.HasPrefix(e.str("message"), "worker daemonized")
+	})[0]
 	if !strings.Contains(e.str("message"), "daemon off;") && !strings.Contains(fmt.Sprint(e), "daemon off;") {
 		t.Errorf("the error does not give the fix: %v", e)
 	}
@@ -383,4 +386,114 @@ func TestTwoMastersOnOneHost(t *testing.T) {
 			t.Errorf("exit code %d, want 0", code)
 		}
 	}
+}
+
+// TestNginxGracefulReload: nginx stops fast on SIGTERM; its graceful signal
+// is SIGQUIT. 5 reloads of 2 nginx workers under load from a client that
+// never retries (new connection per request, and keep-alive), with
+// tcp_migrate_req=1 in a network namespace of the test's own: with
+// --stop-signal QUIT no request on a new connection fails. nginx closes
+// its idle keep-alive connections when it stops, gracefully or not, so a
+// keep-alive client that never retries can lose the request it sends at
+// that moment: those failures are measured and logged for both signals.
+func TestNginxGracefulReload(t *testing.T) {
+	peer.Require(t, "nginx")
+	newConnLine := regexp.MustCompile(`NEWCONN ok=(\d+) failed=(\d+)`)
+	for _, sig := range []string{"QUIT", "TERM"} {
+		out := netnsChild(t, "TestNginxReloadInNamespace", "E2E_STOP_SIGNAL="+sig)
+		m, nc := resultLine.FindStringSubmatch(out), newConnLine.FindStringSubmatch(out)
+		if m == nil || nc == nil {
+			t.Fatalf("no RESULT and NEWCONN lines from the namespace run:\n%s", out)
+		}
+		ok, _ := strconv.Atoi(m[1])
+		failed, _ := strconv.Atoi(m[2])
+		freshOK, _ := strconv.Atoi(nc[1])
+		freshFailed, _ := strconv.Atoi(nc[2])
+		t.Logf("nginx, --stop-signal %s, tcp_migrate_req=1, 5 reloads: %d answered, %d failed in all; new connections: %d answered, %d failed (%s)",
+			sig, ok, failed, freshOK, freshFailed, m[4])
+		if ok == 0 || freshOK == 0 {
+			t.Errorf("--stop-signal %s: no request answered", sig)
+		}
+		if sig == "QUIT" && freshFailed != 0 {
+			t.Errorf("%d requests on new connections failed during reloads of nginx with --stop-signal QUIT, want 0", freshFailed)
+		}
+	}
+}
+
+// nginxGracefulConf is an nginx in the foreground with its own master
+// process: in single-process mode (master_process off) nginx exits at once
+// on SIGQUIT as on SIGTERM; only a master process stops gracefully.
+const nginxGracefulConf = `daemon off;
+master_process on;
+worker_processes 1;
+pid %[1]s/nginx.pid;
+error_log stderr notice;
+events { worker_connections 256; }
+http {
+	access_log off;
+	client_body_temp_path %[1]s/body;
+	proxy_temp_path %[1]s/proxy;
+	fastcgi_temp_path %[1]s/fastcgi;
+	uwsgi_temp_path %[1]s/uwsgi;
+	scgi_temp_path %[1]s/scgi;
+	server {
+		listen 127.0.0.1:%[2]d reuseport;
+		location / { return 200 "nginx $pid\n"; }
+	}
+}
+`
+
+// TestNginxReloadInNamespace runs only inside netnsChild.
+func TestNginxReloadInNamespace(t *testing.T) {
+	if os.Getenv("E2E_NETNS_CHILD") != "1" {
+		t.Skip("runs inside TestNginxGracefulReload's network namespace")
+	}
+	nginx := peer.Require(t, "nginx")
+	dir := t.TempDir()
+	port := testutil.FreePort(t)
+	conf := filepath.Join(dir, "nginx.conf")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf(nginxGracefulConf, dir, port)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "ctl.sock")
+	// Each shoal worker is an nginx master with one nginx worker.
+	m := startShoal(t, nil, "--workers", "2", "--port", strconv.Itoa(port), "--control", sock, "--migrate-req", "on",
+		"--stop-signal", os.Getenv("E2E_STOP_SIGNAL"), "--stop-timeout", "10s",
+		"--", nginx, "-e", "stderr", "-p", dir, "-c", conf)
+	m.listening(15*time.Second, 2)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	fresh := startLoadWant(addr, 2, false, "nginx ")
+	kept := startLoadWant(addr, 2, true, "nginx ")
+	time.Sleep(300 * time.Millisecond)
+	const reloads = 5
+	for i := 0; i < reloads; i++ {
+		if out, code := ctl(t, sock, "reload"); code != 0 {
+			t.Fatalf("reload %d: exit %d: %s", i+1, code, out)
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	m.waitFor(30*time.Second, 2*reloads, "every old nginx gone", func(e entry) bool {
+		return e.str("message") == "worker died" && e.str("reason") == "reload"
+	})
+	okFresh, failFresh := fresh.finish()
+	okKept, failKept := kept.finish()
+	all := map[string]int{}
+	for r, n := range failFresh {
+		all["new connection: "+r] += n
+	}
+	for r, n := range failKept {
+		all["keep-alive: "+r] += n
+	}
+	failed := 0
+	for _, n := range all {
+		failed += n
+	}
+	fmt.Printf("RESULT ok=%d failed=%d reloads=%d reasons=%s\n", okFresh+okKept, failed, reloads, describe(all))
+	freshFailed := 0
+	for _, n := range failFresh {
+		freshFailed += n
+	}
+	fmt.Printf("NEWCONN ok=%d failed=%d\n", okFresh, freshFailed)
+	m.signal(syscall.SIGTERM)
+	m.wait(30 * time.Second)
 }
