@@ -26,8 +26,10 @@ var scrapeTimeout = 5 * time.Second
 var readInodes = reuseport.Inodes
 
 var (
-	byWorker       = []string{"worker"}
-	byWorkerReason = []string{"worker", "reason"}
+	byWorker         = []string{"worker"}
+	byWorkerReason   = []string{"worker", "reason"}
+	byWorkerListener = []string{"worker", "listener"}
+	byListener       = []string{"listener"}
 
 	descRequests   = newDesc("requests_total", "Requests the slot's workers reported, across restarts.", byWorker)
 	descDesired    = newDesc("workers_desired", "Worker slots wanted.", nil)
@@ -50,10 +52,12 @@ var (
 	descIPCOutByte = newDesc("ipc_sent_bytes_total", "Bytes written to the slot's workers.", byWorker)
 	descIPCDropped = newDesc("ipc_dropped_messages_total", "Messages to the slot's workers dropped: queue full or channel closed.", byWorker)
 	descIPCErrors  = newDesc("ipc_errors_total", "Bad messages from the slot's workers, by reason.", byWorkerReason)
-	descQueue      = newDesc("worker_listen_queue", "Connections waiting in the accept queues of the slot's LISTEN sockets.", byWorker)
-	descBacklog    = newDesc("worker_listen_backlog", "Accept-queue limits of the slot's LISTEN sockets, summed.", byWorker)
-	descPortSocks  = newDesc("port_listen_sockets", "LISTEN sockets on the workers' port, of any process.", nil)
-	descForeign    = newDesc("port_foreign_listen_sockets", "LISTEN sockets on the workers' port held by no current worker.", nil)
+	descQueue      = newDesc("worker_listen_queue", "Connections waiting in the accept queues of the slot's LISTEN sockets on a TCP listener.", byWorkerListener)
+	descBacklog    = newDesc("worker_listen_backlog", "Accept-queue limits of the slot's LISTEN sockets on a TCP listener, summed.", byWorkerListener)
+	descUDPQueue   = newDesc("worker_udp_receive_queue_bytes", "Bytes of datagrams waiting in the receive queues of the slot's sockets on a UDP listener.", byWorkerListener)
+	descUDPDrops   = newDesc("worker_udp_drops_total", "Datagrams the kernel dropped on the slot's current sockets on a UDP listener (a full receive queue).", byWorkerListener)
+	descPortSocks  = newDesc("port_listen_sockets", "Sockets on a listener of any process: LISTEN sockets for TCP, bound sockets for UDP.", byListener)
+	descForeign    = newDesc("port_foreign_listen_sockets", "Sockets on a listener held by no current worker.", byListener)
 	descCPU        = newDesc("worker_cpu_seconds_total", "User and system CPU time of the slot's processes; the time since the last scrape of a process that died is not counted.", byWorker)
 	descRSS        = newDesc("worker_resident_memory_bytes", "Resident memory of the slot's current process.", byWorker)
 
@@ -61,7 +65,7 @@ var (
 		descRequests, descDesired, descRunning, descListening, descUp, descStarts,
 		descDeaths, descStartTime, descBackoff, descWRestarts, descWReloads, descRestarts, descGiveUps, descReloads, descReloading,
 		descIPCInMsgs, descIPCInBytes, descIPCOutMsgs, descIPCOutByte, descIPCDropped, descIPCErrors,
-		descQueue, descBacklog, descPortSocks, descForeign, descCPU, descRSS,
+		descQueue, descBacklog, descUDPQueue, descUDPDrops, descPortSocks, descForeign, descCPU, descRSS,
 	}
 
 	// ipcReasons are emitted for every slot, 0 until they happen.
@@ -88,13 +92,13 @@ type procSample struct {
 
 // collector is the prometheus.Collector of one supervisor.
 type collector struct {
-	src       Source
-	readProc  func(pid int) (procSample, error)          // nil without /proc
-	listeners func(port int) ([]reuseport.Socket, error) // LISTEN sockets on a port
+	src      Source
+	readProc func(pid int) (procSample, error)                       // nil without /proc
+	sockets  func(l supervisor.Listener) ([]reuseport.Socket, error) // the kernel's sockets of a listener
 
-	mu    sync.Mutex            // serializes scrapes; guards what follows
-	cpu   map[int]*cpuAccount   // by slot
-	socks map[int]*socketsCache // by pid
+	mu    sync.Mutex                                    // serializes scrapes; guards what follows
+	cpu   map[int]*cpuAccount                           // by slot
+	socks map[supervisor.Listener]map[int]*socketsCache // by listener and pid
 }
 
 // cpuAccount keeps a slot's CPU counter monotonic across its processes.
@@ -105,12 +109,21 @@ type cpuAccount struct {
 	base    float64 // last readings of the slot's earlier processes, summed
 }
 
-// socketsCache is what /proc said about a worker's LISTEN sockets, for
-// workers whose snapshot does not name them.
+// socketsCache is what /proc said about a worker's sockets on a listener,
+// for workers whose snapshot does not name them.
 type socketsCache struct {
 	started time.Time
-	inodes  []uint64            // the process's LISTEN sockets on the port when read
-	seen    map[uint64]struct{} // every LISTEN socket on the port when read
+	inodes  []uint64            // the process's sockets on the listener when read
+	seen    map[uint64]struct{} // every socket on the listener when read
+}
+
+// kernelSockets reads a listener's sockets: TCP LISTEN sockets, or bound
+// UDP sockets.
+func kernelSockets(l supervisor.Listener) ([]reuseport.Socket, error) {
+	if l.Network == "udp" {
+		return reuseport.UDPSockets(l.Port)
+	}
+	return reuseport.Listeners(l.Port)
 }
 
 // NewCollector returns a collector of the shoal_ series of src. Each
@@ -132,16 +145,16 @@ func NewCollector(src Source) prometheus.Collector {
 			return procSample{cpu: st.CPUTime(), rss: float64(st.ResidentMemory())}, nil
 		}
 	}
-	return newCollector(src, readProc, reuseport.Listeners)
+	return newCollector(src, readProc, kernelSockets)
 }
 
-func newCollector(src Source, readProc func(int) (procSample, error), listeners func(int) ([]reuseport.Socket, error)) *collector {
+func newCollector(src Source, readProc func(int) (procSample, error), sockets func(supervisor.Listener) ([]reuseport.Socket, error)) *collector {
 	return &collector{
-		src:       src,
-		readProc:  readProc,
-		listeners: listeners,
-		cpu:       make(map[int]*cpuAccount),
-		socks:     make(map[int]*socketsCache),
+		src:      src,
+		readProc: readProc,
+		sockets:  sockets,
+		cpu:      make(map[int]*cpuAccount),
+		socks:    make(map[supervisor.Listener]map[int]*socketsCache),
 	}
 }
 
@@ -223,8 +236,13 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	c.collectProc(ch, snap)
-	if snap.Port != 0 {
-		c.collectSockets(ch, snap)
+	for _, l := range snap.Listeners {
+		c.collectSockets(ch, snap, l)
+	}
+	for l := range c.socks {
+		if !slices.Contains(snap.Listeners, l) {
+			delete(c.socks, l)
+		}
 	}
 }
 
@@ -262,10 +280,17 @@ func (c *collector) collectProc(ch chan<- prometheus.Metric, snap supervisor.Sna
 	}
 }
 
-// collectSockets sends the kernel's view of the port: each worker's accept
-// queues, and the LISTEN sockets no worker holds.
-func (c *collector) collectSockets(ch chan<- prometheus.Metric, snap supervisor.Snapshot) {
-	socks, err := c.listeners(snap.Port)
+// collectSockets sends the kernel's view of listener l: each worker's
+// accept queue (TCP) or receive queue and drops (UDP), and the sockets on
+// the port that belong to no worker.
+func (c *collector) collectSockets(ch chan<- prometheus.Metric, snap supervisor.Snapshot, l supervisor.Listener) {
+	lname := l.String()
+	cache := c.socks[l]
+	if cache == nil {
+		cache = make(map[int]*socketsCache)
+		c.socks[l] = cache
+	}
+	socks, err := c.sockets(l)
 	if err != nil {
 		return
 	}
@@ -284,7 +309,7 @@ func (c *collector) collectSockets(ch chan<- prometheus.Metric, snap supervisor.
 		}
 		inodes := listening(w.Sockets, byInode)
 		if len(inodes) == 0 {
-			if sc := c.socks[w.PID]; sc != nil && sc.started.Equal(w.Started) {
+			if sc := cache[w.PID]; sc != nil && sc.started.Equal(w.Started) {
 				inodes = listening(sc.inodes, byInode)
 			}
 		}
@@ -302,7 +327,7 @@ func (c *collector) collectSockets(ch chan<- prometheus.Metric, snap supervisor.
 	// socket that stays costs one reading per worker, not one per scrape.
 	for _, w := range unknown {
 		var seen map[uint64]struct{}
-		if sc := c.socks[w.PID]; sc != nil && sc.started.Equal(w.Started) {
+		if sc := cache[w.PID]; sc != nil && sc.started.Equal(w.Started) {
 			seen = sc.seen
 		}
 		if !unexplained(byInode, claimed, seen) {
@@ -320,7 +345,7 @@ func (c *collector) collectSockets(ch chan<- prometheus.Metric, snap supervisor.
 			}
 			slices.Sort(sc.inodes)
 		}
-		c.socks[w.PID] = sc
+		cache[w.PID] = sc
 		held[w.ID] = sc.inodes
 		for _, ino := range sc.inodes {
 			claimed[ino] = true
@@ -333,18 +358,28 @@ func (c *collector) collectSockets(ch chan<- prometheus.Metric, snap supervisor.
 		if len(inodes) == 0 {
 			continue
 		}
-		var queue, backlog float64
+		var queue, backlog, drops float64
 		for _, ino := range inodes {
-			queue += float64(byInode[ino].Queue)
-			backlog += float64(byInode[ino].Backlog)
+			sk := byInode[ino]
+			queue += float64(sk.Queue)
+			backlog += float64(sk.Backlog)
+			if l.Network == "udp" {
+				queue += float64(sk.RecvQueueBytes)
+				drops += float64(sk.Drops)
+			}
 		}
 		id := strconv.Itoa(w.ID)
-		gauge(ch, descQueue, queue, id)
-		gauge(ch, descBacklog, backlog, id)
+		if l.Network == "udp" {
+			gauge(ch, descUDPQueue, queue, id, lname)
+			counter(ch, descUDPDrops, drops, id, lname)
+			continue
+		}
+		gauge(ch, descQueue, queue, id, lname)
+		gauge(ch, descBacklog, backlog, id, lname)
 	}
-	for pid := range c.socks {
+	for pid := range cache {
 		if !pids[pid] {
-			delete(c.socks, pid)
+			delete(cache, pid)
 		}
 	}
 	foreign := 0
@@ -353,8 +388,8 @@ func (c *collector) collectSockets(ch chan<- prometheus.Metric, snap supervisor.
 			foreign++
 		}
 	}
-	gauge(ch, descPortSocks, float64(len(byInode)))
-	gauge(ch, descForeign, float64(foreign))
+	gauge(ch, descPortSocks, float64(len(byInode)), lname)
+	gauge(ch, descForeign, float64(foreign), lname)
 }
 
 // unexplained reports whether a LISTEN socket that no worker claims is

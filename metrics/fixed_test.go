@@ -56,8 +56,8 @@ func fixedProc(procs map[int]procSample) func(int) (procSample, error) {
 	}
 }
 
-func fixedListeners(socks ...reuseport.Socket) func(int) ([]reuseport.Socket, error) {
-	return func(int) ([]reuseport.Socket, error) { return socks, nil }
+func fixedListeners(socks ...reuseport.Socket) func(supervisor.Listener) ([]reuseport.Socket, error) {
+	return func(supervisor.Listener) ([]reuseport.Socket, error) { return socks, nil }
 }
 
 func ipcStats(in, inBytes, out, outBytes, dropped, invalidJSON uint64) ipc.Stats {
@@ -71,7 +71,7 @@ func ipcStats(in, inBytes, out, outBytes, dropped, invalidJSON uint64) ipc.Stats
 func fixedSnapshot() supervisor.Snapshot {
 	started := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	return supervisor.Snapshot{
-		Desired: 3, Port: 8000, Restarts: 4, GiveUps: 0, Reloads: 1, ReloadFailures: 1,
+		Desired: 3, Port: 8000, Listeners: []supervisor.Listener{{Network: "tcp", Port: 8000}}, Restarts: 4, GiveUps: 0, Reloads: 1, ReloadFailures: 1,
 		Workers: []supervisor.WorkerStatus{
 			{ID: 1, PID: 101, State: supervisor.Listening, Started: started, Starts: 3, Restarts: 1, Reloads: 1,
 				Requests: 42, Deaths: map[string]uint64{"signal_SIGKILL": 1, "exit_zero": 1},
@@ -141,12 +141,12 @@ shoal_ipc_sent_bytes_total{worker="3"} 30
 shoal_ipc_sent_messages_total{worker="1"} 3
 shoal_ipc_sent_messages_total{worker="2"} 0
 shoal_ipc_sent_messages_total{worker="3"} 1
-# HELP shoal_port_foreign_listen_sockets LISTEN sockets on the workers' port held by no current worker.
+# HELP shoal_port_foreign_listen_sockets Sockets on a listener held by no current worker.
 # TYPE shoal_port_foreign_listen_sockets gauge
-shoal_port_foreign_listen_sockets 1
-# HELP shoal_port_listen_sockets LISTEN sockets on the workers' port, of any process.
+shoal_port_foreign_listen_sockets{listener="tcp:8000"} 1
+# HELP shoal_port_listen_sockets Sockets on a listener of any process: LISTEN sockets for TCP, bound sockets for UDP.
 # TYPE shoal_port_listen_sockets gauge
-shoal_port_listen_sockets 3
+shoal_port_listen_sockets{listener="tcp:8000"} 3
 # HELP shoal_reloading 1 while a rolling reload runs.
 # TYPE shoal_reloading gauge
 shoal_reloading 0
@@ -177,14 +177,14 @@ shoal_worker_cpu_seconds_total{worker="3"} 0.25
 shoal_worker_deaths_total{reason="exit_nonzero",worker="2"} 3
 shoal_worker_deaths_total{reason="exit_zero",worker="1"} 1
 shoal_worker_deaths_total{reason="signal_SIGKILL",worker="1"} 1
-# HELP shoal_worker_listen_backlog Accept-queue limits of the slot's LISTEN sockets, summed.
+# HELP shoal_worker_listen_backlog Accept-queue limits of the slot's LISTEN sockets on a TCP listener, summed.
 # TYPE shoal_worker_listen_backlog gauge
-shoal_worker_listen_backlog{worker="1"} 4096
-shoal_worker_listen_backlog{worker="3"} 4096
-# HELP shoal_worker_listen_queue Connections waiting in the accept queues of the slot's LISTEN sockets.
+shoal_worker_listen_backlog{listener="tcp:8000",worker="1"} 4096
+shoal_worker_listen_backlog{listener="tcp:8000",worker="3"} 4096
+# HELP shoal_worker_listen_queue Connections waiting in the accept queues of the slot's LISTEN sockets on a TCP listener.
 # TYPE shoal_worker_listen_queue gauge
-shoal_worker_listen_queue{worker="1"} 2
-shoal_worker_listen_queue{worker="3"} 0
+shoal_worker_listen_queue{listener="tcp:8000",worker="1"} 2
+shoal_worker_listen_queue{listener="tcp:8000",worker="3"} 0
 # HELP shoal_worker_reloads_total Replacements that took over the slot in a reload or a recycle.
 # TYPE shoal_worker_reloads_total counter
 shoal_worker_reloads_total{worker="1"} 1
@@ -277,7 +277,7 @@ func TestCollectorFixedReplacement(t *testing.T) {
 	snap.Workers = []supervisor.WorkerStatus{w1, snap.Workers[2]}
 	src.set(snap)
 	procs = map[int]procSample{201: {cpu: 0.5, rss: 12 << 20}, 103: {cpu: 0.2, rss: 8 << 20}}
-	c.listeners = fixedListeners(
+	c.sockets = fixedListeners(
 		reuseport.Socket{Inode: 2001, Queue: 0, Backlog: 4096},
 		reuseport.Socket{Inode: 1003, Queue: 1, Backlog: 4096},
 	)
@@ -289,10 +289,10 @@ shoal_worker_cpu_seconds_total{worker="3"} 0.25
 # TYPE shoal_worker_deaths_total counter
 shoal_worker_deaths_total{reason="exit_zero",worker="1"} 1
 shoal_worker_deaths_total{reason="signal_SIGKILL",worker="1"} 2
-# HELP shoal_worker_listen_queue Connections waiting in the accept queues of the slot's LISTEN sockets.
+# HELP shoal_worker_listen_queue Connections waiting in the accept queues of the slot's LISTEN sockets on a TCP listener.
 # TYPE shoal_worker_listen_queue gauge
-shoal_worker_listen_queue{worker="1"} 0
-shoal_worker_listen_queue{worker="3"} 1
+shoal_worker_listen_queue{listener="tcp:8000",worker="1"} 0
+shoal_worker_listen_queue{listener="tcp:8000",worker="3"} 1
 # HELP shoal_worker_restarts_total Replacements started in the slot after a death.
 # TYPE shoal_worker_restarts_total counter
 shoal_worker_restarts_total{worker="1"} 2
@@ -300,9 +300,9 @@ shoal_worker_restarts_total{worker="3"} 0
 # HELP shoal_workers_desired Worker slots wanted.
 # TYPE shoal_workers_desired gauge
 shoal_workers_desired 2
-# HELP shoal_port_foreign_listen_sockets LISTEN sockets on the workers' port held by no current worker.
+# HELP shoal_port_foreign_listen_sockets Sockets on a listener held by no current worker.
 # TYPE shoal_port_foreign_listen_sockets gauge
-shoal_port_foreign_listen_sockets 0
+shoal_port_foreign_listen_sockets{listener="tcp:8000"} 0
 `
 	if err := testutil.CollectAndCompare(c, strings.NewReader(want),
 		"shoal_worker_cpu_seconds_total", "shoal_worker_deaths_total", "shoal_worker_listen_queue",
@@ -321,8 +321,8 @@ shoal_port_foreign_listen_sockets 0
 // memory.
 func TestCollectorFixedNoPort(t *testing.T) {
 	snap := fixedSnapshot()
-	snap.Port = 0
-	c := newCollector(&fixedSource{snap: snap}, fixedProc(nil), func(int) ([]reuseport.Socket, error) {
+	snap.Port, snap.Listeners = 0, nil
+	c := newCollector(&fixedSource{snap: snap}, fixedProc(nil), func(supervisor.Listener) ([]reuseport.Socket, error) {
 		t.Error("sockets read for a supervisor without a port")
 		return nil, nil
 	})
@@ -353,5 +353,50 @@ func TestCollectorFixedFailures(t *testing.T) {
 	_, err := reg.Gather()
 	if err == nil || !strings.Contains(err.Error(), "did not answer within 50ms") {
 		t.Errorf("gather of a stuck supervisor: %v, want \"did not answer within 50ms\"", err)
+	}
+}
+
+// TestCollectorFixedTCPAndUDP: with a TCP and a UDP listener, each socket
+// series says which one, and a UDP socket shows its receive queue and drops.
+func TestCollectorFixedTCPAndUDP(t *testing.T) {
+	tcp, udp := supervisor.Listener{Network: "tcp", Port: 8443}, supervisor.Listener{Network: "udp", Port: 8443}
+	snap := supervisor.Snapshot{Desired: 1, Port: 8443, Listeners: []supervisor.Listener{tcp, udp}, Workers: []supervisor.WorkerStatus{
+		{ID: 1, PID: 4001, State: supervisor.Listening, Started: time.Unix(1_700_000_000, 0), Sockets: []uint64{11, 12}},
+	}}
+	sockets := func(l supervisor.Listener) ([]reuseport.Socket, error) {
+		if l == udp {
+			return []reuseport.Socket{
+				{Inode: 12, Addr: netip.MustParseAddrPort("0.0.0.0:8443"), RecvQueueBytes: 1664, Drops: 3},
+				{Inode: 99, Addr: netip.MustParseAddrPort("0.0.0.0:8443")}, // foreign
+			}, nil
+		}
+		return []reuseport.Socket{{Inode: 11, Addr: netip.MustParseAddrPort("0.0.0.0:8443"), Queue: 1, Backlog: 4096}}, nil
+	}
+	c := newCollector(&fixedSource{snap: snap}, fixedProc(nil), sockets)
+	err := testutil.CollectAndCompare(c, strings.NewReader(`
+# HELP shoal_port_foreign_listen_sockets Sockets on a listener held by no current worker.
+# TYPE shoal_port_foreign_listen_sockets gauge
+shoal_port_foreign_listen_sockets{listener="tcp:8443"} 0
+shoal_port_foreign_listen_sockets{listener="udp:8443"} 1
+# HELP shoal_port_listen_sockets Sockets on a listener of any process: LISTEN sockets for TCP, bound sockets for UDP.
+# TYPE shoal_port_listen_sockets gauge
+shoal_port_listen_sockets{listener="tcp:8443"} 1
+shoal_port_listen_sockets{listener="udp:8443"} 2
+# HELP shoal_worker_listen_queue Connections waiting in the accept queues of the slot's LISTEN sockets on a TCP listener.
+# TYPE shoal_worker_listen_queue gauge
+shoal_worker_listen_queue{listener="tcp:8443",worker="1"} 1
+# HELP shoal_worker_udp_drops_total Datagrams the kernel dropped on the slot's current sockets on a UDP listener (a full receive queue).
+# TYPE shoal_worker_udp_drops_total counter
+shoal_worker_udp_drops_total{listener="udp:8443",worker="1"} 3
+# HELP shoal_worker_udp_receive_queue_bytes Bytes of datagrams waiting in the receive queues of the slot's sockets on a UDP listener.
+# TYPE shoal_worker_udp_receive_queue_bytes gauge
+shoal_worker_udp_receive_queue_bytes{listener="udp:8443",worker="1"} 1664
+`), "shoal_port_foreign_listen_sockets", "shoal_port_listen_sockets", "shoal_worker_listen_queue",
+		"shoal_worker_udp_drops_total", "shoal_worker_udp_receive_queue_bytes")
+	if err != nil {
+		t.Error(err)
+	}
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", problems, err)
 	}
 }

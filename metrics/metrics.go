@@ -59,12 +59,16 @@
 //	shoal_ipc_dropped_messages_total{worker}       counter  messages to the slot's workers dropped
 //	shoal_ipc_errors_total{worker,reason}          counter  bad messages from the slot's workers, by ipc reason
 //
-// From the kernel, without the workers' help, when the supervisor has a port:
+// From the kernel, without the workers' help, per listener (listener is
+// "tcp:8000", "udp:5353": one of the supervisor's, so the label count stays
+// bounded):
 //
-//	shoal_worker_listen_queue{worker}              gauge    connections waiting in the accept queues of the slot's LISTEN sockets
-//	shoal_worker_listen_backlog{worker}            gauge    the accept-queue limits of those sockets, summed
-//	shoal_port_listen_sockets                      gauge    LISTEN sockets on the port, of any process
-//	shoal_port_foreign_listen_sockets              gauge    LISTEN sockets on the port held by no current worker
+//	shoal_worker_listen_queue{worker,listener}            gauge    TCP: connections waiting in the accept queues of the slot's LISTEN sockets
+//	shoal_worker_listen_backlog{worker,listener}          gauge    TCP: the accept-queue limits of those sockets, summed
+//	shoal_worker_udp_receive_queue_bytes{worker,listener} gauge    UDP: bytes of datagrams waiting in the slot's sockets
+//	shoal_worker_udp_drops_total{worker,listener}         counter  UDP: datagrams dropped on the slot's current sockets (resets with a new process)
+//	shoal_port_listen_sockets{listener}                   gauge    sockets on the listener of any process: LISTEN for TCP, bound for UDP
+//	shoal_port_foreign_listen_sockets{listener}           gauge    sockets on the listener held by no current worker
 //
 // From /proc:
 //

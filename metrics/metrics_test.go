@@ -190,6 +190,25 @@ func scrape(t *testing.T, reg prometheus.Gatherer) map[string]float64 {
 	return out
 }
 
+// oneListener returns got with the listener label of a supervisor that has
+// one TCP listener taken off, so that the series read as with one port;
+// it fails the test when a socket series lacks that label.
+func oneListener(t *testing.T, got map[string]float64, port int) map[string]float64 {
+	t.Helper()
+	label := `listener="tcp:` + strconv.Itoa(port) + `"`
+	out := make(map[string]float64, len(got))
+	for k, v := range got {
+		if strings.HasPrefix(k, "shoal_port_") || strings.HasPrefix(k, "shoal_worker_listen_") {
+			if !strings.Contains(k, label) {
+				t.Errorf("%s has no %s label", k, label)
+			}
+			k = strings.Replace(strings.Replace(k, label+",", "", 1), "{"+label+"}", "", 1)
+		}
+		out[k] = v
+	}
+	return out
+}
+
 func series(name string, m *dto.Metric) string {
 	if len(m.GetLabel()) == 0 {
 		return name
@@ -271,7 +290,7 @@ func TestCollector(t *testing.T) {
 	s.Send(1, map[string]any{"report": 5})
 	s.Send(2, map[string]any{"report": 7})
 	waitFor(t, "12 requests reported", func() bool { return s.Requests() == 12 })
-	err := testutil.GatherAndCompare(reg, strings.NewReader(`
+	err := testutil.GatherAndCompare(reg, strings.NewReader(strings.ReplaceAll(`
 # HELP shoal_requests_total Requests the slot's workers reported, across restarts.
 # TYPE shoal_requests_total counter
 shoal_requests_total{worker="1"} 5
@@ -293,22 +312,22 @@ shoal_worker_up{worker="2"} 1
 # TYPE shoal_worker_starts_total counter
 shoal_worker_starts_total{worker="1"} 1
 shoal_worker_starts_total{worker="2"} 1
-# HELP shoal_port_listen_sockets LISTEN sockets on the workers' port, of any process.
+# HELP shoal_port_listen_sockets Sockets on a listener of any process: LISTEN sockets for TCP, bound sockets for UDP.
 # TYPE shoal_port_listen_sockets gauge
-shoal_port_listen_sockets 2
-# HELP shoal_port_foreign_listen_sockets LISTEN sockets on the workers' port held by no current worker.
+shoal_port_listen_sockets{listener="tcp:PORT"} 2
+# HELP shoal_port_foreign_listen_sockets Sockets on a listener held by no current worker.
 # TYPE shoal_port_foreign_listen_sockets gauge
-shoal_port_foreign_listen_sockets 0
+shoal_port_foreign_listen_sockets{listener="tcp:PORT"} 0
 # HELP shoal_restarts_total Replacements started after worker deaths.
 # TYPE shoal_restarts_total counter
 shoal_restarts_total 0
-`), "shoal_requests_total", "shoal_workers_desired", "shoal_workers_listening", "shoal_workers_running",
+`, "PORT", strconv.Itoa(port))), "shoal_requests_total", "shoal_workers_desired", "shoal_workers_listening", "shoal_workers_running",
 		"shoal_worker_up", "shoal_worker_starts_total", "shoal_port_listen_sockets",
 		"shoal_port_foreign_listen_sockets", "shoal_restarts_total")
 	if err != nil {
 		t.Error(err)
 	}
-	got := scrape(t, reg)
+	got := oneListener(t, scrape(t, reg), port)
 	for _, id := range []string{"1", "2"} {
 		w := `{worker="` + id + `"}`
 		if v := got["shoal_worker_resident_memory_bytes"+w]; v < 1<<20 {
@@ -336,9 +355,9 @@ shoal_restarts_total 0
 	if err != nil {
 		t.Fatal(err)
 	}
-	want(t, scrape(t, reg), "shoal_port_listen_sockets", 3, "shoal_port_foreign_listen_sockets", 1)
+	want(t, oneListener(t, scrape(t, reg), port), "shoal_port_listen_sockets", 3, "shoal_port_foreign_listen_sockets", 1)
 	foreign.Close()
-	want(t, scrape(t, reg), "shoal_port_listen_sockets", 2, "shoal_port_foreign_listen_sockets", 0)
+	want(t, oneListener(t, scrape(t, reg), port), "shoal_port_listen_sockets", 2, "shoal_port_foreign_listen_sockets", 0)
 
 	// The workers never accept: connections wait in their accept queues.
 	var conns []net.Conn
@@ -350,7 +369,7 @@ shoal_restarts_total 0
 		conns = append(conns, c)
 	}
 	waitFor(t, "6 connections in the accept queues", func() bool {
-		got := scrape(t, reg)
+		got := oneListener(t, scrape(t, reg), port)
 		return got[`shoal_worker_listen_queue{worker="1"}`]+got[`shoal_worker_listen_queue{worker="2"}`] == 6
 	})
 	for _, c := range conns {
@@ -360,7 +379,7 @@ shoal_restarts_total 0
 	// A bad message costs its sender.
 	s.Send(2, map[string]any{"bad": true})
 	waitFor(t, "a bad_field error from worker 2", func() bool {
-		return scrape(t, reg)[`shoal_ipc_errors_total{reason="bad_field",worker="2"}`] == 1
+		return oneListener(t, scrape(t, reg), port)[`shoal_ipc_errors_total{reason="bad_field",worker="2"}`] == 1
 	})
 
 	// CPU time survives the death of the process that used it.
@@ -370,7 +389,7 @@ shoal_restarts_total 0
 	case <-time.After(10 * time.Second):
 		t.Fatal("worker 1 did not report burning CPU within 10s")
 	}
-	before := scrape(t, reg)
+	before := oneListener(t, scrape(t, reg), port)
 	cpu := before[`shoal_worker_cpu_seconds_total{worker="1"}`]
 	if cpu < 0.1 {
 		t.Errorf("CPU time of worker 1 after burning 300ms = %v, want at least 0.1", cpu)
@@ -383,7 +402,7 @@ shoal_restarts_total 0
 		return e.Type == supervisor.EventDeath && e.Worker == 1
 	})
 	waitListening(t, events, 1)
-	after := scrape(t, reg)
+	after := oneListener(t, scrape(t, reg), port)
 	want(t, after,
 		`shoal_worker_deaths_total{reason="signal_SIGKILL",worker="1"}`, 1,
 		`shoal_requests_total{worker="1"}`, 5,
@@ -403,7 +422,7 @@ shoal_restarts_total 0
 	}
 	s.Send(1, map[string]any{"report": 3})
 	waitFor(t, "3 more requests from worker 1", func() bool {
-		return scrape(t, reg)[`shoal_requests_total{worker="1"}`] == 8
+		return oneListener(t, scrape(t, reg), port)[`shoal_requests_total{worker="1"}`] == 8
 	})
 
 	// A slot scaled away takes its series with it.
@@ -413,7 +432,7 @@ shoal_restarts_total 0
 	waitEvent(t, events, "death of worker 2", func(e supervisor.Event) bool {
 		return e.Type == supervisor.EventDeath && e.Worker == 2
 	})
-	got = scrape(t, reg)
+	got = oneListener(t, scrape(t, reg), port)
 	for name := range got {
 		if strings.Contains(name, `worker="2"`) {
 			t.Errorf("series %s of scaled-away worker 2 still there", name)
@@ -439,7 +458,7 @@ func TestCollectorSocketsFromProc(t *testing.T) {
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(NewCollector(s))
 	waitFor(t, "the sockets of workers 1 and 2 found", func() bool {
-		got := scrape(t, reg)
+		got := oneListener(t, scrape(t, reg), port)
 		return got["shoal_port_listen_sockets"] == 2 && got["shoal_port_foreign_listen_sockets"] == 0 &&
 			got["shoal_workers_running"] == 3
 	})
@@ -450,7 +469,7 @@ func TestCollectorSocketsFromProc(t *testing.T) {
 	}
 	defer foreign.Close()
 	for range 3 {
-		got := scrape(t, reg)
+		got := oneListener(t, scrape(t, reg), port)
 		want(t, got, "shoal_port_listen_sockets", 3, "shoal_port_foreign_listen_sockets", 1,
 			"shoal_workers_listening", 0, `shoal_worker_up{worker="1"}`, 0,
 			`shoal_worker_listen_queue{worker="1"}`, 0, `shoal_worker_listen_queue{worker="2"}`, 0)
@@ -465,7 +484,7 @@ func TestCollectorSocketsFromProc(t *testing.T) {
 	}
 	s.Send(3, map[string]any{"listen": true})
 	waitFor(t, "the socket of worker 3 found", func() bool {
-		got := scrape(t, reg)
+		got := oneListener(t, scrape(t, reg), port)
 		_, ok := got[`shoal_worker_listen_queue{worker="3"}`]
 		return ok && got["shoal_port_listen_sockets"] == 4 && got["shoal_port_foreign_listen_sockets"] == 1
 	})
