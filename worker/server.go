@@ -65,6 +65,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -98,11 +99,13 @@ type Server struct {
 	// Handler answers the requests. It is required.
 	Handler http.Handler
 
-	// Addr is the TCP address to listen on. If empty, it is ":" followed by
-	// the PORT environment variable that shoal sets, or ":8000" if PORT is
-	// not set either. ":PORT" listens on every address, IPv4 and IPv6;
-	// every worker of a port must use the same form, or they form separate
-	// SO_REUSEPORT groups.
+	// Addr is the TCP address to listen on. If empty, it is every TCP
+	// listener that shoal gives the worker: each tcp:PORT of SHOAL_PORTS,
+	// else PORT, else ":8000", on HOST when shoal sets it (--host) and
+	// else on every address. ":PORT" listens on every address, IPv4 and
+	// IPv6; every worker of a port must use the same form, or they form
+	// separate SO_REUSEPORT groups. UDP listeners are not HTTP's: a worker
+	// with one binds it itself (reuseport.ListenPacket).
 	Addr string
 
 	// DrainTimeout bounds the wait for open connections when the server
@@ -131,22 +134,29 @@ func ListenAndServe(ctx context.Context, h http.Handler) error {
 	return s.ListenAndServe(ctx)
 }
 
-// ListenAndServe listens on s.Addr with SO_REUSEPORT and serves as
-// [Server.Serve] does.
+// ListenAndServe listens on s.Addr (or every TCP listener shoal gives
+// the worker) with SO_REUSEPORT and serves as [Server.Serve] does.
 func (s *Server) ListenAndServe(ctx context.Context) error {
-	addr := s.addr()
+	addrs := s.addrs()
 	if s.Handler == nil {
-		return fmt.Errorf("worker: serve on %s: Server.Handler is nil", addr)
+		return fmt.Errorf("worker: serve on %s: Server.Handler is nil", strings.Join(addrs, ", "))
 	}
 	// Catch the stop signals before the master can see the worker listen.
 	sigs := notify()
 	defer signal.Stop(sigs)
 	var lc reuseport.ListenConfig
-	ln, err := lc.Listen(ctx, "tcp", addr)
-	if err != nil {
-		return listenError(err)
+	var lns []net.Listener
+	for _, addr := range addrs {
+		ln, err := lc.Listen(ctx, "tcp", addr)
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return listenError(err)
+		}
+		lns = append(lns, ln)
 	}
-	return s.serve(ctx, ln, sigs)
+	return s.serve(ctx, join(lns), sigs)
 }
 
 // Serve serves HTTP/1.1 on ln, which it closes before it returns. It tells
@@ -179,14 +189,11 @@ func notify() chan os.Signal {
 	return sigs
 }
 
-func (s *Server) addr() string {
+func (s *Server) addrs() []string {
 	if s.Addr != "" {
-		return s.Addr
+		return []string{s.Addr}
 	}
-	if p := os.Getenv("PORT"); p != "" {
-		return ":" + p
-	}
-	return DefaultAddr
+	return tcpAddrs()
 }
 
 func (s *Server) drainTimeout() time.Duration {

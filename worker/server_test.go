@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -284,15 +285,65 @@ func TestListenAndServeErrors(t *testing.T) {
 func TestDefaultAddr(t *testing.T) {
 	t.Setenv("PORT", "")
 	os.Unsetenv("PORT")
-	if got := (&Server{}).addr(); got != ":8000" {
+	if got := (&Server{}).addrs(); !slices.Equal(got, []string{":8000"}) {
 		t.Errorf("addr without PORT = %q", got)
 	}
 	t.Setenv("PORT", "9123")
-	if got := (&Server{}).addr(); got != ":9123" {
+	if got := (&Server{}).addrs(); !slices.Equal(got, []string{":9123"}) {
 		t.Errorf("addr with PORT=9123 = %q", got)
 	}
-	if got := (&Server{Addr: "127.0.0.1:1"}).addr(); got != "127.0.0.1:1" {
+	if got := (&Server{Addr: "127.0.0.1:1"}).addrs(); !slices.Equal(got, []string{"127.0.0.1:1"}) {
 		t.Errorf("addr with Addr = %q", got)
+	}
+	t.Setenv("SHOAL_PORTS", "tcp:9123,udp:9123,tcp:9124")
+	t.Setenv("HOST", "127.0.0.1")
+	if got := (&Server{}).addrs(); !slices.Equal(got, []string{"127.0.0.1:9123", "127.0.0.1:9124"}) {
+		t.Errorf("addrs with SHOAL_PORTS and HOST = %q, want both TCP listeners on HOST", got)
+	}
+}
+
+// TestServeEveryTCPListener: with two TCP listeners in SHOAL_PORTS, one
+// Server answers on both, and stops both.
+func TestServeEveryTCPListener(t *testing.T) {
+	p1, p2 := testutil.FreePort(t), testutil.FreePort(t)
+	t.Setenv("SHOAL_PORTS", fmt.Sprintf("tcp:%d,udp:%d,tcp:%d", p1, p1, p2))
+	t.Setenv("HOST", "127.0.0.1")
+	t.Setenv("SHOAL_IPC_FD", "")
+	os.Unsetenv("SHOAL_IPC_FD")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- (&Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "ok") }), Heartbeat: -1}).ListenAndServe(ctx)
+	}()
+	for _, p := range []int{p1, p2} {
+		var body []byte
+		testutil.Eventually(t, 5*time.Second, fmt.Sprintf("an answer on port %d", p), func() bool {
+			resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", p))
+			if err != nil {
+				return false
+			}
+			defer resp.Body.Close()
+			body, _ = io.ReadAll(resp.Body)
+			return true
+		})
+		if string(body) != "ok" {
+			t.Errorf("port %d answered %q", p, body)
+		}
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("ListenAndServe: %v", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("ListenAndServe did not return 15s after its context ended")
+	}
+	for _, p := range []int{p1, p2} {
+		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", p)); err == nil {
+			c.Close()
+			t.Errorf("port %d still listens after the server stopped", p)
+		}
 	}
 }
 
