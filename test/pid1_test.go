@@ -108,6 +108,9 @@ func (p *nsInit) find(comm string) {
 				continue
 			}
 			nspid := nsPIDs(pr.pid)
+			if len(nspid) == 0 {
+				continue // it exited since the listing (bad usage exits at once)
+			}
 			if len(nspid) < 2 || nspid[len(nspid)-1] != 1 {
 				p.t.Fatalf("%s (host pid %d) is not PID 1 of a new PID namespace: NSpid %v", comm, pr.pid, nspid)
 			}
