@@ -187,9 +187,6 @@ type Socket struct {
 	Drops uint32
 }
 
-// errNotLinux is returned on platforms other than Linux.
-var errNotLinux = errors.New("reuseport: SO_REUSEPORT listeners need Linux")
-
 // goneError reports that a process no longer exists. It matches
 // os.ErrNotExist with errors.Is whatever the underlying error is (ENOENT or
 // ESRCH).

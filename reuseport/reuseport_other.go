@@ -7,6 +7,9 @@ import (
 	"syscall"
 )
 
+// errNotLinux is returned on platforms other than Linux.
+var errNotLinux = errors.New("reuseport: SO_REUSEPORT listeners need Linux")
+
 func supported() error { return errNotLinux }
 
 func control(string, syscall.RawConn) error { return errNotLinux }
