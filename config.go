@@ -481,6 +481,8 @@ func (c *config) flags() (*flag.FlagSet, map[string]string) {
 		"number of workers (default: the CPUs this process may use, after affinity and cgroup quota)")
 	def("port", &portsFlag{v: &c.opts.Listeners},
 		"listeners the workers serve: 8000 (TCP), tcp:8000, udp:5353, comma-separated or repeated; workers get the first one's port as PORT and all as SHOAL_PORTS; 0 for none")
+	def("bind", textFlag{&c.opts.Bind},
+		"who binds the listeners: worker (each worker binds its own with SO_REUSEPORT) or master (the master opens one SO_REUSEPORT socket per worker and listener and passes them as systemd does: LISTEN_FDS, fds 3, 4, ...)")
 	def("host", &stringFlag{&c.host},
 		"address exported to workers as HOST; the built-in worker listens there (default: all addresses)")
 	def("env", listFlag{&c.opts.Env},
@@ -586,6 +588,7 @@ func (c *config) finish() error {
 	}
 	if c.host != "" {
 		c.opts.Env = append(c.opts.Env, "HOST="+c.host)
+		c.opts.Host = c.host
 	}
 	if c.userName != "" || c.groupName != "" {
 		cred, home, err := lookupCredential(c.userName, c.groupName)

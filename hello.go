@@ -9,15 +9,17 @@ import (
 	"os"
 	"strings"
 
-	"github.com/shoal-sh/shoal/reuseport"
 	"github.com/shoal-sh/shoal/supervisor"
 	"github.com/shoal-sh/shoal/worker"
 )
 
 // runHello is the built-in worker: the hello-world HTTP server of the
 // Node.js cluster documentation, on every TCP listener shoal gives it
-// (SHOAL_PORTS, or PORT), on HOST when set. On a UDP listener it answers
-// every datagram with "hello world\n", so that it serves every listener.
+// (passed with --bind master, or else SHOAL_PORTS or PORT, on HOST when
+// set), with the worker package: requests reported to the master in
+// batches, and a drain that loses no request on SIGTERM. On a UDP listener
+// it answers every datagram with "hello world\n", so that it serves every
+// listener.
 func runHello() int {
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
@@ -27,22 +29,19 @@ func runHello() int {
 		fmt.Fprintf(os.Stderr, "shoal worker %d (pid %d): %v\n", supervisor.WorkerID(), os.Getpid(), err)
 		return 1
 	}
-	ls, err := supervisor.ParseListeners(os.Getenv(supervisor.EnvPorts))
+	ctx := context.Background()
+	tcp, udp, err := worker.Listen(ctx)
 	if err != nil {
-		ls = nil // no SHOAL_PORTS: HTTP on PORT
+		return fail(err)
 	}
-	for _, l := range ls {
-		if l.Network != "udp" {
-			continue
-		}
-		pc, err := reuseport.ListenPacket("udp", net.JoinHostPort(os.Getenv("HOST"), fmt.Sprint(l.Port)))
-		if err != nil {
-			return fail(err)
-		}
+	for _, pc := range udp {
 		defer pc.Close()
 		go helloUDP(pc)
 	}
-	if err := serveHello(context.Background(), h); err != nil {
+	if len(tcp) == 0 {
+		return fail(fmt.Errorf("the built-in worker serves HTTP and has no TCP listener"))
+	}
+	if err := (&worker.Server{Handler: h}).Serve(ctx, worker.Join(tcp...)); err != nil {
 		return fail(err)
 	}
 	return 0
@@ -62,11 +61,4 @@ func helloUDP(pc net.PacketConn) {
 		}
 		pc.WriteTo([]byte("hello world\n"), addr)
 	}
-}
-
-// serveHello serves h with the worker package on every TCP listener:
-// requests reported to the master in batches, and a drain that loses no
-// request on SIGTERM.
-func serveHello(ctx context.Context, h http.Handler) error {
-	return (&worker.Server{Handler: h}).ListenAndServe(ctx)
 }

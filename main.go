@@ -107,6 +107,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	go handleSignals(ctx, sigs, sup, cancel, &log)
 	if err := sup.Run(ctx); err != nil {
 		log.Error().Err(err).Msg("shoal stopped")
+		if errors.Is(err, supervisor.ErrBind) {
+			fmt.Fprintf(stderr, "shoal: %v\n", err)
+			return exitUsage // nothing was started
+		}
 		return exitFailure
 	}
 	log.Info().Msg("shoal stopped")

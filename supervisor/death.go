@@ -145,9 +145,11 @@ func addStats(dst *ipc.Stats, src ipc.Stats) {
 func (s *Supervisor) afterDeath(sl *slot, d *Death) {
 	sl.deaths[d.Class()]++
 	if s.stopping || d.Reason == ReasonStop {
+		s.closeSockets(sl)
 		return
 	}
 	if sl.removed {
+		s.closeSockets(sl)
 		delete(s.slots, sl.id)
 		return
 	}
@@ -163,6 +165,7 @@ func (s *Supervisor) afterDeath(sl *slot, d *Death) {
 	}
 	if !restart {
 		sl.finished = true
+		s.closeSockets(sl)
 		if !d.Clean() {
 			s.failed = d
 		}
@@ -185,5 +188,7 @@ func (s *Supervisor) afterDeath(sl *slot, d *Death) {
 		return
 	}
 	sl.restartAt = s.now().Add(delay)
+	// No worker takes connections from the slot's sockets until then.
+	s.closeSockets(sl)
 	s.log.Info().Int("worker", sl.id).Float64("delay_seconds", delay.Seconds()).Int("quick_deaths", sl.failures).Msg("restarting worker after backoff")
 }

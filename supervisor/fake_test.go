@@ -21,14 +21,16 @@ import (
 // are records, exits are what the test says, the clock moves when the test
 // moves it. Nothing is forked, so a whole lifecycle runs in microseconds.
 type fakeSystem struct {
-	mu        sync.Mutex
-	clock     time.Time
-	nextPID   int
-	procs     map[int]*fakeProc
-	pending   []exit // exited, not reaped yet
-	tick      chan struct{}
-	failStart error // the next starts fail with it, while set
-	rssOf     map[int]uint64
+	mu         sync.Mutex
+	clock      time.Time
+	nextPID    int
+	procs      map[int]*fakeProc
+	pending    []exit // exited, not reaped yet
+	tick       chan struct{}
+	failStart  error // the next starts fail with it, while set
+	failListen error // BindMaster: the next sockets fail to open, while set
+	opened     int   // BindMaster: sockets opened
+	rssOf      map[int]uint64
 }
 
 // fakeProc is one "process": it holds the worker's end of its channel, as a
@@ -43,6 +45,9 @@ type fakeProc struct {
 	ignore  map[syscall.Signal]bool // signals that do not end it
 	alive   bool
 	holds   []Listener // the sockets it has bound, as listeners
+	files   []*os.File // what it inherited
+	path    string     // what was executed
+	waitsOn []uint64   // BindMaster: the socket inodes it waits on
 }
 
 func newFakeSystem() *fakeSystem {
@@ -77,8 +82,9 @@ func (f *fakeSystem) start(path string, argv []string, attr *os.ProcAttr) (proce
 	if f.failStart != nil {
 		return nil, f.failStart
 	}
-	// Keep the worker's end of the channel, as the child would.
-	fd, err := unix.Dup(int(attr.Files[3].Fd()))
+	// Keep the worker's end of the channel, as the child would: the
+	// last file, after any sockets the master passes.
+	fd, err := unix.Dup(int(attr.Files[len(attr.Files)-1].Fd()))
 	if err != nil {
 		return nil, err
 	}
@@ -89,6 +95,7 @@ func (f *fakeSystem) start(path string, argv []string, attr *os.ProcAttr) (proce
 			p.slot, _ = strconv.Atoi(v)
 		}
 	}
+	p.files, p.path = attr.Files, path
 	f.procs[p.id] = p
 	return p, nil
 }
@@ -408,4 +415,62 @@ func (m *machine) daemon(p *fakeProc) *fakeProc {
 	d := &fakeProc{sys: f, id: f.nextPID, peer: os.NewFile(uintptr(fd), "inherited fd 3"), alive: true, ignore: map[syscall.Signal]bool{}}
 	f.procs[d.id] = d
 	return d
+}
+
+// listen opens a stand-in for a listening socket: a pipe's read end, whose
+// inode the fake's waiting reports once the test says a process waits.
+func (f *fakeSystem) listen(l Listener, host string) (*os.File, uint64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.failListen != nil {
+		return nil, 0, f.failListen
+	}
+	r, w, err := os.Pipe()
+	if err != nil {
+		return nil, 0, err
+	}
+	w.Close()
+	var st unix.Stat_t
+	unix.Fstat(int(r.Fd()), &st)
+	f.opened++
+	return r, st.Ino, nil
+}
+
+func (f *fakeSystem) waiting(pid int) (map[uint64]bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p := f.procs[pid]
+	if p == nil {
+		return nil, syscall.ESRCH
+	}
+	out := map[uint64]bool{}
+	for _, ino := range p.waitsOn {
+		out[ino] = true
+	}
+	return out, nil
+}
+
+// sockInode returns the inode of the socket p inherited at fd 3+i.
+func (p *fakeProc) sockInode(t *testing.T, i int) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(p.files[3+i].Fd()), &st); err != nil {
+		t.Fatalf("fd %d of pid %d: %v", 3+i, p.id, err)
+	}
+	return st.Ino
+}
+
+// accept makes p wait on the sockets it inherited, and lets the loop's
+// next poll see it.
+func (m *machine) accept(p *fakeProc) {
+	m.t.Helper()
+	n := len(p.files) - 4 // stdin, stdout, stderr, the sockets, the channel
+	m.sys.mu.Lock()
+	for i := 0; i < n; i++ {
+		var st unix.Stat_t
+		unix.Fstat(int(p.files[3+i].Fd()), &st)
+		p.waitsOn = append(p.waitsOn, st.Ino)
+	}
+	m.sys.mu.Unlock()
+	m.advance(10 * time.Millisecond)
 }

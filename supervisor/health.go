@@ -96,6 +96,10 @@ func (s *Supervisor) pollListening(now time.Time) {
 	if len(due) == 0 {
 		return
 	}
+	if s.opts.Bind == BindMaster {
+		s.pollWaiting(now, due)
+		return
+	}
 	// The kernel's sockets of each listener, read once for all workers.
 	byListener := make([]map[uint64]bool, len(s.opts.Listeners))
 	for i, l := range s.opts.Listeners {
@@ -134,6 +138,34 @@ func (s *Supervisor) pollListening(now time.Time) {
 		}
 		if w.waiting == "" && !now.Before(w.started.Add(s.diagnoseAfter())) {
 			s.diagnose(w, held)
+		}
+	}
+}
+
+// pollWaiting is pollListening for BindMaster: a worker holds its slot's
+// sockets from its first instant, so it serves once it waits on every one
+// of them (an epoll watch, or a thread blocked in accept or a receive).
+func (s *Supervisor) pollWaiting(now time.Time, due []*worker) {
+	for _, w := range due {
+		w.polled = now
+		inodes := w.slot.sockInodes
+		waiting, err := s.sys.waiting(w.pid)
+		if err != nil || len(inodes) == 0 {
+			continue
+		}
+		serves := true
+		for _, ino := range inodes {
+			serves = serves && waiting[ino]
+		}
+		if serves {
+			w.inodes, w.waiting = slices.Clone(inodes), ""
+			s.setListening(w)
+			continue
+		}
+		if w.waiting == "" && !now.Before(w.started.Add(s.diagnoseAfter())) {
+			w.waiting = "holds the sockets the master passed (LISTEN_FDS) but waits on none of them in epoll or accept"
+			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).
+				Msgf("worker runs for %s but does not serve: it %s; check that it takes its sockets from LISTEN_FDS (fds 3, 4, ...), or give --ready message or notify if it waits in select or poll", s.diagnoseAfter(), w.waiting)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package supervisor
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"math"
 	"slices"
@@ -604,5 +605,88 @@ func TestMachineWrongPortIsDiagnosedOnce(t *testing.T) {
 	snap := m.s.snapshot()
 	if w := snap.Workers[0].Waiting; !strings.Contains(w, "127.0.0.1:9000") {
 		t.Errorf("status says %q, want why it does not serve", w)
+	}
+}
+
+func TestMachineBindMaster(t *testing.T) {
+	tcp, udp := Listener{"tcp", 8443}, Listener{"udp", 8443}
+	m := newMachine(t, Options{Workers: 2, Listeners: []Listener{tcp, udp}, Bind: BindMaster})
+	p := m.proc(1)
+	if len(p.files) != 6 || p.path != "/proc/self/exe" {
+		t.Fatalf("worker 1 started as %s with %d files, want the shim with stdin, stdout, stderr, 2 sockets and the channel", p.path, len(p.files))
+	}
+	for _, want := range []string{"LISTEN_FDS=2", "LISTEN_FDNAMES=tcp-8443:udp-8443", "SHOAL_IPC_FD=5", "NODE_CHANNEL_FD=5", "SHOAL_EXEC_SHIM=/bin/true"} {
+		if !slices.Contains(p.env, want) {
+			t.Errorf("no %s in %q", want, p.env)
+		}
+	}
+	if got := m.sys.opened; got != 4 {
+		t.Errorf("%d sockets opened for 2 slots of 2 listeners, want 4", got)
+	}
+	// Holding the sockets is not serving; waiting on them is.
+	m.advance(time.Second)
+	if st := m.s.slots[1].w.state; st != Online {
+		t.Fatalf("worker 1 is %s while it only holds its sockets, want online", st)
+	}
+	m.accept(p)
+	if st := m.s.slots[1].w.state; st != Listening {
+		t.Fatalf("worker 1 is %s while it waits on its sockets, want listening", st)
+	}
+	first := p.sockInode(t, 0)
+
+	// Restarted at once: the same sockets.
+	m.advance(DefaultStableAfter)
+	m.exit(p, 1)
+	if got := m.proc(1).sockInode(t, 0); got != first {
+		t.Errorf("worker 1 restarted at once got socket %d, want the slot's %d", got, first)
+	}
+	// A quick death: a backoff, the sockets closed, new ones at the restart.
+	m.exit(m.proc(1), 1)
+	if m.s.slots[1].socks != nil {
+		t.Fatal("slot 1 keeps its sockets through a backoff delay")
+	}
+	m.advance(100 * time.Millisecond)
+	second := m.proc(1).sockInode(t, 0)
+	if second == first {
+		t.Errorf("slot 1 after a backoff got the old socket %d", first)
+	}
+	m.accept(m.proc(1))
+	m.accept(m.proc(2))
+
+	// A reload's replacement gets the sockets of the worker it replaces.
+	done := m.reload()
+	if got := m.next(1).sockInode(t, 0); got != second {
+		t.Errorf("replacement of slot 1 got socket %d, want the slot's %d", got, second)
+	}
+	m.accept(m.next(1))
+	m.accept(m.next(2))
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	// Scaled away: the master's copies close at once.
+	if err := m.s.scale(1); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := m.s.slots[2]; ok && m.s.slots[2].socks != nil {
+		t.Error("a slot scaled away keeps the master's sockets")
+	}
+}
+
+func TestMachineBindMasterFailsToListen(t *testing.T) {
+	sys := newFakeSystem()
+	sys.failListen = fmt.Errorf("%w: listen tcp :8443: address already in use", ErrBind)
+	m := &machine{t: t, sys: sys}
+	s, err := New(Options{Command: []string{"/bin/true"}, Workers: 1, Port: 8443, Bind: BindMaster, OnEvent: func(e Event) { m.events = append(m.events, e) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.sys, m.s = sys, s
+	s.ran.Store(true)
+	t.Cleanup(m.close)
+	s.begin()
+	m.settle()
+	// At start, nothing is forked: Run ends with the error.
+	if !s.finished() || !errors.Is(s.exitErr, ErrBind) || !strings.Contains(s.exitErr.Error(), "address already in use") || len(sys.procs) != 0 {
+		t.Fatalf("finished %v, error %v, %d processes; want Run to end with ErrBind before any fork", s.finished(), s.exitErr, len(sys.procs))
 	}
 }

@@ -152,6 +152,12 @@ type Options struct {
 	// Port is a shorthand for one TCP listener when Listeners is empty;
 	// otherwise New sets it to the first listener's port.
 	Port int
+	// Bind says who binds the listeners: the workers (BindWorker, the
+	// zero value) or the master, which passes them (BindMaster).
+	Bind BindMode
+	// Host is the address the master binds the listeners on with
+	// BindMaster; empty means every address (IPv6 and IPv4).
+	Host string
 	// Ready says how the master learns that a worker serves.
 	Ready ReadyMode
 

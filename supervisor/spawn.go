@@ -46,6 +46,10 @@ func unwrapExec(err error) error {
 // as a death, so the backoff applies.
 func (s *Supervisor) start(sl *slot) {
 	sl.restartAt = time.Time{}
+	if err := s.openSockets(sl); err != nil {
+		s.afterDeath(sl, s.startFailed(sl, err))
+		return
+	}
 	w, err := s.spawn(sl)
 	if err != nil {
 		s.afterDeath(sl, s.startFailed(sl, err))
@@ -63,10 +67,20 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create the message channel: %w", err)
 	}
+	files := []*os.File{s.devnull, s.opts.Stdout, s.opts.Stderr}
+	files = append(files, sl.socks...) // BindMaster: fds 3, 4, ...
+	files = append(files, peer)
+	path := s.path
+	env := s.env(sl.id)
+	if s.opts.Bind == BindMaster {
+		// LISTEN_PID is the worker's pid, unknown before the fork: start
+		// this program as a shim that sets it and execs the command.
+		path, env = "/proc/self/exe", append(env, envExecShim+"="+s.path)
+	}
 	attr := &os.ProcAttr{
 		Dir:   s.opts.Dir,
-		Env:   s.env(sl.id),
-		Files: []*os.File{s.devnull, s.opts.Stdout, s.opts.Stderr, peer},
+		Env:   env,
+		Files: files,
 		Sys: &syscall.SysProcAttr{
 			Setpgid:     true,            // Ctrl-C at a terminal reaches the master only
 			Pdeathsig:   syscall.SIGKILL, // the master's death ends the worker (Go sets it after the change of user)
@@ -81,7 +95,7 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 			w.limit += rand.Uint64N(j + 1)
 		}
 	}
-	proc, err := s.sys.start(s.path, s.argv, attr)
+	proc, err := s.sys.start(path, s.argv, attr)
 	peer.Close()
 	if err != nil {
 		master.Close()
@@ -151,7 +165,7 @@ func (s *Supervisor) env(id int) []string {
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
 		switch {
-		case strings.HasPrefix(k, "SHOAL_"), strings.HasPrefix(k, "NODE_CHANNEL_"), k == "NODE_UNIQUE_ID":
+		case strings.HasPrefix(k, "SHOAL_"), strings.HasPrefix(k, "NODE_CHANNEL_"), k == "NODE_UNIQUE_ID", slices.Contains(handOff, k):
 		case s.opts.InheritEnv, slices.Contains(basicEnv, k), strings.HasPrefix(k, "LC_"):
 			env = append(env, kv)
 		}
@@ -166,13 +180,22 @@ func (s *Supervisor) env(id int) []string {
 		}
 		env = append(env, kv)
 	}
+	ipcFD := "3"
+	if s.opts.Bind == BindMaster {
+		names := make([]string, len(s.opts.Listeners))
+		for i, l := range s.opts.Listeners {
+			names[i] = fdName(l)
+		}
+		ipcFD = strconv.Itoa(3 + len(s.opts.Listeners))
+		env = append(env, "LISTEN_FDS="+strconv.Itoa(len(s.opts.Listeners)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
+	}
 	env = append(env,
 		EnvWorkerID+"="+strconv.Itoa(id),
 		EnvWorkers+"="+strconv.Itoa(s.desired()),
 		"NODE_APP_INSTANCE="+strconv.Itoa(id-1), // as PM2 numbers its instances
 		EnvMasterPID+"="+strconv.Itoa(os.Getpid()),
-		ipc.EnvFD+"=3",
-		"NODE_CHANNEL_FD=3",
+		ipc.EnvFD+"="+ipcFD,
+		"NODE_CHANNEL_FD="+ipcFD,
 		"NODE_CHANNEL_SERIALIZATION_MODE=json",
 	)
 	if len(s.opts.Listeners) > 0 {

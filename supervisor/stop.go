@@ -99,6 +99,7 @@ func (s *Supervisor) scale(n int) error {
 		live = live[:len(live)-1]
 		sl := s.slots[id]
 		sl.removed = true
+		s.closeSockets(sl) // its worker keeps its own copies while it drains
 		s.dropFromReload(sl)
 		if sl.next != nil {
 			s.terminate(sl.next, ReasonScale, s.now())
@@ -121,6 +122,9 @@ func (s *Supervisor) beginStop(reason string) {
 		return
 	}
 	s.stopping = true
+	for _, sl := range s.slots {
+		s.closeSockets(sl)
+	}
 	now := s.now()
 	s.abandonAt = now.Add(s.opts.StopTimeout + 5*time.Second)
 	for _, sl := range s.slots {

@@ -66,20 +66,22 @@ type Supervisor struct {
 // slot is one worker position, 1..N. It outlives the processes that fill it,
 // so its counters stay continuous across restarts.
 type slot struct {
-	id        int
-	w         *worker   // the current process, or nil
-	next      *worker   // a reload's replacement, until it serves
-	failures  int       // quick deaths in a row, for the backoff
-	restartAt time.Time // when a delayed replacement is due; zero if none
-	starts    int
-	restarts  int  // replacements started after a death
-	reloads   int  // replacements that took over from a live process: reloads and recycles
-	finished  bool // dead and not to be replaced
-	removed   bool // scaled away: delete on death
-	requests  atomic.Uint64
-	deaths    map[string]uint64 // by Death.Class
-	ipcBase   ipc.Stats         // folded stats of channels closed for good
-	retired   []*ipc.Channel    // channels of dead workers not folded yet
+	id         int
+	w          *worker   // the current process, or nil
+	next       *worker   // a reload's replacement, until it serves
+	failures   int       // quick deaths in a row, for the backoff
+	restartAt  time.Time // when a delayed replacement is due; zero if none
+	starts     int
+	socks      []*os.File // BindMaster: the slot's sockets, one per listener; nil when closed
+	sockInodes []uint64   // their inodes
+	restarts   int        // replacements started after a death
+	reloads    int        // replacements that took over from a live process: reloads and recycles
+	finished   bool       // dead and not to be replaced
+	removed    bool       // scaled away: delete on death
+	requests   atomic.Uint64
+	deaths     map[string]uint64 // by Death.Class
+	ipcBase    ipc.Stats         // folded stats of channels closed for good
+	retired    []*ipc.Channel    // channels of dead workers not folded yet
 }
 
 // worker is one process filling a slot.
@@ -271,10 +273,22 @@ func (s *Supervisor) begin() {
 	}
 	s.log.Info().Int("workers", n).Str("command", strings.Join(s.argv, " ")).Str("listeners", listenersText(s.opts.Listeners)).
 		Str("restart", s.opts.Restart.String()).Msg("starting workers")
-	s.checkPortFree()
+	if s.opts.Bind == BindMaster {
+		s.log.Info().Str("ready", s.opts.Ready.String()).Msg(readySignText(s.opts.Ready))
+	} else {
+		s.checkPortFree()
+	}
 	// Every slot first, so each worker's SHOAL_WORKERS is the count.
 	for id := 1; id <= n; id++ {
 		s.addSlot(id)
+	}
+	if err := s.openSockets(s.slots[1]); err != nil {
+		// Nothing was started: a port held by another program is bad
+		// input, not a crash loop.
+		s.exitErr = fmt.Errorf("%w%s", err, s.holders())
+		s.log.Error().Err(s.exitErr).Msg("cannot open the listeners")
+		s.stopping = true
+		return
 	}
 	for id := 1; id <= n; id++ {
 		s.start(s.slots[id])

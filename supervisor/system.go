@@ -1,8 +1,11 @@
 package supervisor
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/signal"
 	"runtime"
@@ -44,6 +47,14 @@ type system interface {
 	inodes(pid int) (map[uint64]struct{}, error)
 	// rss returns pid's resident memory in bytes.
 	rss(pid int) (uint64, error)
+	// listen opens one SO_REUSEPORT socket of l on host (all addresses
+	// when empty), in blocking mode as systemd passes them, for a worker
+	// to inherit; it returns the socket's inode.
+	listen(l Listener, host string) (*os.File, uint64, error)
+	// waiting returns the inodes of the sockets that pid's process tree
+	// waits on: watched by one of its epoll sets, or the object of an
+	// accept or a receive a thread of it is blocked in.
+	waiting(pid int) (map[uint64]bool, error)
 	// children lists the running children of the master, with their
 	// command lines; kill signals one of them, and its process group when
 	// it leads one.
@@ -274,6 +285,49 @@ func (*realSystem) kill(pid int, sig syscall.Signal) error {
 	}
 	return nil
 }
+
+func (*realSystem) listen(l Listener, host string) (*os.File, uint64, error) {
+	addr := net.JoinHostPort(host, strconv.Itoa(l.Port))
+	var lc reuseport.ListenConfig
+	var c syscall.Conn
+	var closer io.Closer
+	if l.Network == "udp" {
+		pc, err := lc.ListenPacket(context.Background(), "udp", addr)
+		if err != nil {
+			return nil, 0, fmt.Errorf("%w: %w", ErrBind, err)
+		}
+		c, closer = pc.(syscall.Conn), pc
+	} else {
+		ln, err := lc.Listen(context.Background(), "tcp", addr)
+		if err != nil {
+			return nil, 0, fmt.Errorf("%w: %w", ErrBind, err)
+		}
+		c, closer = ln.(syscall.Conn), ln
+	}
+	defer closer.Close()
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, 0, err
+	}
+	dup := -1
+	var derr error
+	rc.Control(func(fd uintptr) { dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 3) })
+	if derr != nil {
+		return nil, 0, fmt.Errorf("supervisor: %s: dup the socket: %w", l, derr)
+	}
+	// Blocking, as systemd passes sockets; an os.File made from a
+	// blocking descriptor never changes its mode, so the master never
+	// changes the mode its workers chose for the socket they share.
+	unix.SetNonblock(dup, false)
+	var st unix.Stat_t
+	if err := unix.Fstat(dup, &st); err != nil {
+		unix.Close(dup)
+		return nil, 0, err
+	}
+	return os.NewFile(uintptr(dup), "shoal "+l.String()), st.Ino, nil
+}
+
+func (*realSystem) waiting(pid int) (map[uint64]bool, error) { return waitingSockets(pid) }
 
 // osProcess is a started child. Its pid is safe to signal until it is
 // reaped: only the supervisor's loop reaps, so the pid and its process

@@ -1,12 +1,106 @@
 package worker
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
+
+	"github.com/shoal-sh/shoal/reuseport"
+	"golang.org/x/sys/unix"
 )
+
+// Listen returns the sockets a worker serves on, whichever way shoal binds
+// them: the ones the master passed (shoal --bind master, or systemd's
+// socket activation: LISTEN_FDS and LISTEN_PID naming this process, fds 3,
+// 4, ... in order), or else its listeners bound here with SO_REUSEPORT:
+// each of SHOAL_PORTS ("tcp:443,udp:443"), else PORT as TCP, else
+// DefaultAddr, on HOST when shoal sets it. TCP listeners come in tcp,
+// UDP sockets in udp, each in listener order. On an error, nothing stays
+// open.
+func Listen(ctx context.Context) (tcp []net.Listener, udp []net.PacketConn, err error) {
+	if tcp, udp, ok, err := inherited(); ok || err != nil {
+		return tcp, udp, err
+	}
+	defer func() {
+		if err != nil {
+			closeAll(tcp, udp)
+			tcp, udp = nil, nil
+		}
+	}()
+	var lc reuseport.ListenConfig
+	for _, addr := range tcpAddrs() {
+		ln, err := lc.Listen(ctx, "tcp", addr)
+		if err != nil {
+			return tcp, udp, listenError(err)
+		}
+		tcp = append(tcp, ln)
+	}
+	for _, addr := range udpAddrs() {
+		pc, err := lc.ListenPacket(ctx, "udp", addr)
+		if err != nil {
+			return tcp, udp, listenError(err)
+		}
+		udp = append(udp, pc)
+	}
+	return tcp, udp, nil
+}
+
+func closeAll(tcp []net.Listener, udp []net.PacketConn) {
+	for _, l := range tcp {
+		l.Close()
+	}
+	for _, p := range udp {
+		p.Close()
+	}
+}
+
+// inherited returns the sockets passed with systemd's protocol, when
+// LISTEN_PID is this process; ok is false when none were passed to it.
+func inherited() (tcp []net.Listener, udp []net.PacketConn, ok bool, err error) {
+	n, _ := strconv.Atoi(os.Getenv("LISTEN_FDS"))
+	if n <= 0 || os.Getenv("LISTEN_PID") != strconv.Itoa(os.Getpid()) {
+		return nil, nil, false, nil
+	}
+	for fd := 3; fd < 3+n; fd++ {
+		f := os.NewFile(uintptr(fd), "LISTEN_FDS "+strconv.Itoa(fd))
+		typ, serr := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+		if serr != nil {
+			err = fmt.Errorf("worker: inherited fd %d (LISTEN_FDS=%d): not a socket: %w", fd, n, serr)
+		} else if typ == unix.SOCK_DGRAM {
+			var pc net.PacketConn
+			if pc, err = net.FilePacketConn(f); err == nil {
+				udp = append(udp, pc)
+			}
+		} else {
+			var ln net.Listener
+			if ln, err = net.FileListener(f); err == nil {
+				tcp = append(tcp, ln)
+			}
+		}
+		f.Close() // the listener holds a duplicate
+		if err != nil {
+			closeAll(tcp, udp)
+			return nil, nil, true, fmt.Errorf("worker: inherited fd %d: %w", fd, err)
+		}
+	}
+	return tcp, udp, true, nil
+}
+
+// udpAddrs returns the UDP addresses of SHOAL_PORTS, on HOST.
+func udpAddrs() []string {
+	var addrs []string
+	for _, l := range strings.Split(os.Getenv("SHOAL_PORTS"), ",") {
+		if p, ok := strings.CutPrefix(strings.TrimSpace(l), "udp:"); ok && p != "" {
+			addrs = append(addrs, net.JoinHostPort(os.Getenv("HOST"), p))
+		}
+	}
+	return addrs
+}
 
 // tcpAddrs returns the TCP addresses a worker serves by default: one per
 // TCP listener in SHOAL_PORTS ("tcp:443,udp:443"), else PORT, else
@@ -45,8 +139,10 @@ type joined struct {
 	wg    sync.WaitGroup
 }
 
-// join returns a listener that accepts on every one of lns.
-func join(lns []net.Listener) net.Listener {
+// Join returns one listener that accepts on every one of lns, for
+// [Server.Serve]: Accept returns the next connection of any of them, Close
+// closes them all. With one listener it returns it.
+func Join(lns ...net.Listener) net.Listener {
 	if len(lns) == 1 {
 		return lns[0]
 	}

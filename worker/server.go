@@ -134,29 +134,38 @@ func ListenAndServe(ctx context.Context, h http.Handler) error {
 	return s.ListenAndServe(ctx)
 }
 
-// ListenAndServe listens on s.Addr (or every TCP listener shoal gives
-// the worker) with SO_REUSEPORT and serves as [Server.Serve] does.
+// ListenAndServe serves on s.Addr, bound with SO_REUSEPORT; or, when Addr
+// is empty, on the TCP listeners of [Listen]: those the master passed
+// (--bind master), else every TCP listener of the worker bound here. It
+// serves as [Server.Serve] does. UDP sockets of Listen are closed: they are
+// not HTTP's.
 func (s *Server) ListenAndServe(ctx context.Context) error {
-	addrs := s.addrs()
 	if s.Handler == nil {
-		return fmt.Errorf("worker: serve on %s: Server.Handler is nil", strings.Join(addrs, ", "))
+		return fmt.Errorf("worker: serve on %s: Server.Handler is nil", strings.Join(s.addrs(), ", "))
 	}
 	// Catch the stop signals before the master can see the worker listen.
 	sigs := notify()
 	defer signal.Stop(sigs)
-	var lc reuseport.ListenConfig
 	var lns []net.Listener
-	for _, addr := range addrs {
-		ln, err := lc.Listen(ctx, "tcp", addr)
+	if s.Addr != "" {
+		var lc reuseport.ListenConfig
+		ln, err := lc.Listen(ctx, "tcp", s.Addr)
 		if err != nil {
-			for _, l := range lns {
-				l.Close()
-			}
 			return listenError(err)
 		}
-		lns = append(lns, ln)
+		lns = []net.Listener{ln}
+	} else {
+		tcp, udp, err := Listen(ctx)
+		if err != nil {
+			return err
+		}
+		closeAll(nil, udp)
+		if len(tcp) == 0 {
+			return errors.New("worker: serve: no TCP listener among the worker's (SHOAL_PORTS, LISTEN_FDS)")
+		}
+		lns = tcp
 	}
-	return s.serve(ctx, join(lns), sigs)
+	return s.serve(ctx, Join(lns...), sigs)
 }
 
 // Serve serves HTTP/1.1 on ln, which it closes before it returns. It tells
