@@ -74,7 +74,7 @@ func TestBadValuesOneLine(t *testing.T) {
 		want string
 	}{
 		{nil, []string{"--restart", "sometimes"}, `invalid value "sometimes" for flag -restart: restart policy "sometimes": want always, on-failure or never`},
-		{nil, []string{"--ready", "soon"}, `ready mode "soon": want listen or message`},
+		{nil, []string{"--ready", "soon"}, `ready mode "soon": want listen, message or notify`},
 		{nil, []string{"--log-format", "xml"}, `log format "xml": want auto, json or console`},
 		{nil, []string{"--log-level", "trace"}, `log level "trace": want debug, info, warn or error`},
 		{nil, []string{"--migrate-req", "yes"}, `migrate-req mode "yes": want auto, on or off`},

@@ -11,7 +11,6 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
 	"github.com/shoal-sh/shoal/control"
@@ -21,7 +20,8 @@ import (
 // serveControl serves the control socket at path until ctx ends. It fails
 // at once, before any worker starts, when the path is taken by a live
 // master or cannot be created.
-func serveControl(ctx context.Context, path string, sup *supervisor.Supervisor, stop func(), log *zerolog.Logger) (func(), error) {
+func serveControl(ctx context.Context, path string, m *master) (func(), error) {
+	log := m.log
 	srv, err := control.Listen(path)
 	if err != nil {
 		return nil, err
@@ -31,7 +31,7 @@ func serveControl(ctx context.Context, path string, sup *supervisor.Supervisor, 
 	go func() {
 		defer close(done)
 		if err := srv.Serve(ctx, func(ctx context.Context, req control.Request) control.Response {
-			return handleControl(ctx, req, sup, stop, log)
+			return handleControl(ctx, req, m)
 		}); err != nil {
 			log.Error().Err(err).Msg("control socket stopped")
 		}
@@ -42,7 +42,8 @@ func serveControl(ctx context.Context, path string, sup *supervisor.Supervisor, 
 	}, nil
 }
 
-func handleControl(ctx context.Context, req control.Request, sup *supervisor.Supervisor, stop func(), log *zerolog.Logger) control.Response {
+func handleControl(ctx context.Context, req control.Request, m *master) control.Response {
+	sup, log := m.sup, m.log
 	log.Info().Str("cmd", req.Cmd).Msg("control request")
 	fail := func(err error) control.Response { return control.Response{Error: err.Error()} }
 	switch req.Cmd {
@@ -57,7 +58,7 @@ func handleControl(ctx context.Context, req control.Request, sup *supervisor.Sup
 		}
 		return control.Response{OK: true, Result: b}
 	case "reload":
-		if err := sup.Reload(ctx); err != nil {
+		if err := m.reload(ctx); err != nil {
 			return fail(err)
 		}
 	case "scale":
@@ -83,7 +84,7 @@ func handleControl(ctx context.Context, req control.Request, sup *supervisor.Sup
 		}
 		log.Info().Str("signal", unix.SignalName(sig)).Int("workers", n).Msg("signal sent to workers")
 	case "stop":
-		stop()
+		m.stop()
 	default:
 		return fail(fmt.Errorf("unknown command %q", req.Cmd))
 	}

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"sync/atomic"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -76,6 +77,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	log := newLogger(cfg.logFormat, cfg.logLevel, stderr)
 	cfg.opts.Logger = &log
 	cfg.opts.Subreaper = true
+	// sd_notify's READY=1 follows the workers' listening at once, not at
+	// the notifier's next second.
+	var nt atomic.Pointer[notifier]
+	cfg.opts.OnEvent = func(e supervisor.Event) {
+		if e.Type == supervisor.EventListening || e.Type == supervisor.EventDeath {
+			nt.Load().wake()
+		}
+	}
 
 	sup, err := supervisor.New(cfg.opts)
 	if err != nil {
@@ -84,6 +93,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	m := &master{sup: sup, stop: cancel, log: &log}
 	if cfg.metrics != "" {
 		srv, err := metrics.Listen(cfg.metrics, sup, metrics.Options{MinReady: cfg.minReady, Logger: &log})
 		if err != nil {
@@ -93,7 +103,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		defer srv.Close()
 	}
 	if cfg.control != "" {
-		stop, err := serveControl(ctx, cfg.control, sup, cancel, &log)
+		stop, err := serveControl(ctx, cfg.control, m)
 		if err != nil {
 			fmt.Fprintf(stderr, "shoal: %v\n", err)
 			return exitUsage
@@ -104,8 +114,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "shoal: %v\n", err)
 		return exitUsage
 	}
-	go handleSignals(ctx, sigs, sup, cancel, &log)
-	if err := sup.Run(ctx); err != nil {
+	m.notify = startNotifier(ctx, sup, cfg.minReady, &log)
+	nt.Store(m.notify)
+	go handleSignals(ctx, sigs, m)
+	err = sup.Run(ctx)
+	cancel()
+	m.notify.wait()
+	if err != nil {
 		log.Error().Err(err).Msg("shoal stopped")
 		if errors.Is(err, supervisor.ErrBind) {
 			fmt.Fprintf(stderr, "shoal: %v\n", err)

@@ -5,10 +5,7 @@ import (
 	"os"
 	"syscall"
 
-	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
-
-	"github.com/shoal-sh/shoal/supervisor"
 )
 
 // masterSignals are the signals the master handles. Besides those it acts
@@ -33,7 +30,8 @@ var masterSignals = []os.Signal{
 
 // handleSignals turns signals to the master into supervisor calls until ctx
 // ends.
-func handleSignals(ctx context.Context, sigs <-chan os.Signal, sup *supervisor.Supervisor, stop func(), log *zerolog.Logger) {
+func handleSignals(ctx context.Context, sigs <-chan os.Signal, m *master) {
+	sup, log := m.sup, m.log
 	for {
 		var sig os.Signal
 		select {
@@ -45,11 +43,11 @@ func handleSignals(ctx context.Context, sigs <-chan os.Signal, sup *supervisor.S
 		switch sig {
 		case syscall.SIGTERM, syscall.SIGINT, syscall.SIGQUIT:
 			log.Info().Str("signal", name).Msg("stop requested")
-			stop()
+			m.stop()
 		case syscall.SIGHUP:
 			log.Info().Msg("reload requested (SIGHUP)")
 			go func() {
-				if err := sup.Reload(ctx); err != nil && ctx.Err() == nil {
+				if err := m.reload(ctx); err != nil && ctx.Err() == nil {
 					log.Error().Err(err).Msg("reload failed")
 				}
 			}()

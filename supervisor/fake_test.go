@@ -474,3 +474,5 @@ func (m *machine) accept(p *fakeProc) {
 	m.sys.mu.Unlock()
 	m.advance(10 * time.Millisecond)
 }
+
+func (f *fakeSystem) parent(int) int { return 0 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/shoal-sh/shoal/internal/sdnotify"
 )
 
 // The state machine, step by step, on a fake system: no process is forked,
@@ -688,5 +689,38 @@ func TestMachineBindMasterFailsToListen(t *testing.T) {
 	// At start, nothing is forked: Run ends with the error.
 	if !s.finished() || !errors.Is(s.exitErr, ErrBind) || !strings.Contains(s.exitErr.Error(), "address already in use") || len(sys.procs) != 0 {
 		t.Fatalf("finished %v, error %v, %d processes; want Run to end with ErrBind before any fork", s.finished(), s.exitErr, len(sys.procs))
+	}
+}
+
+func TestMachineReadyNotify(t *testing.T) {
+	m := newMachine(t, Options{Workers: 2, Port: 8000, Ready: ReadyNotify, HeartbeatTimeout: time.Second})
+	p := m.proc(1)
+	// Holding the port is not enough: READY=1 is.
+	m.hold(p, Listener{"tcp", 8000})
+	m.advance(time.Second)
+	if st := m.s.slots[1].w.state; st != Online {
+		t.Fatalf("state %s before READY=1, want online", st)
+	}
+	m.s.handleNotify(sdnotify.Message{PID: 999999, Fields: map[string]string{"READY": "1"}}, nil) // no worker's
+	m.s.handleNotify(sdnotify.Message{PID: p.id}, fmt.Errorf("%w: READY", sdnotify.ErrBadDatagram))
+	if st := m.s.slots[1].w.state; st != Online {
+		t.Fatalf("state %s after a stranger's READY=1 and a bad datagram, want online", st)
+	}
+	m.s.handleNotify(sdnotify.Message{PID: p.id, Fields: map[string]string{"READY": "1", "STATUS": "up"}}, nil)
+	if st := m.s.slots[1].w.state; st != Listening {
+		t.Fatalf("state %s after READY=1, want listening", st)
+	}
+	if got := m.s.snapshot().Workers[0].IPC.Errors["bad_notify"]; got != 1 {
+		t.Errorf("bad notifications counted %d, want 1", got)
+	}
+	// WATCHDOG=1 is a heartbeat: the worker is watched, and hung without.
+	m.s.handleNotify(sdnotify.Message{PID: p.id, Fields: map[string]string{"WATCHDOG": "1"}}, nil)
+	m.advance(999 * time.Millisecond)
+	if len(p.signals) != 0 {
+		t.Fatalf("stopped before the heartbeat timeout: %v", p.signals)
+	}
+	m.advance(time.Millisecond)
+	if d := m.deaths(); len(d) != 1 || d[0].Reason != ReasonHung {
+		t.Fatalf("deaths %+v, want one hung after WATCHDOG=1 stopped", d)
 	}
 }

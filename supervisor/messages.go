@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"sync/atomic"
 
+	"github.com/shoal-sh/shoal/internal/sdnotify"
 	"github.com/shoal-sh/shoal/ipc"
 )
 
@@ -16,6 +17,9 @@ type loopEvent struct {
 	kind loopEventKind
 	w    *worker
 	msg  ipc.Message // for evReady and evRelay, copied off the reader's buffer
+
+	note    sdnotify.Message // for evNotify
+	noteErr error            // for evNotify: why the datagram is bad, if it is
 }
 
 type loopEventKind int
@@ -26,6 +30,7 @@ const (
 	evReady                           // it sent shoal:ready
 	evRelay                           // it sent shoal:send: relay msg
 	evRecycle                         // it reached its request limit
+	evNotify                          // a systemd notification arrived (ReadyNotify); w is nil
 )
 
 // post hands e to the loop, or drops it once Run has returned.
@@ -189,6 +194,9 @@ func (s *Supervisor) served(w *worker, n uint64) {
 func (s *Supervisor) handleEvent(e loopEvent) {
 	w := e.w
 	switch e.kind {
+	case evNotify:
+		s.handleNotify(e.note, e.noteErr)
+		return
 	case evDisconnect:
 		s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).Msg("worker channel closed")
 		s.emit(Event{Type: EventDisconnect, Worker: w.slot.id, PID: w.pid})

@@ -73,17 +73,24 @@ const (
 	ReadyListen ReadyMode = iota
 	// ReadyMessage waits for the worker to send {"cmd":"shoal:ready"}.
 	ReadyMessage
+	// ReadyNotify waits for the worker (or a descendant) to send READY=1
+	// with systemd's notification protocol, to the socket the supervisor
+	// names in its NOTIFY_SOCKET. Its WATCHDOG=1 counts as a heartbeat.
+	ReadyNotify
 )
 
 // String returns the mode as the command line spells it.
 func (m ReadyMode) String() string {
-	if m == ReadyMessage {
+	switch m {
+	case ReadyMessage:
 		return "message"
+	case ReadyNotify:
+		return "notify"
 	}
 	return "listen"
 }
 
-// ParseReadyMode parses "listen" or "message", in any case.
+// ParseReadyMode parses "listen", "message" or "notify", in any case.
 func ParseReadyMode(s string) (ReadyMode, error) {
 	var m ReadyMode
 	err := m.UnmarshalText([]byte(s))
@@ -93,15 +100,17 @@ func ParseReadyMode(s string) (ReadyMode, error) {
 // MarshalText returns the mode as the command line spells it.
 func (m ReadyMode) MarshalText() ([]byte, error) { return []byte(m.String()), nil }
 
-// UnmarshalText parses "listen" or "message", in any case.
+// UnmarshalText parses "listen", "message" or "notify", in any case.
 func (m *ReadyMode) UnmarshalText(text []byte) error {
 	switch strings.ToLower(strings.TrimSpace(string(text))) {
 	case "listen":
 		*m = ReadyListen
 	case "message":
 		*m = ReadyMessage
+	case "notify":
+		*m = ReadyNotify
 	default:
-		return fmt.Errorf("ready mode %q: want listen or message", text)
+		return fmt.Errorf("ready mode %q: want listen, message or notify", text)
 	}
 	return nil
 }

@@ -198,6 +198,9 @@ func (s *Supervisor) env(id int) []string {
 		"NODE_CHANNEL_FD="+ipcFD,
 		"NODE_CHANNEL_SERIALIZATION_MODE=json",
 	)
+	if s.notify != nil {
+		env = append(env, "NOTIFY_SOCKET="+s.notify.Addr())
+	}
 	if len(s.opts.Listeners) > 0 {
 		env = append(env, EnvPort+"="+strconv.Itoa(s.opts.Listeners[0].Port), EnvPorts+"="+listenersText(s.opts.Listeners))
 	}

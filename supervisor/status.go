@@ -77,6 +77,9 @@ func (s *Supervisor) snapshot() Snapshot {
 		sl := s.slots[id]
 		st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Restarts: sl.restarts, Reloads: sl.reloads, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}
 		addStats(&st.IPC, sl.ipcBase)
+		if sl.notifyErrors > 0 {
+			st.IPC.Errors["bad_notify"] += sl.notifyErrors
+		}
 		for _, ch := range sl.retired {
 			addStats(&st.IPC, ch.Stats())
 		}

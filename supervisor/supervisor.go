@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shoal-sh/shoal/internal/ratelog"
+	"github.com/shoal-sh/shoal/internal/sdnotify"
 	"github.com/shoal-sh/shoal/ipc"
 )
 
@@ -41,6 +42,7 @@ type Supervisor struct {
 	handlers  map[int]func(Message) // per-slot message handlers
 	requested atomic.Uint64         // requests reported by all workers, ever
 
+	notify *sdnotify.Listener        // ReadyNotify: where workers send READY=1
 	budget *ipc.Budget               // bytes queued to all workers together
 	warns  *ratelog.Limiter[warnKey] // warnings caused by workers, per worker and reason
 
@@ -66,22 +68,23 @@ type Supervisor struct {
 // slot is one worker position, 1..N. It outlives the processes that fill it,
 // so its counters stay continuous across restarts.
 type slot struct {
-	id         int
-	w          *worker   // the current process, or nil
-	next       *worker   // a reload's replacement, until it serves
-	failures   int       // quick deaths in a row, for the backoff
-	restartAt  time.Time // when a delayed replacement is due; zero if none
-	starts     int
-	socks      []*os.File // BindMaster: the slot's sockets, one per listener; nil when closed
-	sockInodes []uint64   // their inodes
-	restarts   int        // replacements started after a death
-	reloads    int        // replacements that took over from a live process: reloads and recycles
-	finished   bool       // dead and not to be replaced
-	removed    bool       // scaled away: delete on death
-	requests   atomic.Uint64
-	deaths     map[string]uint64 // by Death.Class
-	ipcBase    ipc.Stats         // folded stats of channels closed for good
-	retired    []*ipc.Channel    // channels of dead workers not folded yet
+	id           int
+	w            *worker   // the current process, or nil
+	next         *worker   // a reload's replacement, until it serves
+	failures     int       // quick deaths in a row, for the backoff
+	restartAt    time.Time // when a delayed replacement is due; zero if none
+	starts       int
+	notifyErrors uint64     // bad systemd notifications from the slot's workers
+	socks        []*os.File // BindMaster: the slot's sockets, one per listener; nil when closed
+	sockInodes   []uint64   // their inodes
+	restarts     int        // replacements started after a death
+	reloads      int        // replacements that took over from a live process: reloads and recycles
+	finished     bool       // dead and not to be replaced
+	removed      bool       // scaled away: delete on death
+	requests     atomic.Uint64
+	deaths       map[string]uint64 // by Death.Class
+	ipcBase      ipc.Stats         // folded stats of channels closed for good
+	retired      []*ipc.Channel    // channels of dead workers not folded yet
 }
 
 // worker is one process filling a slot.
@@ -219,6 +222,12 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		return err
 	}
 	defer s.sys.close()
+	if err := s.listenNotify(); err != nil {
+		return err
+	}
+	if s.notify != nil {
+		defer s.notify.Close()
+	}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		return fmt.Errorf("supervisor: open %s for the workers' stdin: %w", os.DevNull, err)

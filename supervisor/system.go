@@ -60,6 +60,8 @@ type system interface {
 	// it leads one.
 	children() []child
 	kill(pid int, sig syscall.Signal) error
+	// parent returns pid's parent, or 0 when it is gone.
+	parent(pid int) int
 }
 
 // child is a running child process of the master.
@@ -272,6 +274,15 @@ func parseStatPPid(b []byte) (int, bool) {
 	}
 	ppid, err := strconv.Atoi(f[1])
 	return ppid, err == nil
+}
+
+func (*realSystem) parent(pid int) int {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0
+	}
+	ppid, _ := parseStatPPid(b)
+	return ppid
 }
 
 // kill signals a child by pid. Safe while it is not reaped: only the

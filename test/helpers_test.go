@@ -1,6 +1,7 @@
 package test
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net/http"
@@ -9,8 +10,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/shoal-sh/shoal/internal/sdnotify"
 	"github.com/shoal-sh/shoal/reuseport"
 	"github.com/shoal-sh/shoal/supervisor"
+	"github.com/shoal-sh/shoal/worker"
 )
 
 // helperCmd returns the flags and the command that run this test binary
@@ -59,6 +62,10 @@ func runHelper(name string) int {
 		return helperUSR1()
 	case "wrong-port":
 		return helperWrongPort()
+	case "listen-fds":
+		return helperListenFDs()
+	case "notify-late":
+		return helperNotifyLate()
 	}
 	fmt.Fprintf(os.Stderr, "unknown helper %q\n", name)
 	return 2
@@ -139,5 +146,43 @@ func helperWrongPort() int {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM)
 	<-sig
+	return 0
+}
+
+// helperListenFDs serves hello world over HTTP on the sockets the worker
+// package finds (inherited with --bind master), after printing
+// "worker ID pid P LISTEN_PID L".
+func helperListenFDs() int {
+	fmt.Printf("worker %s pid %d LISTEN_PID %s\n", os.Getenv("SHOAL_WORKER_ID"), os.Getpid(), os.Getenv("LISTEN_PID"))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "hello world\n") })
+	if err := worker.ListenAndServe(ctx, h); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// helperNotifyLate binds PORT at once and says READY=1 over
+// NOTIFY_SOCKET only after E2E_READY_AFTER; it exits on SIGTERM.
+func helperNotifyLate() int {
+	ln, err := reuseport.Listen("tcp4", "127.0.0.1:"+os.Getenv("PORT"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer ln.Close()
+	d, _ := time.ParseDuration(os.Getenv("E2E_READY_AFTER"))
+	time.Sleep(d)
+	fmt.Printf("worker %s ready at %d\n", os.Getenv("SHOAL_WORKER_ID"), time.Now().UnixMilli())
+	if err := sdnotify.Send("READY=1\nSTATUS=serving"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM)
+	<-sig
+	sdnotify.Send("STOPPING=1")
 	return 0
 }
