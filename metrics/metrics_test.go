@@ -86,8 +86,15 @@ func testWorker() int {
 		case in.Report != nil:
 			c.Send(map[string]any{"cmd": ipc.CmdRequests, "n": *in.Report})
 		case in.Burn > 0:
-			end := time.Now().Add(time.Duration(in.Burn) * time.Millisecond)
-			for n := 0; time.Now().Before(end); n++ {
+			// MS of this process's own CPU time, not of the wall clock:
+			// on a busy machine the scheduler gives it less.
+			var ru syscall.Rusage
+			cpu := func() time.Duration {
+				syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+				return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+			}
+			end := cpu() + time.Duration(in.Burn)*time.Millisecond
+			for cpu() < end {
 			}
 			c.Send(map[string]any{"burned": supervisor.WorkerID()})
 		case in.Bad:
