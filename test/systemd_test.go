@@ -96,17 +96,23 @@ func TestSystemdUnit(t *testing.T) {
 	const file = "deploy/systemd/shoal.service"
 	u := parseUnit(t, filepath.Join(moduleRoot, file))
 	for key, want := range map[string]string{
-		"Type":       "exec",  // shoal does not speak sd_notify
-		"KillMode":   "mixed", // SIGTERM to shoal alone, SIGKILL to what is left at the end
-		"KillSignal": "SIGTERM",
-		"Restart":    "on-failure",
+		"Type":         "notify-reload", // shoal speaks sd_notify, and reloads on SIGHUP
+		"NotifyAccess": "main",
+		"KillMode":     "mixed", // SIGTERM to shoal alone, SIGKILL to what is left at the end
+		"KillSignal":   "SIGTERM",
+		"Restart":      "on-failure",
 	} {
 		if got := u.get("Service", key); got != want {
 			t.Errorf("%s: %s=%q, want %q", file, key, got, want)
 		}
 	}
-	if r := u.get("Service", "ExecReload"); !regexp.MustCompile(`^(/usr)?/bin/kill\s+(-HUP|-SIGHUP|-s\s+HUP)\s+\$MAINPID$`).MatchString(r) {
-		t.Errorf("%s: ExecReload=%q, want /bin/kill -HUP $MAINPID", file, r)
+	// The form for systemd before 253, in a comment.
+	raw, _ := os.ReadFile(filepath.Join(moduleRoot, file))
+	if !regexp.MustCompile(`(?m)^#Type=notify$`).Match(raw) || !regexp.MustCompile(`(?m)^#ExecReload=(/usr)?/bin/kill\s+(-HUP|-SIGHUP|-s\s+HUP)\s+\$MAINPID$`).Match(raw) {
+		t.Errorf("%s: no commented Type=notify with ExecReload=/bin/kill -HUP $MAINPID for systemd before 253", file)
+	}
+	if w := u.get("Service", "WatchdogSec"); w == "" {
+		t.Errorf("%s: no WatchdogSec: shoal sends WATCHDOG=1 when asked", file)
 	}
 	if !slices.Contains(strings.Fields(u.get("Service", "RestartPreventExitStatus")), "2") {
 		t.Errorf("%s: RestartPreventExitStatus lacks 2: bad usage does not get better by restarting", file)
@@ -172,6 +178,11 @@ func TestSystemdUnit(t *testing.T) {
 		b, _ := os.ReadFile("/bin/true")
 		os.WriteFile(p, b, 0o755)
 	}
+	// The fallback form's ExecReload.
+	os.MkdirAll(filepath.Join(root, "bin"), 0o755)
+	if b, err := os.ReadFile("/bin/true"); err == nil {
+		os.WriteFile(filepath.Join(root, "bin/kill"), b, 0o755)
+	}
 	units := filepath.Join(root, "usr/lib/systemd/system")
 	os.MkdirAll(units, 0o755)
 	for _, pat := range []string{"*.target", "*.slice"} {
@@ -187,6 +198,12 @@ func TestSystemdUnit(t *testing.T) {
 	etc := filepath.Join(root, "etc/systemd/system")
 	os.MkdirAll(etc, 0o755)
 	b, _ := os.ReadFile(filepath.Join(moduleRoot, file))
+	if v := systemdVersion(analyze); v < 253 {
+		// This systemd predates notify-reload: check the unit in the form
+		// its comment gives for it.
+		t.Logf("systemd %d: verifying the Type=notify form of %s", v, file)
+		b = bytes.Replace(b, []byte("\nType=notify-reload\n"), []byte("\nType=notify\nExecReload=/bin/kill -HUP $MAINPID\n"), 1)
+	}
 	os.WriteFile(filepath.Join(etc, "shoal.service"), b, 0o644)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -194,4 +211,19 @@ func TestSystemdUnit(t *testing.T) {
 	if err != nil || len(bytes.TrimSpace(out)) != 0 {
 		t.Errorf("systemd-analyze verify %s: %v\n%s", file, err, out)
 	}
+}
+
+// systemdVersion returns the version of the systemd that analyze belongs
+// to, or 0.
+func systemdVersion(analyze string) int {
+	out, err := exec.Command(analyze, "--version").Output()
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(out))
+	if len(f) < 2 {
+		return 0
+	}
+	v, _ := strconv.Atoi(f[1])
+	return v
 }
