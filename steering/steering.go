@@ -73,12 +73,12 @@ const maxMaxSlots = 4096
 // GODEBUG=multipathtcp=0, or have it call
 // net.ListenConfig.SetMultipathTCP(false), or leave steering off (the
 // kernel's hash then places connections).
-var ErrMPTCP = errors.New("steering: the socket is Multipath TCP (IPPROTO_MPTCP), which SK_REUSEPORT steering cannot use: run the worker with GODEBUG=multipathtcp=0 (Go 1.24+), or turn steering off")
+var ErrMPTCP = errors.New("the socket is Multipath TCP (IPPROTO_MPTCP), which SK_REUSEPORT steering cannot use: run the worker with GODEBUG=multipathtcp=0 (Go 1.24+), or turn steering off")
 
 // ErrNoListener is returned, wrapped, when [Steering.Add] finds no socket
 // listening on the address in the process or its descendants, or
 // [Steering.AddFD] is given a socket that is not listening on it.
-var ErrNoListener = errors.New("steering: no TCP socket listening on the address")
+var ErrNoListener = errors.New("no TCP socket listening on the address")
 
 // ErrUnsupported is returned, wrapped, when the kernel or platform lacks
 // what steering needs: eBPF SK_REUSEPORT programs (Linux 4.19+; 5.14+ for

@@ -22,6 +22,7 @@ import (
 // [New]; the zero value is not usable.
 type Steering struct {
 	addr     netip.AddrPort
+	what     string // "for ADDR", or "" for Check
 	maxSlots int
 	pinPath  string // "" when not pinned
 
@@ -43,7 +44,7 @@ type Steering struct {
 // capability such as CAP_BPF, or kernel support, matching [ErrUnsupported]).
 // It loads a program and its maps, and unloads them at once.
 func Check() error {
-	s, err := New(Options{Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), 1), MaxSlots: 1})
+	s, err := newSteering(Options{Addr: netip.AddrPortFrom(netip.IPv4Unspecified(), 1), MaxSlots: 1}, "")
 	if err != nil {
 		return err
 	}
@@ -75,6 +76,10 @@ func Check() error {
 //
 // Errors name the missing capability (CAP_BPF) or match [ErrUnsupported].
 func New(opts Options) (*Steering, error) {
+	return newSteering(opts, " for "+opts.Addr.String())
+}
+
+func newSteering(opts Options, what string) (*Steering, error) {
 	if !opts.Addr.IsValid() || opts.Addr.Port() == 0 {
 		return nil, fmt.Errorf("steering: new: invalid listener address %q (want an address and a port)", opts.Addr)
 	}
@@ -87,6 +92,7 @@ func New(opts Options) (*Steering, error) {
 	}
 	s := &Steering{
 		addr:     opts.Addr,
+		what:     what,
 		maxSlots: max,
 		present:  make(map[int]uint64),
 		skipped:  make(map[int]bool),
@@ -201,12 +207,12 @@ func (s *Steering) adopt() error {
 // missing capability when the kernel said EPERM.
 func (s *Steering) loadError(op string, err error) error {
 	if isPerm(err) {
-		return fmt.Errorf("steering: %s for %s: %w: %s", op, s.addr, err, permAdvice())
+		return fmt.Errorf("steering: %s%s: %w: %s", op, s.what, err, permAdvice())
 	}
 	if errors.Is(err, ebpf.ErrNotSupported) || errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("%w: %s for %s: %w (Linux 4.19 or later with CONFIG_BPF_SYSCALL is needed)", ErrUnsupported, op, s.addr, err)
+		return fmt.Errorf("%w: %s%s: %w (Linux 4.19 or later with CONFIG_BPF_SYSCALL is needed)", ErrUnsupported, op, s.what, err)
 	}
-	return fmt.Errorf("steering: %s for %s: %w", op, s.addr, err)
+	return fmt.Errorf("steering: %s%s: %w", op, s.what, err)
 }
 
 func isPerm(err error) bool {

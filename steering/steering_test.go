@@ -358,10 +358,14 @@ func TestNoSelectableSlot(t *testing.T) {
 // even with net.ipv4.tcp_migrate_req=0.
 func TestMigrateQueued(t *testing.T) {
 	needBPF(t)
+	if os.Getenv("STEERING_TEST_NETNS") == "" {
+		inNetNS(t, "TestMigrateQueued")
+		return
+	}
 	if on, err := reuseport.MigrateReq(); err != nil {
 		t.Skip(err)
 	} else if on {
-		t.Skip("net.ipv4.tcp_migrate_req=1 here: the kernel would migrate anyway")
+		t.Fatal("net.ipv4.tcp_migrate_req=1 in a new network namespace")
 	}
 	var lc reuseport.ListenConfig
 	la, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
@@ -432,6 +436,25 @@ func TestMigrateQueued(t *testing.T) {
 	}
 	if n := <-done; n != 10 || lost != 0 {
 		t.Errorf("after closing a listener with 5 queued connections: the other accepted %d of 10, clients lost %d", n, lost)
+	}
+}
+
+// inNetNS runs the test named name in a copy of the test binary in a new
+// network namespace (where net.ipv4.tcp_migrate_req is 0), with lo up.
+func inNetNS(t *testing.T, name string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root, for a network namespace")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "unshare", "--net", "--", "sh", "-c",
+		`ip link set lo up && exec "$0" -test.run="^$1\$" -test.v -test.count=1`, os.Args[0], name)
+	cmd.Env = append(os.Environ(), "STEERING_TEST_NETNS=1")
+	out, err := cmd.CombinedOutput()
+	t.Logf("in a new network namespace:\n%s", out)
+	if err != nil || !bytes.Contains(out, []byte("--- PASS: "+name)) {
+		t.Fatalf("%s in a new network namespace: %v", name, err)
 	}
 }
 
