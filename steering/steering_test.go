@@ -822,3 +822,157 @@ func nativeEndian() binary.ByteOrder {
 	}
 	return binary.BigEndian
 }
+
+// TestReplaceCycles replaces workers one after another under load, as a
+// reload does: each slot is taken out of the selection 50 ms before its
+// (naive, non-draining) listener closes, and its replacement is put in at
+// once. With net.ipv4.tcp_migrate_req=0 (a new network namespace), no
+// client connection may fail.
+func TestReplaceCycles(t *testing.T) {
+	needBPF(t)
+	if os.Getenv("STEERING_TEST_NETNS") == "" {
+		inNetNS(t, "TestReplaceCycles")
+		return
+	}
+	const slots, cycles = 4, 40
+	var lc reuseport.ListenConfig
+	var wg sync.WaitGroup
+	serve := func(l net.Listener) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				c.Write([]byte("ok"))
+				c.Close()
+			}
+		}()
+	}
+	listen := func(addr string) *net.TCPListener {
+		l, err := lc.Listen(context.Background(), "tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		serve(l)
+		return l.(*net.TCPListener)
+	}
+	ls := []*net.TCPListener{listen("127.0.0.1:0")}
+	addr := ls[0].Addr().(*net.TCPAddr).AddrPort()
+	for len(ls) < slots {
+		ls = append(ls, listen(addr.String()))
+	}
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+		wg.Wait()
+	}()
+	s, err := New(Options{Addr: addr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	add := func(slot int) {
+		rc, _ := ls[slot].SyscallConn()
+		var aerr error
+		rc.Control(func(fd uintptr) { aerr = s.AddFD(slot, int(fd)) })
+		if aerr != nil {
+			t.Fatal(aerr)
+		}
+	}
+	for i := range ls {
+		add(i)
+	}
+
+	var ok, failed atomic.Int64
+	var firstErr atomic.Value
+	stop := make(chan struct{})
+	var clients sync.WaitGroup
+	for range 2 {
+		clients.Add(1)
+		go func() {
+			defer clients.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				c, err := net.DialTimeout("tcp", addr.String(), 2*time.Second)
+				if err == nil {
+					c.SetReadDeadline(time.Now().Add(2 * time.Second))
+					var b []byte
+					b, err = io.ReadAll(c)
+					c.Close()
+					if err == nil && string(b) != "ok" {
+						err = fmt.Errorf("read %q, want \"ok\"", b)
+					}
+				}
+				if err != nil {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+				} else {
+					ok.Add(1)
+				}
+			}
+		}()
+	}
+	for i := range cycles {
+		slot := i % slots
+		if err := s.Remove(slot); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond)
+		ls[slot].Close() // no drain: whatever waits in its queue is left to the kernel
+		ls[slot] = listen(addr.String())
+		add(slot)
+	}
+	close(stop)
+	clients.Wait()
+	t.Logf("%d cycles: %d connections served, %d failed; steered per slot %v", cycles, ok.Load(), failed.Load(), mustCounts(t, s))
+	if failed.Load() != 0 {
+		t.Errorf("%d of %d connections failed across %d replacements; first: %v", failed.Load(), ok.Load()+failed.Load(), cycles, firstErr.Load())
+	}
+}
+
+// BenchmarkConnect measures sequential connections per second to 4
+// listeners through the program and without it (the kernel's hash),
+// interleaved so that both see the same machine load, and reports the
+// ratio.
+func BenchmarkConnect(b *testing.B) {
+	needBPF(b)
+	hash := newGroup(b, 4)
+	steered := newGroup(b, 4)
+	steer(b, steered, Options{})
+	d := net.Dialer{Timeout: 5 * time.Second}
+	var th, ts time.Duration
+	dial := func(g *group) time.Duration {
+		start := time.Now()
+		c, err := d.Dial("tcp", g.addr.String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Close()
+		return time.Since(start)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if i%2 == 0 {
+			th += dial(hash)
+			ts += dial(steered)
+		} else {
+			ts += dial(steered)
+			th += dial(hash)
+		}
+	}
+	b.StopTimer()
+	hps := float64(b.N) / th.Seconds()
+	sps := float64(b.N) / ts.Seconds()
+	b.ReportMetric(hps, "hash-conn/s")
+	b.ReportMetric(sps, "steered-conn/s")
+	b.ReportMetric(sps/hps, "steered/hash")
+	b.Logf("N=%d: %.0f connections/s with the kernel's hash, %.0f through the program: ratio %.3f", b.N, hps, sps, sps/hps)
+}
