@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/rlimit"
@@ -314,10 +315,22 @@ func (s *Steering) insert(slot, fd int, cookie uint64) error {
 			return fmt.Errorf("the socket is already at slot %d: a socket can be in one slot only", other)
 		}
 	}
+	// Attach first: the program of an earlier master (whose maps were not
+	// pinned, or not compatible) holds its maps, and a socket in them
+	// cannot join ours (EBUSY) until that program is replaced and freed.
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, s.prog.FD()); err != nil {
+		return fmt.Errorf("attach the program to the group: setsockopt SO_ATTACH_REUSEPORT_EBPF: %w", err)
+	}
 	if s.present[slot] != cookie {
 		err := s.socks.Update(uint32(slot), uint64(fd), ebpf.UpdateAny)
+		// The kernel frees a replaced program's maps after an RCU grace
+		// period, in a work queue: wait for that, up to about a second.
+		for wait := time.Millisecond; errors.Is(err, unix.EBUSY) && wait < time.Second; wait *= 2 {
+			time.Sleep(wait)
+			err = s.socks.Update(uint32(slot), uint64(fd), ebpf.UpdateAny)
+		}
 		if errors.Is(err, unix.EBUSY) {
-			return fmt.Errorf("put the socket in the map: %w: it is already in another REUSEPORT_SOCKARRAY map (of another master?); a socket can be in one such map only", err)
+			return fmt.Errorf("put the socket in the map: %w: it is in another REUSEPORT_SOCKARRAY map (of another Steering or another master?); a socket can be in one such map only", err)
 		}
 		if errors.Is(err, errnoENOTSUPP) || errors.Is(err, unix.EOPNOTSUPP) {
 			return fmt.Errorf("put the socket in the map: %w: %w", err, ErrMPTCP)
@@ -326,11 +339,6 @@ func (s *Steering) insert(slot, fd int, cookie uint64) error {
 			return fmt.Errorf("put the socket in the map: %w", err)
 		}
 		s.present[slot] = cookie
-	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, s.prog.FD()); err != nil {
-		s.socks.Delete(uint32(slot))
-		delete(s.present, slot)
-		return fmt.Errorf("attach the program to the group: setsockopt SO_ATTACH_REUSEPORT_EBPF: %w", err)
 	}
 	delete(s.skipped, slot)
 	return s.writeRing()

@@ -976,3 +976,26 @@ func BenchmarkConnect(b *testing.B) {
 	b.ReportMetric(sps/hps, "steered/hash")
 	b.Logf("N=%d: %.0f connections/s with the kernel's hash, %.0f through the program: ratio %.3f", b.N, hps, sps, sps/hps)
 }
+
+// TestRestartWithoutPins: a master that restarts without pinned maps
+// (no bpffs) loads a fresh program; the sockets still in the earlier
+// program's map join the new one (the earlier program is replaced by the
+// first AddFD and freed), and connections are steered again.
+func TestRestartWithoutPins(t *testing.T) {
+	needBPF(t)
+	g := newGroup(t, 2)
+	s1 := steer(t, g, Options{})
+	g.dial(t, 4)
+	s1.Close()
+	start := time.Now()
+	s2 := steer(t, g, Options{})
+	t.Logf("the new master put both sockets in its map in %v", time.Since(start).Round(time.Microsecond))
+	g.dial(t, 10)
+	if got := g.counts(); !slices.Equal(got, []int64{7, 7}) {
+		t.Errorf("accepted %v, want [7 7]", got)
+	}
+	want := map[int]uint64{0: 5, 1: 5}
+	if got := mustCounts(t, s2); !mapsEqual(got, want) {
+		t.Errorf("new master's Counts() = %v, want %v", got, want)
+	}
+}
