@@ -86,10 +86,16 @@ type group struct {
 
 func newGroup(t testing.TB, n int) *group {
 	t.Helper()
+	return newGroupOn(t, "127.0.0.1", n)
+}
+
+// newGroupOn is newGroup on host.
+func newGroupOn(t testing.TB, host string, n int) *group {
+	t.Helper()
 	g := &group{accepted: make([]atomic.Int64, n)}
 	var lc reuseport.ListenConfig
 	lc.SetMultipathTCP(false)
-	addr := "127.0.0.1:0"
+	addr := net.JoinHostPort(host, "0")
 	for i := 0; i < n; i++ {
 		l, err := lc.Listen(context.Background(), "tcp", addr)
 		if err != nil {
@@ -997,5 +1003,60 @@ func TestRestartWithoutPins(t *testing.T) {
 	want := map[int]uint64{0: 5, 1: 5}
 	if got := mustCounts(t, s2); !mapsEqual(got, want) {
 		t.Errorf("new master's Counts() = %v, want %v", got, want)
+	}
+}
+
+// TestIPv6: a group on ::1 is steered like one on 127.0.0.1, and a socket
+// of another group (another family or bind address on the same port) is
+// refused.
+func TestIPv6(t *testing.T) {
+	needBPF(t)
+	g := newGroupOn(t, "::1", 3)
+	s := steer(t, g, Options{})
+	g.dial(t, 9)
+	if got := g.counts(); !slices.Equal(got, []int64{3, 3, 3}) {
+		t.Errorf("accepted per listener on ::1 = %v, want [3 3 3]", got)
+	}
+	var lc reuseport.ListenConfig
+	for _, addr := range []string{
+		netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), g.addr.Port()).String(),
+		netip.AddrPortFrom(netip.IPv6Unspecified(), g.addr.Port()).String(),
+	} {
+		l, err := lc.Listen(context.Background(), "tcp", addr)
+		if err != nil {
+			t.Logf("listen %s: %v", addr, err)
+			continue
+		}
+		rc, _ := l.(*net.TCPListener).SyscallConn()
+		var aerr error
+		rc.Control(func(fd uintptr) { aerr = s.AddFD(3, int(fd)) })
+		l.Close()
+		if !errors.Is(aerr, ErrNoListener) || !strings.Contains(aerr.Error(), "not "+g.addr.String()) {
+			t.Errorf("AddFD(listener on %s) to the group on %s = %v, want ErrNoListener naming both", addr, g.addr, aerr)
+		}
+	}
+}
+
+// TestNotReusePort: a listener without SO_REUSEPORT is in no group and is
+// refused with a clear error.
+func TestNotReusePort(t *testing.T) {
+	needBPF(t)
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	l, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	s, err := New(Options{Addr: l.Addr().(*net.TCPAddr).AddrPort()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	rc, _ := l.(*net.TCPListener).SyscallConn()
+	var aerr error
+	rc.Control(func(fd uintptr) { aerr = s.AddFD(0, int(fd)) })
+	if aerr == nil || !strings.Contains(aerr.Error(), "SO_REUSEPORT") {
+		t.Errorf("AddFD(listener without SO_REUSEPORT) = %v, want an error naming SO_REUSEPORT", aerr)
 	}
 }
