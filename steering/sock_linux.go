@@ -85,6 +85,9 @@ func (s *Steering) take(slot, pid int) (int, uint64, error) {
 			if i == 0 && (errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH)) {
 				return -1, 0, fmt.Errorf("the process is gone: %w", os.ErrNotExist)
 			}
+			if errors.Is(err, os.ErrPermission) {
+				lastErr = fmt.Errorf("%w: reading the descriptors of a process of another user needs CAP_SYS_PTRACE", err)
+			}
 			continue
 		}
 		for _, f := range fds {
@@ -157,7 +160,7 @@ func (s *Steering) dup(pid, fd int) (int, error) {
 	dup, err := unix.PidfdGetfd(pidfd, fd, 0)
 	if err != nil {
 		if errors.Is(err, unix.EPERM) {
-			return -1, fmt.Errorf("pidfd_getfd of process %d's fd %d: %w: taking the socket of a process of another user needs CAP_SYS_PTRACE", pid, fd, err)
+			return -1, fmt.Errorf("pidfd_getfd of process %d's fd %d: %w: taking the socket of a process of another user needs CAP_SYS_PTRACE (and kernel.yama.ptrace_scope 2 needs it for any process, 3 forbids it)", pid, fd, err)
 		}
 		return -1, fmt.Errorf("pidfd_getfd of process %d's fd %d: %w", pid, fd, err)
 	}
@@ -185,6 +188,9 @@ func socketFDs(pid int) ([]sockFD, error) {
 	var buf [64]byte
 	for _, name := range names {
 		n, err := unix.Readlinkat(int(dir.Fd()), name, buf[:])
+		if errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
+			return nil, &os.PathError{Op: "readlink", Path: dir.Name() + "/" + name, Err: err}
+		}
 		if err != nil {
 			continue // closed meanwhile
 		}

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -33,6 +34,19 @@ func TestMain(m *testing.M) {
 	switch os.Getenv("STEERING_TEST_HELPER") {
 	case "listen":
 		helperListen(os.Getenv("STEERING_TEST_ADDR"))
+		return
+	case "add":
+		s, err := New(Options{Addr: netip.MustParseAddrPort(os.Getenv("STEERING_TEST_ADDR"))})
+		if err == nil {
+			pid, _ := strconv.Atoi(os.Getenv("STEERING_TEST_PID"))
+			err = s.Add(0, pid)
+			s.Close()
+		}
+		if err != nil {
+			fmt.Println("add:", err)
+		} else {
+			fmt.Println("add: ok")
+		}
 		return
 	case "check":
 		if err := Check(); err != nil {
@@ -520,10 +534,11 @@ func TestMPTCPRefused(t *testing.T) {
 }
 
 // child starts the test binary as a listener on addr and waits until it
-// listens.
-func child(t *testing.T, addr netip.AddrPort) *exec.Cmd {
+// listens; with a prefix (such as setpriv ... --), through it.
+func child(t *testing.T, addr netip.AddrPort, prefix ...string) *exec.Cmd {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	args := append(prefix, os.Args[0], "-test.run=^$")
+	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Env = append(os.Environ(), "STEERING_TEST_HELPER=listen", "STEERING_TEST_ADDR="+addr.String())
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
@@ -1058,5 +1073,64 @@ func TestNotReusePort(t *testing.T) {
 	rc.Control(func(fd uintptr) { aerr = s.AddFD(0, int(fd)) })
 	if aerr == nil || !strings.Contains(aerr.Error(), "SO_REUSEPORT") {
 		t.Errorf("AddFD(listener without SO_REUSEPORT) = %v, want an error naming SO_REUSEPORT", aerr)
+	}
+}
+
+// TestAddOtherUser: a master with CAP_SYS_PTRACE (root) takes the socket of
+// a worker that runs as nobody; without CAP_SYS_PTRACE, Add says that it is
+// what is missing.
+func TestAddOtherUser(t *testing.T) {
+	needBPF(t)
+	setpriv, err := exec.LookPath("setpriv")
+	if err != nil || os.Geteuid() != 0 {
+		t.Skip("needs root and setpriv")
+	}
+	if _, err := os.Stat(os.Args[0]); err != nil {
+		t.Skip(err)
+	}
+	// nobody must be able to run the test binary.
+	if fi, err := os.Stat(os.Args[0]); err != nil || fi.Mode()&0o001 == 0 {
+		t.Skip("the test binary is not executable by others")
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().(*net.TCPAddr).AddrPort()
+	l.Close()
+	worker := child(t, addr, setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", "--")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, setpriv, "--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace",
+		"--", os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "STEERING_TEST_HELPER=add",
+		"STEERING_TEST_ADDR="+addr.String(), "STEERING_TEST_PID="+strconv.Itoa(worker.Process.Pid))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	t.Logf("without CAP_SYS_PTRACE: %s", bytes.TrimSpace(out))
+	if !bytes.Contains(out, []byte("add: ")) || !bytes.Contains(out, []byte("CAP_SYS_PTRACE")) {
+		t.Errorf("Add of another user's socket without CAP_SYS_PTRACE said %q, want an error naming CAP_SYS_PTRACE", out)
+	}
+
+	s, err := New(Options{Addr: addr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Add(0, worker.Process.Pid); err != nil {
+		t.Fatalf("root: Add of nobody's socket: %v", err)
+	}
+	for range 3 {
+		c, err := net.DialTimeout("tcp", addr.String(), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	if got := mustCounts(t, s); got[0] != 3 {
+		t.Errorf("Counts() = %v, want 3 at slot 0", got)
 	}
 }
