@@ -15,8 +15,10 @@
 // The program never refuses a connection: when no slot is selectable, or
 // the chosen socket is gone, it returns without choosing and the kernel's
 // hash applies. It is attached with the select-or-migrate attach type
-// (Linux 5.14+), so the connections waiting in a closing listener's accept
-// queue are placed by the program too, when the kernel migrates them.
+// (Linux 5.14+): when a listener of the group closes, the kernel moves the
+// connections waiting in its accept queue to the listener the program (or,
+// failing it, the hash) picks, instead of resetting them, whatever
+// net.ipv4.tcp_migrate_req says.
 //
 // The program is built from Go instructions (cilium/ebpf's asm package): no
 // compiler, no cgo. Loading it needs CAP_BPF (or CAP_SYS_ADMIN); taking a
