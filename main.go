@@ -75,6 +75,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	log := newLogger(cfg.logFormat, cfg.logLevel, stderr)
 	cfg.opts.Logger = &log
+	cfg.opts.Output = outputPipes(cfg.output, cfg.logFormat, &log, stdout, stderr)
 	cfg.opts.Subreaper = true
 
 	sup, err := supervisor.New(cfg.opts)
