@@ -59,6 +59,8 @@ func runHelper(name string) int {
 		return helperUSR1()
 	case "wrong-port":
 		return helperWrongPort()
+	case "output-flood":
+		return helperOutputFlood()
 	}
 	fmt.Fprintf(os.Stderr, "unknown helper %q\n", name)
 	return 2
