@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -112,12 +113,27 @@ func parseRecord(line, stream string) (piece, bool) {
 // and pid, in order, on the stream it was written to; the master's peak
 // memory stays far below what went through it.
 func TestWorkerOutputLabelledWholeLines(t *testing.T) {
-	for _, mode := range []string{"prefix", "json"} {
-		t.Run(mode, func(t *testing.T) {
+	for _, tc := range []struct {
+		mode  string
+		stall time.Duration // the master's stdout takes nothing for so long
+	}{{"prefix", 0}, {"json", 0}, {"prefix", 2 * time.Second}} {
+		name := tc.mode
+		if tc.stall > 0 {
+			name += "/stdout-stalled"
+		}
+		t.Run(name, func(t *testing.T) {
+			mode := tc.mode
 			flags, argv := helperCmd("output-flood")
 			args := append([]string{"--workers", "2", "--port", "0", "--restart", "never"}, flags...)
 			args = append(append(args, "--"), argv...)
-			m := startShoal(t, []string{"SHOAL_WORKER_OUTPUT=" + mode}, args...)
+			env := []string{"SHOAL_WORKER_OUTPUT=" + mode}
+			var m *master
+			var stalled *stalledWriter
+			if tc.stall > 0 {
+				m, stalled = startShoalStalled(t, tc.stall, env, args...)
+			} else {
+				m = startShoal(t, env, args...)
+			}
 
 			// VmHWM is the peak: a read at any time after the peak sees it.
 			var hwm int
@@ -214,6 +230,16 @@ func TestWorkerOutputLabelledWholeLines(t *testing.T) {
 					t.Errorf("%s: %d continued pieces, want at least %d: one per line over 64 KiB", stream.record, cuts, want)
 				}
 			}
+			if stalled != nil {
+				// The workers write all of it before they exit, far more
+				// than a pipe and a buffer hold: none can have exited
+				// while the master's stdout took nothing.
+				for _, e := range m.logs.entries(msg("worker died")) {
+					if at, err := time.Parse(time.RFC3339Nano, e.str("time")); err == nil && at.Before(stalled.until.Truncate(time.Second)) {
+						t.Errorf("worker %d exited at %s, before the master's stdout took anything (%s): its output went somewhere", e.num("worker"), at, stalled.until)
+					}
+				}
+			}
 			t.Logf("%s: %.1f MiB of worker output in %s; the master's peak RSS (VmHWM) %.1f MiB",
 				mode, float64(volume)/(1<<20), took.Round(time.Millisecond), float64(hwm)/1024)
 			// A master that held what the workers wrote would need the
@@ -226,6 +252,49 @@ func TestWorkerOutputLabelledWholeLines(t *testing.T) {
 			}
 		})
 	}
+}
+
+// stalledWriter is a master's stdout that takes nothing until until.
+type stalledWriter struct {
+	until time.Time
+	w     *logs
+}
+
+func (s *stalledWriter) Write(p []byte) (int, error) {
+	time.Sleep(time.Until(s.until))
+	return s.w.Write(p)
+}
+
+// startShoalStalled starts shoal as startShoal does, with a stdout that
+// takes nothing for the first stall.
+func startShoalStalled(t *testing.T, stall time.Duration, env []string, args ...string) (*master, *stalledWriter) {
+	t.Helper()
+	m := &master{t: t, logs: newLogs(), stdout: newLogs(), done: make(chan struct{})}
+	stalled := &stalledWriter{until: time.Now().Add(stall), w: m.stdout}
+	m.cmd = exec.Command(shoalBin, args...)
+	m.cmd.Env = append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_CONTROL=", "SHOAL_MIGRATE_REQ=off"), env...)
+	m.cmd.Stderr, m.cmd.Stdout = m.logs, stalled
+	if err := m.cmd.Start(); err != nil {
+		t.Fatalf("start shoal: %v", err)
+	}
+	go func() {
+		m.cmd.Wait()
+		m.state = m.cmd.ProcessState
+		close(m.done)
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-m.done:
+		default:
+			m.cmd.Process.Kill()
+			select {
+			case <-m.done:
+			case <-time.After(10 * time.Second):
+				t.Errorf("shoal (pid %d) not reaped 10s after SIGKILL", m.cmd.Process.Pid)
+			}
+		}
+	})
+	return m, stalled
 }
 
 // vmHWM returns the peak resident set size of pid in KiB, 0 if unknown.

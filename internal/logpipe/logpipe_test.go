@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -179,7 +180,7 @@ func shorten(s string) []string {
 // lengths, one master stream: every line arrives whole, in order per
 // worker.
 func TestConcurrentWorkersNeverMixWithinALine(t *testing.T) {
-	var stdout lockedBuffer
+	var stdout yieldingBuffer
 	o := New(Options{Stdout: &stdout})
 	const workers, lines = 4, 1000
 	var pipes []*Pipe
@@ -218,6 +219,15 @@ func TestConcurrentWorkersNeverMixWithinALine(t *testing.T) {
 			t.Errorf("worker %d: %d lines arrived, want %d", i, next[i], lines)
 		}
 	}
+}
+
+// yieldingBuffer lets other goroutines run before each write, so that
+// writes not kept whole by a lock would mix.
+type yieldingBuffer struct{ lockedBuffer }
+
+func (b *yieldingBuffer) Write(p []byte) (int, error) {
+	runtime.Gosched()
+	return b.lockedBuffer.Write(p)
 }
 
 // blockingWriter is a master stream that takes nothing until released.
