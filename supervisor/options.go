@@ -214,7 +214,8 @@ type Options struct {
 	Stdout, Stderr *os.File
 	// Output, if set, is called before each worker is started, with its
 	// slot, for the pipes its stdout and stderr go to in place of Stdout
-	// and Stderr. Run waits for every OutputPipe to end before it returns.
+	// and Stderr, which are then not used. Run waits for every OutputPipe
+	// to end before it returns.
 	Output func(slot int) (OutputPipe, error)
 
 	// Logger receives the supervisor's log lines; nil discards them.

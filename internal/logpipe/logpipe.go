@@ -119,13 +119,12 @@ type Pipe struct {
 
 	started   bool
 	done      chan struct{} // closed when both readers have ended
-	stop      chan struct{} // closed by Close: stop waiting for EOF
 	closeOnce sync.Once
 }
 
 // Open makes the pipes of the worker in slot worker.
 func (o *Output) Open(worker int) (*Pipe, error) {
-	p := &Pipe{out: o, worker: worker, done: make(chan struct{}), stop: make(chan struct{})}
+	p := &Pipe{out: o, worker: worker, done: make(chan struct{})}
 	var err error
 	if p.readOut, p.childOut, err = pipe(worker, "stdout"); err != nil {
 		return nil, err
@@ -185,7 +184,6 @@ func (p *Pipe) Done() <-chan struct{} { return p.done }
 // may be called more than once.
 func (p *Pipe) Close() {
 	p.closeOnce.Do(func() {
-		close(p.stop)
 		if !p.started {
 			p.childOut.Close()
 			p.childErr.Close()
