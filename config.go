@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shoal-sh/shoal/control"
+	"github.com/shoal-sh/shoal/internal/logpipe"
 	"github.com/shoal-sh/shoal/supervisor"
 )
 
@@ -35,6 +36,7 @@ type config struct {
 	migrateReq migrateMode
 	logFormat  logFormat
 	logLevel   logLevel
+	output     workerOutput
 	version    bool
 
 	// Raw inputs that finish turns into opts.
@@ -413,6 +415,55 @@ func (l *logLevel) UnmarshalText(text []byte) error {
 	return err
 }
 
+// workerOutput is --worker-output: how the workers' output reaches the
+// master's stdout and stderr.
+type workerOutput int
+
+const (
+	outputRaw    workerOutput = iota // the workers write to them directly
+	outputPrefix                     // "w1 4321 | line", whole lines
+	outputJSON                       // one log record per line
+)
+
+var workerOutputWords = []string{"raw", "prefix", "json"}
+
+func (o workerOutput) String() string { return workerOutputWords[o] }
+
+// UnmarshalText parses raw, prefix or json, in any case.
+func (o *workerOutput) UnmarshalText(text []byte) error {
+	i, err := parseWord("worker output", text, workerOutputWords...)
+	if err == nil {
+		*o = workerOutput(i)
+	}
+	return err
+}
+
+// outputPipes returns the supervisor's Output for --worker-output: nil for
+// raw; otherwise pipes whose lines go to stdout and stderr labelled, or as
+// records in the master's log format (log is the master's logger, on
+// stderr). A failed write is logged.
+func outputPipes(mode workerOutput, format logFormat, log *zerolog.Logger, stdout, stderr io.Writer) func(int) (supervisor.OutputPipe, error) {
+	if mode == outputRaw {
+		return nil
+	}
+	opts := logpipe.Options{
+		Stdout: stdout, Stderr: stderr,
+		OnError: func(err error) { log.Warn().Err(err).Msg("worker output lost: fix the master's stdout or stderr") },
+	}
+	if mode == outputJSON {
+		outLog := newLogger(format, logLevel(zerolog.InfoLevel), stdout)
+		opts.Format, opts.StdoutLog, opts.StderrLog = logpipe.JSON, &outLog, log
+	}
+	out := logpipe.New(opts)
+	return func(slot int) (supervisor.OutputPipe, error) {
+		p, err := out.Open(slot)
+		if err != nil {
+			return nil, err
+		}
+		return p, nil
+	}
+}
+
 // parseConfig reads flags from args and, for flags not given there, from
 // the environment (SHOAL_ and the flag's name in upper case). It runs four
 // steps: defaults, flag definitions, the environment, and finish, which
@@ -537,6 +588,8 @@ func (c *config) flags() (*flag.FlagSet, map[string]string) {
 		"log format: json, console, or auto (console when stderr is a terminal)")
 	def("log-level", textFlag{&c.logLevel},
 		"log level: debug, info, warn or error")
+	def("worker-output", textFlag{&c.output},
+		`how the workers' stdout and stderr reach shoal's: raw (written directly), prefix (each line as "w1 4321 | line", slot and pid) or json (each line a log record in the --log-format); lines of different workers never mix`)
 	return fs, envNames
 }
 

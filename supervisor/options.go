@@ -227,6 +227,11 @@ type Options struct {
 	// Stdout and Stderr receive the workers' output; nil means the
 	// master's own (the workers write to them directly).
 	Stdout, Stderr *os.File
+	// Output, if set, is called before each worker is started, with its
+	// slot, for the pipes its stdout and stderr go to in place of Stdout
+	// and Stderr, which are then not used. Run waits for every OutputPipe
+	// to end before it returns.
+	Output func(slot int) (OutputPipe, error)
 
 	// Logger receives the supervisor's log lines; nil discards them.
 	Logger *zerolog.Logger
@@ -239,6 +244,22 @@ type Options struct {
 	// worker's channel goroutine: calls for different workers may run at
 	// the same time, and a slow handler delays only its worker's messages.
 	OnMessage func(Message)
+}
+
+// OutputPipe carries one worker's stdout and stderr to the master's.
+type OutputPipe interface {
+	// Files returns what the worker gets as its fds 1 and 2.
+	Files() (stdout, stderr *os.File)
+	// Start is called once the worker runs: the master's copies of Files
+	// are to be closed, and the copying to begin.
+	Start(pid int)
+	// Done is closed when the copying has ended: the worker, and every
+	// process it passed Files to, has closed them.
+	Done() <-chan struct{}
+	// Close ends the copying without waiting for Done, in bounded time,
+	// and closes Files if Start was not called. It is called once, after
+	// Done or when Run returns, or after a failed start.
+	Close()
 }
 
 // Message is an application message from a worker.

@@ -67,7 +67,17 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 	if err != nil {
 		return nil, fmt.Errorf("create the message channel: %w", err)
 	}
-	files := []*os.File{s.devnull, s.opts.Stdout, s.opts.Stderr}
+	stdout, stderr := s.opts.Stdout, s.opts.Stderr
+	var out OutputPipe
+	if s.opts.Output != nil {
+		if out, err = s.opts.Output(sl.id); err != nil {
+			master.Close()
+			peer.Close()
+			return nil, fmt.Errorf("create the output pipes: %w", err)
+		}
+		stdout, stderr = out.Files()
+	}
+	files := []*os.File{s.devnull, stdout, stderr}
 	files = append(files, sl.socks...) // BindMaster: fds 3, 4, ...
 	files = append(files, peer)
 	path := s.path
@@ -99,9 +109,15 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 	peer.Close()
 	if err != nil {
 		master.Close()
+		if out != nil {
+			out.Close()
+		}
 		return nil, err
 	}
 	w.proc, w.pid, w.started = proc, proc.pid(), s.now()
+	if out != nil {
+		s.copyOutput(out, w.pid)
+	}
 	s.byPID[w.pid] = w
 	w.ch = ipc.NewChannel(master, ipc.ChannelOptions{
 		MaxMessage: s.opts.MaxMessage,
@@ -131,6 +147,21 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 	s.log.Info().Int("worker", sl.id).Int("pid", w.pid).Msg("worker started")
 	s.emit(Event{Type: EventFork, Worker: sl.id, PID: w.pid})
 	return w, nil
+}
+
+// copyOutput starts copying a worker's output. It ends at the pipes' EOF,
+// or when Run returns, with what the pipes hold then; Run waits for it.
+func (s *Supervisor) copyOutput(out OutputPipe, pid int) {
+	out.Start(pid)
+	s.retiring.Add(1)
+	go func() {
+		defer s.retiring.Done()
+		select {
+		case <-out.Done():
+		case <-s.done:
+		}
+		out.Close()
+	}()
 }
 
 // online marks a started process as running.

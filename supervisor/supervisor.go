@@ -35,7 +35,7 @@ type Supervisor struct {
 	done   chan struct{}  // closed when Run returns
 	ran    atomic.Bool
 
-	retiring sync.WaitGroup // goroutines closing dead workers' channels
+	retiring sync.WaitGroup // goroutines closing dead workers' channels and copying their output
 
 	mu        sync.Mutex // guards preForks and handlers
 	preForks  int

@@ -66,6 +66,8 @@ func runHelper(name string) int {
 		return helperListenFDs()
 	case "notify-late":
 		return helperNotifyLate()
+	case "output-flood":
+		return helperOutputFlood()
 	}
 	fmt.Fprintf(os.Stderr, "unknown helper %q\n", name)
 	return 2
