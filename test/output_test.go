@@ -332,7 +332,12 @@ func TestWorkerOutputRawIsTheMastersOwn(t *testing.T) {
 				for fd, l := range map[int]*logs{1: m.stdout, 2: m.logs} {
 					lines, _ := l.snapshot()
 					for _, line := range lines {
-						if _, v, ok := strings.Cut(line, fmt.Sprintf("fd%d ", fd)); ok {
+						// The worker's own line, raw or labelled; not the
+						// master's log line that quotes the command.
+						key := fmt.Sprintf("fd%d ", fd)
+						if v, ok := strings.CutPrefix(line, key); ok {
+							got[fd] = v
+						} else if _, v, ok := strings.Cut(line, "| "+key); ok {
 							got[fd] = v
 						}
 					}
