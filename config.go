@@ -503,6 +503,8 @@ func defaultConfig() config {
 	var c config
 	c.opts.Listeners = []supervisor.Listener{{Network: "tcp", Port: 8000}}
 	c.opts.StopSignal = supervisor.DefaultStopSignal
+	c.opts.Steering = supervisor.SteeringAuto
+	c.opts.SteeringDrainDelay = supervisor.DefaultSteeringDrainDelay
 	c.opts.StopTimeout = supervisor.DefaultStopTimeout
 	c.opts.ReadyTimeout = supervisor.DefaultReadyTimeout
 	c.opts.RestartWindow = supervisor.DefaultRestartWindow
@@ -534,6 +536,10 @@ func (c *config) flags() (*flag.FlagSet, map[string]string) {
 		"listeners the workers serve: 8000 (TCP), tcp:8000, udp:5353, comma-separated or repeated; workers get the first one's port as PORT and all as SHOAL_PORTS; 0 for none")
 	def("bind", textFlag{&c.opts.Bind},
 		"who binds the listeners: worker (each worker binds its own with SO_REUSEPORT) or master (the master opens one SO_REUSEPORT socket per worker and listener and passes them as systemd does: LISTEN_FDS, fds 3, 4, ...)")
+	def("steering", textFlag{&c.opts.Steering},
+		"how new TCP connections are placed on the workers: auto (round-robin where the master can load an eBPF program, else hash), round-robin (exact turns; a stopping or stalled worker gets none; needs CAP_BPF), hash (the kernel's)")
+	def("steering-drain-delay", durationFlag{&c.opts.SteeringDrainDelay, time.Millisecond},
+		"with round-robin steering, how long a worker is out of the selection before its stop signal")
 	def("host", &stringFlag{&c.host},
 		"address exported to workers as HOST; the built-in worker listens there (default: all addresses)")
 	def("env", listFlag{&c.opts.Env},

@@ -123,7 +123,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	m.notify.wait()
 	if err != nil {
 		log.Error().Err(err).Msg("shoal stopped")
-		if errors.Is(err, supervisor.ErrBind) {
+		if errors.Is(err, supervisor.ErrBind) || errors.Is(err, supervisor.ErrSteering) {
 			fmt.Fprintf(stderr, "shoal: %v\n", err)
 			return exitUsage // nothing was started
 		}

@@ -58,6 +58,8 @@ var (
 	descUDPDrops   = newDesc("worker_udp_drops_total", "Datagrams the kernel dropped on the slot's current sockets on a UDP listener (a full receive queue).", byWorkerListener)
 	descPortSocks  = newDesc("port_listen_sockets", "Sockets on a listener of any process: LISTEN sockets for TCP, bound sockets for UDP.", byListener)
 	descForeign    = newDesc("port_foreign_listen_sockets", "Sockets on a listener held by no current worker.", byListener)
+	descSteered    = newDesc("worker_steered_connections_total", "New TCP connections the round-robin steering program placed on the slot's sockets.", byWorker)
+	descSteering   = newDesc("steering_mode", "1 for the steering in force: round-robin (an eBPF program of the master's) or hash (the kernel's).", []string{"mode"})
 	descCPU        = newDesc("worker_cpu_seconds_total", "User and system CPU time of the slot's processes; the time since the last scrape of a process that died is not counted.", byWorker)
 	descRSS        = newDesc("worker_resident_memory_bytes", "Resident memory of the slot's current process.", byWorker)
 
@@ -65,7 +67,7 @@ var (
 		descRequests, descDesired, descRunning, descListening, descUp, descStarts,
 		descDeaths, descStartTime, descBackoff, descWRestarts, descWReloads, descRestarts, descGiveUps, descReloads, descReloading,
 		descIPCInMsgs, descIPCInBytes, descIPCOutMsgs, descIPCOutByte, descIPCDropped, descIPCErrors,
-		descQueue, descBacklog, descUDPQueue, descUDPDrops, descPortSocks, descForeign, descCPU, descRSS,
+		descSteered, descSteering, descQueue, descBacklog, descUDPQueue, descUDPDrops, descPortSocks, descForeign, descCPU, descRSS,
 	}
 
 	// ipcReasons are emitted for every slot, 0 until they happen.
@@ -233,6 +235,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			if !slices.Contains(ipcReasons, reason) {
 				counter(ch, descIPCErrors, float64(w.IPC.Errors[reason]), id, reason)
 			}
+		}
+	}
+	if snap.Steering != "" {
+		gauge(ch, descSteering, 1, snap.Steering)
+	}
+	if snap.Steering == "round-robin" {
+		for _, w := range snap.Workers {
+			counter(ch, descSteered, float64(w.Steered), strconv.Itoa(w.ID))
 		}
 	}
 	c.collectProc(ch, snap)

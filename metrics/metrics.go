@@ -52,6 +52,8 @@
 //	shoal_give_ups_total                           counter  times the restart limit stopped the supervisor
 //	shoal_reloads_total{result}                    counter  rolling reloads: result "ok" or "aborted"
 //	shoal_reloading                                gauge    1 while a rolling reload runs
+//	shoal_steering_mode{mode}                      gauge    1 for the steering in force: "round-robin" or "hash"
+//	shoal_worker_steered_connections_total{worker} counter  new TCP connections the round-robin program placed on the slot
 //	shoal_ipc_received_messages_total{worker}      counter  good messages read from the slot's workers
 //	shoal_ipc_received_bytes_total{worker}         counter  bytes read from the slot's workers
 //	shoal_ipc_sent_messages_total{worker}          counter  messages written to the slot's workers

@@ -63,6 +63,7 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 		sl.deaths[d.Class()]++
 	case sl.w:
 		sl.w = nil
+		s.steerRemove(sl)
 		if sl.next != nil {
 			// The old process died during a reload: its replacement
 			// takes the slot now instead of a restart.

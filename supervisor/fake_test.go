@@ -476,3 +476,30 @@ func (m *machine) accept(p *fakeProc) {
 }
 
 func (f *fakeSystem) parent(int) int { return 0 }
+
+// fakeSteerer records what the supervisor asks of the steering.
+type fakeSteerer struct {
+	calls []string
+}
+
+func (f *fakeSteerer) add(slot, pid int, addr netip.AddrPort) error {
+	f.calls = append(f.calls, fmt.Sprintf("add %d %d", slot, pid))
+	return nil
+}
+func (f *fakeSteerer) addFD(slot int, _ *os.File) error {
+	f.calls = append(f.calls, fmt.Sprintf("addfd %d", slot))
+	return nil
+}
+func (f *fakeSteerer) remove(slot int) { f.calls = append(f.calls, fmt.Sprintf("remove %d", slot)) }
+func (f *fakeSteerer) skip(slot int, skip bool) {
+	f.calls = append(f.calls, fmt.Sprintf("skip %d %v", slot, skip))
+}
+func (f *fakeSteerer) counts() map[int]uint64 { return map[int]uint64{1: 4, 2: 4} }
+func (f *fakeSteerer) close()                 {}
+
+// steered gives m a fake round-robin steering.
+func (m *machine) steered() *fakeSteerer {
+	f := &fakeSteerer{}
+	m.s.steer, m.s.steering = f, SteeringRoundRobin
+	return f
+}

@@ -1,10 +1,13 @@
 package supervisor
 
 import (
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/shoal-sh/shoal/reuseport"
 )
 
 // checkPortFree warns when a listener has sockets before any worker: a
@@ -31,6 +34,7 @@ func (s *Supervisor) setListening(w *worker) {
 	w.state = Listening
 	s.log.Info().Int("worker", w.slot.id).Int("pid", w.pid).Float64("after_seconds", s.now().Sub(w.started).Seconds()).Msg("worker listening")
 	s.emit(Event{Type: EventListening, Worker: w.slot.id, PID: w.pid})
+	s.steerAdd(w)
 	if r := s.reload; r != nil && r.active[w.slot.id] == w {
 		s.replacementServes(w)
 	}
@@ -101,15 +105,15 @@ func (s *Supervisor) pollListening(now time.Time) {
 		return
 	}
 	// The kernel's sockets of each listener, read once for all workers.
-	byListener := make([]map[uint64]bool, len(s.opts.Listeners))
+	byListener := make([]map[uint64]reuseport.Socket, len(s.opts.Listeners))
 	for i, l := range s.opts.Listeners {
 		socks, err := s.sys.sockets(l)
 		if err != nil {
 			s.log.Warn().Err(err).Str("listener", l.String()).Msg("cannot read the kernel's sockets")
 		}
-		byListener[i] = make(map[uint64]bool, len(socks))
+		byListener[i] = make(map[uint64]reuseport.Socket, len(socks))
 		for _, sk := range socks {
-			byListener[i][sk.Inode] = true
+			byListener[i][sk.Inode] = sk
 		}
 	}
 	for _, w := range due {
@@ -119,12 +123,16 @@ func (s *Supervisor) pollListening(now time.Time) {
 			continue
 		}
 		var found []uint64
+		var tcpAddrs []netip.AddrPort
 		serves := true
-		for i := range s.opts.Listeners {
+		for i, l := range s.opts.Listeners {
 			n := 0
 			for ino := range held {
-				if byListener[i][ino] {
+				if sk, ok := byListener[i][ino]; ok {
 					found = append(found, ino)
+					if l.Network == "tcp" && !slices.Contains(tcpAddrs, sk.Addr) {
+						tcpAddrs = append(tcpAddrs, sk.Addr)
+					}
 					n++
 				}
 			}
@@ -132,7 +140,7 @@ func (s *Supervisor) pollListening(now time.Time) {
 		}
 		if serves {
 			slices.Sort(found)
-			w.inodes, w.waiting = found, ""
+			w.inodes, w.waiting, w.tcpAddrs = found, "", tcpAddrs
 			s.setListening(w)
 			continue
 		}

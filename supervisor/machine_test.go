@@ -724,3 +724,85 @@ func TestMachineReadyNotify(t *testing.T) {
 		t.Fatalf("deaths %+v, want one hung after WATCHDOG=1 stopped", d)
 	}
 }
+
+func TestMachineSteering(t *testing.T) {
+	m := newMachine(t, Options{Workers: 2, Port: 8000})
+	f := m.steered()
+	p1, p2 := m.proc(1), m.proc(2)
+	m.listen(p1)
+	m.listen(p2)
+	want := []string{fmt.Sprintf("add 1 %d", p1.id), fmt.Sprintf("add 2 %d", p2.id)}
+	if !slices.Equal(f.calls, want) {
+		t.Fatalf("steering calls %q, want %q", f.calls, want)
+	}
+	// A reload: the replacement takes the slot in the selection, and the
+	// old worker gets its stop signal only after the drain delay.
+	f.calls = nil
+	done := m.reload()
+	m.listen(m.next(1))
+	if len(p1.signals) != 0 {
+		t.Fatalf("old worker signalled at once: %v", p1.signals)
+	}
+	m.advance(DefaultSteeringDrainDelay - time.Millisecond)
+	if len(p1.signals) != 0 {
+		t.Fatalf("old worker signalled before the drain delay: %v", p1.signals)
+	}
+	m.advance(time.Millisecond)
+	if !slices.Equal(p1.signals, []syscall.Signal{syscall.SIGTERM}) {
+		t.Fatalf("old worker got %v at the drain delay, want SIGTERM", p1.signals)
+	}
+	m.listen(m.next(2))
+	m.advance(DefaultSteeringDrainDelay)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if slices.Contains(f.calls, "remove 1") {
+		t.Errorf("calls %q: a reload removed the slot its replacement had just taken", f.calls)
+	}
+	// Scaled away: out of the selection first, then the signal.
+	f.calls = nil
+	last := m.proc(2)
+	if err := m.s.scale(1); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(f.calls, []string{"remove 2"}) || len(last.signals) != 0 {
+		t.Fatalf("scale down: calls %q, signals %v; want remove 2 and no signal yet", f.calls, last.signals)
+	}
+	m.advance(DefaultSteeringDrainDelay)
+	if !slices.Equal(last.signals, []syscall.Signal{syscall.SIGTERM}) {
+		t.Fatalf("scaled-away worker got %v, want SIGTERM after the drain delay", last.signals)
+	}
+	// A stop is immediate.
+	m.s.beginStop(ReasonStop)
+	if sig := m.proc(1).signals; !slices.Equal(sig, []syscall.Signal{syscall.SIGTERM}) {
+		t.Errorf("on stop: %v, want SIGTERM at once", sig)
+	}
+}
+
+func TestMachineSteeringSkipsAStalledWorker(t *testing.T) {
+	m := newMachine(t, Options{Workers: 2, Port: 8000})
+	f := m.steered()
+	m.listen(m.proc(1))
+	m.listen(m.proc(2))
+	for _, id := range []int{1, 2} {
+		m.send(m.proc(id), `{"cmd":"shoal:heartbeat"}`)
+	}
+	m.await("both heartbeats", func() bool { return m.s.slots[1].w.beat.Load() != 0 && m.s.slots[2].w.beat.Load() != 0 })
+	f.calls = nil
+	// Worker 2 goes on beating; worker 1 stops (SIGSTOP, say).
+	for range 6 {
+		m.advance(500 * time.Millisecond)
+		m.s.slots[2].w.beat.Store(m.sys.now().UnixNano())
+	}
+	if !slices.Contains(f.calls, "skip 1 true") || slices.Contains(f.calls, "skip 2 true") {
+		t.Fatalf("calls %q, want worker 1 skipped, worker 2 not", f.calls)
+	}
+	if !m.s.snapshot().Workers[0].Skipped {
+		t.Error("the snapshot does not say worker 1 is skipped")
+	}
+	m.s.slots[1].w.beat.Store(m.sys.now().UnixNano())
+	m.advance(200 * time.Millisecond)
+	if f.calls[len(f.calls)-1] != "skip 1 false" {
+		t.Errorf("calls %q, want worker 1 back after its heartbeat", f.calls)
+	}
+}

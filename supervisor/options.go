@@ -167,6 +167,13 @@ type Options struct {
 	// Host is the address the master binds the listeners on with
 	// BindMaster; empty means every address (IPv6 and IPv4).
 	Host string
+	// Steering says how new TCP connections are placed on the workers:
+	// the kernel's hash (the zero value), round-robin by an eBPF program
+	// of the master's, or auto.
+	Steering SteeringMode
+	// SteeringDrainDelay is how long a worker is out of the selection
+	// before its stop signal, with round-robin steering; 0 means 50 ms.
+	SteeringDrainDelay time.Duration
 	// Ready says how the master learns that a worker serves.
 	Ready ReadyMode
 
@@ -283,6 +290,9 @@ func (o Options) withDefaults() Options {
 	}
 	if len(o.Listeners) > 0 {
 		o.Port = o.Listeners[0].Port
+	}
+	if o.SteeringDrainDelay <= 0 {
+		o.SteeringDrainDelay = DefaultSteeringDrainDelay
 	}
 	if o.StopSignal == 0 {
 		o.StopSignal = DefaultStopSignal

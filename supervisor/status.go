@@ -25,6 +25,8 @@ type WorkerStatus struct {
 	IPC      ipc.Stats         // the slot's message counters, across restarts
 	Sockets  []uint64          // inodes of the sockets on the listeners in which the master saw the current process listen
 	Waiting  string            // why a running process does not serve yet, once the master has looked (see Options.Ready)
+	Steered  uint64            // new connections the steering program placed on the slot, across restarts
+	Skipped  bool              // out of the steering selection: the process stalls
 }
 
 // Snapshot is the supervisor's state at one moment.
@@ -32,6 +34,7 @@ type Snapshot struct {
 	Desired   int        // slots wanted
 	Port      int        // the first listener's port; 0 for none
 	Listeners []Listener // the ports workers serve
+	Steering  string     // "round-robin" or "hash": how new TCP connections are placed
 	Restarts  uint64     // replacements started after deaths
 	GiveUps   uint64     // times MaxRestarts ended the supervisor
 	Stopping  bool       // a stop was requested or the supervisor gave up
@@ -71,11 +74,13 @@ func (s *Supervisor) SnapshotContext(ctx context.Context) (Snapshot, error) {
 // snapshot takes the snapshot, on the loop goroutine.
 func (s *Supervisor) snapshot() Snapshot {
 	now := s.now()
-	snap := Snapshot{Desired: s.desired(), Port: s.opts.Port, Listeners: s.opts.Listeners, Restarts: s.restarts, GiveUps: s.giveUps, Stopping: s.stopping,
+	steered := s.steeredCounts()
+	snap := Snapshot{Desired: s.desired(), Port: s.opts.Port, Listeners: s.opts.Listeners, Steering: s.steering.String(), Restarts: s.restarts, GiveUps: s.giveUps, Stopping: s.stopping,
 		Reloads: s.reloads, ReloadFailures: s.reloadErrs, Reloading: s.reload != nil}
 	for _, id := range s.slotIDs() {
 		sl := s.slots[id]
 		st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Restarts: sl.restarts, Reloads: sl.reloads, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}
+		st.Steered, st.Skipped = steered[sl.id], sl.skipped
 		addStats(&st.IPC, sl.ipcBase)
 		if sl.notifyErrors > 0 {
 			st.IPC.Errors["bad_notify"] += sl.notifyErrors

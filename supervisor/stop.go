@@ -147,8 +147,24 @@ func (s *Supervisor) terminate(w *worker, reason string, now time.Time) {
 	if w.state == Stopping {
 		return
 	}
+	listening := w.state == Listening
 	w.state, w.reason, w.stopAt = Stopping, reason, now
-	s.signal(w, s.opts.StopSignal)
+	if s.steering == SteeringRoundRobin && listening {
+		switch reason {
+		case ReasonReload, ReasonMaxRequests, ReasonMaxMemory:
+			// Its replacement took its place in the selection already.
+			w.stopAt = now.Add(s.opts.SteeringDrainDelay)
+		case ReasonScale, ReasonHung:
+			if w.slot.w == w {
+				s.steerRemove(w.slot)
+			}
+			w.stopAt = now.Add(s.opts.SteeringDrainDelay)
+		}
+	}
+	if !w.stopAt.After(now) {
+		w.signalled = true
+		s.signal(w, s.opts.StopSignal)
+	}
 }
 
 // Signal sends sig to the process in slot id, or to every worker when id

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"slices"
 	"sort"
@@ -42,9 +43,12 @@ type Supervisor struct {
 	handlers  map[int]func(Message) // per-slot message handlers
 	requested atomic.Uint64         // requests reported by all workers, ever
 
-	notify *sdnotify.Listener        // ReadyNotify: where workers send READY=1
-	budget *ipc.Budget               // bytes queued to all workers together
-	warns  *ratelog.Limiter[warnKey] // warnings caused by workers, per worker and reason
+	notify     *sdnotify.Listener        // ReadyNotify: where workers send READY=1
+	steer      steerer                   // round-robin steering; nil without
+	steering   SteeringMode              // in force: SteeringHash or SteeringRoundRobin
+	stallCheck time.Time                 // when checkStalls looks next
+	budget     *ipc.Budget               // bytes queued to all workers together
+	warns      *ratelog.Limiter[warnKey] // warnings caused by workers, per worker and reason
 
 	// Owned by the loop goroutine.
 	slots      map[int]*slot
@@ -75,6 +79,7 @@ type slot struct {
 	restartAt    time.Time // when a delayed replacement is due; zero if none
 	starts       int
 	notifyErrors uint64     // bad systemd notifications from the slot's workers
+	skipped      bool       // out of the steering selection: its worker stalls
 	socks        []*os.File // BindMaster: the slot's sockets, one per listener; nil when closed
 	sockInodes   []uint64   // their inodes
 	restarts     int        // replacements started after a death
@@ -89,18 +94,20 @@ type slot struct {
 
 // worker is one process filling a slot.
 type worker struct {
-	slot    *slot
-	proc    process
-	pid     int
-	state   State
-	started time.Time
-	ch      *ipc.Channel
-	reason  string    // why the master is stopping it
-	stopAt  time.Time // when it was sent SIGTERM
-	killed  bool      // it was sent SIGKILL
-	polled  time.Time // when the kernel was last asked whether it listens
-	inodes  []uint64  // its sockets on the listeners, as first seen
-	waiting string    // why it does not serve, once diagnosed
+	slot      *slot
+	proc      process
+	pid       int
+	state     State
+	started   time.Time
+	ch        *ipc.Channel
+	reason    string           // why the master is stopping it
+	stopAt    time.Time        // when it was sent SIGTERM
+	killed    bool             // it was sent SIGKILL
+	polled    time.Time        // when the kernel was last asked whether it listens
+	inodes    []uint64         // its sockets on the listeners, as first seen
+	waiting   string           // why it does not serve, once diagnosed
+	tcpAddrs  []netip.AddrPort // the local addresses of its TCP listening sockets, for steering
+	signalled bool             // the stop signal was sent (it may wait for the steering drain delay)
 
 	// Set by its channel's reader goroutine.
 	beat      atomic.Int64  // unix nanoseconds of its last heartbeat; 0 if none yet
@@ -222,6 +229,12 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		return err
 	}
 	defer s.sys.close()
+	if err := s.setupSteering(); err != nil {
+		return err
+	}
+	if s.steer != nil {
+		defer s.steer.close()
+	}
 	if err := s.listenNotify(); err != nil {
 		return err
 	}
@@ -378,6 +391,10 @@ func (s *Supervisor) tick(now time.Time) {
 		}
 	}
 	for _, w := range s.byPID {
+		if w.state == Stopping && !w.signalled && !now.Before(w.stopAt) {
+			w.signalled = true
+			s.signal(w, s.opts.StopSignal)
+		}
 		if w.state == Stopping && !w.killed && !now.Before(s.stopDeadline(w)) {
 			w.killed = true
 			s.log.Warn().Int("worker", w.slot.id).Int("pid", w.pid).Float64("stop_timeout_seconds", s.opts.StopTimeout.Seconds()).
@@ -404,6 +421,7 @@ func (s *Supervisor) tick(now time.Time) {
 		}
 	}
 	s.killOrphans(now)
+	s.checkStalls(now)
 	s.pollListening(now)
 	s.checkReload(now)
 	s.checkHealth(now)
@@ -426,6 +444,9 @@ func (s *Supervisor) nextWake(now time.Time) time.Duration {
 		earlier(s.reload.nextDeadline())
 	}
 	earlier(s.nextOrphanKill())
+	if s.steering == SteeringRoundRobin {
+		earlier(s.stallCheck)
+	}
 	for _, w := range s.byPID {
 		if w.state == Online || w.state == Listening {
 			earlier(w.beatDeadline(s.opts.HeartbeatTimeout))
@@ -435,6 +456,9 @@ func (s *Supervisor) nextWake(now time.Time) time.Duration {
 		}
 		switch w.state {
 		case Stopping:
+			if !w.signalled {
+				earlier(w.stopAt)
+			}
 			if !w.killed {
 				earlier(s.stopDeadline(w))
 			}
