@@ -166,8 +166,11 @@ func (s *Supervisor) steerRemove(sl *slot) {
 
 // checkStalls takes a serving worker that stalls out of the selection,
 // while at least one other serves, and puts it back when it recovers. A
-// worker stalls when its accept queue holds more than half its backlog, or
-// when it sent heartbeats and then none for 2.5 s.
+// worker stalls when its accept queue holds more than half its backlog;
+// when its queue holds connections and has not shrunk for three checks in
+// a row (600 ms: a worker stopped with SIGSTOP, or stuck); or when it sent
+// heartbeats and then none for 2.5 s. It recovers when its queue shrinks
+// or empties and its heartbeats, if any, come again.
 func (s *Supervisor) checkStalls(now time.Time) {
 	if s.steering != SteeringRoundRobin || now.Before(s.stallCheck) {
 		return
@@ -194,10 +197,24 @@ func (s *Supervisor) checkStalls(now time.Time) {
 		if b := w.beat.Load(); b != 0 && now.Sub(time.Unix(0, b)) > 2500*time.Millisecond {
 			stall = true
 		}
+		var queue uint32
 		for _, ino := range w.inodes {
-			if q, ok := queues[ino]; ok && q[1] > 0 && q[0] > q[1]/2 {
-				stall = true
+			if q, ok := queues[ino]; ok {
+				queue += q[0]
+				if q[1] > 0 && q[0] > q[1]/2 {
+					stall = true
+				}
 			}
+		}
+		switch {
+		case queue == 0 || queue < sl.lastQueue:
+			sl.stuck = 0
+		case queue >= 4:
+			sl.stuck++
+		}
+		sl.lastQueue = queue
+		if sl.stuck >= 3 {
+			stall = true
 		}
 		if stall {
 			stalled = append(stalled, sl)

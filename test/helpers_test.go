@@ -68,6 +68,8 @@ func runHelper(name string) int {
 		return helperNotifyLate()
 	case "output-flood":
 		return helperOutputFlood()
+	case "pid-hello":
+		return helperPIDHello()
 	}
 	fmt.Fprintf(os.Stderr, "unknown helper %q\n", name)
 	return 2
@@ -186,5 +188,31 @@ func helperNotifyLate() int {
 	signal.Notify(sig, syscall.SIGTERM)
 	<-sig
 	sdnotify.Send("STOPPING=1")
+	return 0
+}
+
+// helperPIDHello answers "pid N" on 127.0.0.1:$PORT (keep-alive too).
+// With E2E_NAIVE=1 it does what naive servers do on SIGTERM: close the
+// listener and exit at once, with no drain; else it drains through
+// http.Server.Shutdown.
+func helperPIDHello() int {
+	ln, err := reuseport.Listen("tcp4", "127.0.0.1:"+os.Getenv("PORT"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	body := fmt.Sprintf("pid %d\n", os.Getpid())
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, body) })}
+	go srv.Serve(ln)
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM)
+	<-sig
+	if os.Getenv("E2E_NAIVE") == "1" {
+		ln.Close()
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	srv.Shutdown(ctx)
 	return 0
 }
