@@ -56,33 +56,37 @@ func TestScaleRefusedAtTheTaskLimit(t *testing.T) {
 	}
 	t.Logf("refused: %s", strings.TrimSpace(out))
 
-	// A flood of SIGTTIN stops at the cap.
-	for range 60 {
-		m.signal(syscall.SIGTTIN)
-		time.Sleep(2 * time.Millisecond)
-	}
-	var desired int
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		out, code = ctlAs("--json", "status")
+	// A flood of SIGTTIN stops at the cap. The kernel merges a signal
+	// sent while the same one is pending, so send until the cap is
+	// reached, then 20 more.
+	desired := func() int {
+		out, code := ctlAs("--json", "status")
 		if code != 0 {
-			t.Fatalf("ctl status after the flood: exit %d: %s", code, out)
+			t.Fatalf("ctl status during the flood: exit %d: %s", code, out)
 		}
-		desired = jsonInt(out, `"desired":`)
-		if desired >= 37 || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
+		return jsonInt(out, `"desired":`)
 	}
-	if desired != 37 {
-		t.Errorf("after 60 SIGTTIN, %d workers desired, want the cap, 37", desired)
+	deadline := time.Now().Add(30 * time.Second)
+	for desired() < 37 && time.Now().Before(deadline) {
+		for range 10 {
+			m.signal(syscall.SIGTTIN)
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	for range 20 {
+		m.signal(syscall.SIGTTIN)
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := desired(); n != 37 {
+		t.Errorf("after a flood of SIGTTIN, %d workers desired, want the cap, 37", n)
 	}
 	select {
 	case <-m.done:
 		t.Fatalf("the master died under the task limit: %v", m.state)
 	default:
 	}
-	t.Logf("master alive with %d workers desired; %d start failures logged", desired,
+	t.Logf("master alive with %d workers desired; %d start failures logged", desired(),
 		len(m.logs.entries(msg("worker could not be started"))))
 	m.signal(syscall.SIGTERM)
 	if code := m.wait(30 * time.Second); code != 0 {
