@@ -49,8 +49,12 @@ func TestDeafWorkersCannotExhaustTheMaster(t *testing.T) {
 	if got := s[`shoal_requests_total{worker="2"}`]; got != 1000 {
 		t.Errorf("worker 2 reported 1000 requests amid the flood, the master counted %v", got)
 	}
-	if peak > 100<<20 {
-		t.Errorf("master peak RSS %d MiB, want it bounded (4 MiB queued per worker, 64 MiB in all)", peak>>20)
+	limit := 100 << 20
+	if raceEnabled {
+		limit = 300 << 20 // the race detector's shadow memory
+	}
+	if peak > limit {
+		t.Errorf("master peak RSS %d MiB, want under %d MiB (4 MiB queued per worker, 64 MiB in all)", peak>>20, limit>>20)
 	}
 	if dropped == 0 || bad < 1000 {
 		t.Fatalf("no flood: %v dropped, %v bad lines", dropped, bad)
