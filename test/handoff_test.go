@@ -361,19 +361,7 @@ func TestHandoffInNamespace(t *testing.T) {
 	m.waitFor(60*time.Second, 4*reloads, "every old worker gone", func(e entry) bool {
 		return e.str("message") == "worker died" && e.str("reason") == "reload"
 	})
-	okFresh, failFresh := fresh.finish()
-	okKept, failKept := kept.finish()
-	all := map[string]int{}
-	failed := 0
-	for r, n := range failFresh {
-		all["new connection: "+r] += n
-		failed += n
-	}
-	for r, n := range failKept {
-		all["keep-alive: "+r] += n
-		failed += n
-	}
-	fmt.Printf("RESULT ok=%d failed=%d reloads=%d reasons=%s\n", okFresh+okKept, failed, reloads, describe(all))
+	finishAll(map[string]*load{"new connection": fresh, "keep-alive": kept}).result(reloads)
 
 	// A worker killed under new-connection load.
 	kill := startLoad(addr, 4, false)

@@ -132,3 +132,30 @@ func describe(failures map[string]int) string {
 	sort.Strings(parts)
 	return strings.Join(parts, ", ")
 }
+
+// tally is the outcome of loads that ran side by side.
+type tally struct {
+	ok      int64
+	failed  int
+	reasons map[string]int // failures by "kind: reason", the kind a load's label
+}
+
+// finishAll stops the loads and adds up their outcomes; a load's failures
+// are labelled with its key ("new connection", "keep-alive").
+func finishAll(loads map[string]*load) tally {
+	t := tally{reasons: map[string]int{}}
+	for kind, l := range loads {
+		ok, fails := l.finish()
+		t.ok += ok
+		for r, n := range fails {
+			t.reasons[kind+": "+r] += n
+			t.failed += n
+		}
+	}
+	return t
+}
+
+// result prints the line a namespace run reports to its parent test.
+func (t tally) result(reloads int) {
+	fmt.Printf("RESULT ok=%d failed=%d reloads=%d reasons=%s\n", t.ok, t.failed, reloads, describe(t.reasons))
+}

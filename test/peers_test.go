@@ -15,13 +15,18 @@ import (
 	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
-// nginxConf is a one-process nginx that shares the port with SO_REUSEPORT
-// and answers with its pid.
-const nginxConf = `daemon off;
-master_process off;
+// nginxConf is an nginx that shares the port with SO_REUSEPORT and answers
+// with its pid: with master off, one process (nginx's single-process mode);
+// with master on, an nginx master and one nginx worker; with daemon on, it
+// forks into the background.
+func nginxConf(dir string, port int, master, daemon bool) string {
+	onOff := map[bool]string{true: "on", false: "off"}
+	return fmt.Sprintf(`daemon %[3]s;
+master_process %[4]s;
+worker_processes 1;
 pid %[1]s/nginx.pid;
 error_log stderr notice;
-events { worker_connections 128; }
+events { worker_connections 256; }
 http {
 	access_log off;
 	client_body_temp_path %[1]s/body;
@@ -34,14 +39,15 @@ http {
 		location / { return 200 "nginx $pid\n"; }
 	}
 }
-`
+`, dir, port, onOff[daemon], onOff[master])
+}
 
 func TestNginxWorkers(t *testing.T) {
 	nginx := peer.Require(t, "nginx")
 	dir := t.TempDir()
 	port := testutil.FreePort(t)
 	conf := filepath.Join(dir, "nginx.conf")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf(nginxConf, dir, port)), 0o644); err != nil {
+	if err := os.WriteFile(conf, []byte(nginxConf(dir, port, false, false)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	m := startShoal(t, nil, "--workers", "2", "--port", strconv.Itoa(port), "--stop-timeout", "5s",

@@ -270,27 +270,6 @@ func TestClosedStderrDoesNotKillTheMaster(t *testing.T) {
 	}
 }
 
-// nginxDaemonConf is an nginx that forks into the background.
-const nginxDaemonConf = `daemon on;
-master_process on;
-worker_processes 1;
-pid %[1]s/nginx.pid;
-error_log stderr notice;
-events { worker_connections 64; }
-http {
-	access_log off;
-	client_body_temp_path %[1]s/body;
-	proxy_temp_path %[1]s/proxy;
-	fastcgi_temp_path %[1]s/fastcgi;
-	uwsgi_temp_path %[1]s/uwsgi;
-	scgi_temp_path %[1]s/scgi;
-	server {
-		listen 127.0.0.1:%[2]d reuseport;
-		location / { return 200 "nginx\n"; }
-	}
-}
-`
-
 // TestNginxThatDaemonizes: nginx with "daemon on" exits at once while its
 // daemon runs on. shoal says so with the fix, counts the death as
 // daemonized, stops the daemon, and leaves no nginx behind at its stop.
@@ -299,7 +278,7 @@ func TestNginxThatDaemonizes(t *testing.T) {
 	dir := t.TempDir()
 	port := testutil.FreePort(t)
 	conf := filepath.Join(dir, "nginx.conf")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf(nginxDaemonConf, dir, port)), 0o644); err != nil {
+	if err := os.WriteFile(conf, []byte(nginxConf(dir, port, true, true)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	m := startShoal(t, nil, "--workers", "1", "--port", strconv.Itoa(port), "--stop-timeout", "3s",
@@ -420,29 +399,6 @@ func TestNginxGracefulReload(t *testing.T) {
 	}
 }
 
-// nginxGracefulConf is an nginx in the foreground with its own master
-// process: in single-process mode (master_process off) nginx exits at once
-// on SIGQUIT as on SIGTERM; only a master process stops gracefully.
-const nginxGracefulConf = `daemon off;
-master_process on;
-worker_processes 1;
-pid %[1]s/nginx.pid;
-error_log stderr notice;
-events { worker_connections 256; }
-http {
-	access_log off;
-	client_body_temp_path %[1]s/body;
-	proxy_temp_path %[1]s/proxy;
-	fastcgi_temp_path %[1]s/fastcgi;
-	uwsgi_temp_path %[1]s/uwsgi;
-	scgi_temp_path %[1]s/scgi;
-	server {
-		listen 127.0.0.1:%[2]d reuseport;
-		location / { return 200 "nginx $pid\n"; }
-	}
-}
-`
-
 // TestNginxReloadInNamespace runs only inside netnsChild.
 func TestNginxReloadInNamespace(t *testing.T) {
 	if os.Getenv("E2E_NETNS_CHILD") != "1" {
@@ -452,7 +408,9 @@ func TestNginxReloadInNamespace(t *testing.T) {
 	dir := t.TempDir()
 	port := testutil.FreePort(t)
 	conf := filepath.Join(dir, "nginx.conf")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf(nginxGracefulConf, dir, port)), 0o644); err != nil {
+	// With its master process: in single-process mode (master_process
+	// off) nginx exits at once on SIGQUIT as on SIGTERM.
+	if err := os.WriteFile(conf, []byte(nginxConf(dir, port, true, false)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "ctl.sock")
@@ -475,25 +433,15 @@ func TestNginxReloadInNamespace(t *testing.T) {
 	m.waitFor(30*time.Second, 2*reloads, "every old nginx gone", func(e entry) bool {
 		return e.str("message") == "worker died" && e.str("reason") == "reload"
 	})
-	okFresh, failFresh := fresh.finish()
-	okKept, failKept := kept.finish()
-	all := map[string]int{}
-	for r, n := range failFresh {
-		all["new connection: "+r] += n
-	}
-	for r, n := range failKept {
-		all["keep-alive: "+r] += n
-	}
-	failed := 0
-	for _, n := range all {
-		failed += n
-	}
-	fmt.Printf("RESULT ok=%d failed=%d reloads=%d reasons=%s\n", okFresh+okKept, failed, reloads, describe(all))
+	res := finishAll(map[string]*load{"new connection": fresh, "keep-alive": kept})
+	res.result(reloads)
 	freshFailed := 0
-	for _, n := range failFresh {
-		freshFailed += n
+	for r, n := range res.reasons {
+		if strings.HasPrefix(r, "new connection: ") {
+			freshFailed += n
+		}
 	}
-	fmt.Printf("NEWCONN ok=%d failed=%d\n", okFresh, freshFailed)
+	fmt.Printf("NEWCONN ok=%d failed=%d\n", fresh.ok.Load(), freshFailed)
 	m.signal(syscall.SIGTERM)
 	m.wait(30 * time.Second)
 }

@@ -196,21 +196,9 @@ func TestReloadInNamespace(t *testing.T) {
 	} else {
 		time.Sleep(time.Second) // the last recycled worker drains
 	}
-	okFresh, failFresh := fresh.finish()
-	okKept, failKept := kept.finish()
-	all := map[string]int{}
-	for r, n := range failFresh {
-		all["new connection: "+r] += n
-	}
-	for r, n := range failKept {
-		all["keep-alive: "+r] += n
-	}
-	failed := 0
-	for _, n := range all {
-		failed += n
-	}
+	res := finishAll(map[string]*load{"new connection": fresh, "keep-alive": kept})
 	recycled := len(m.logs.entries(func(e entry) bool { return e.str("message") == "worker died" && e.str("reason") == "max_requests" }))
-	fmt.Printf("RESULT ok=%d failed=%d reloads=%d reasons=%s\n", okFresh+okKept, failed, reloads+recycled, describe(all))
+	res.result(reloads + recycled)
 	m.signal(syscall.SIGTERM)
 	m.wait(30 * time.Second)
 }

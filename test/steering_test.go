@@ -196,9 +196,9 @@ func TestSteeringInNamespace(t *testing.T) {
 	m := startShoal(t, nil, args...)
 	m.listening(15*time.Second, 2)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	loads := []*load{startLoadWant(addr, 4, false, want)}
+	loads := map[string]*load{"new connection": startLoadWant(addr, 4, false, want)}
 	if !naive {
-		loads = append(loads, startLoadWant(addr, 4, true, want))
+		loads["keep-alive"] = startLoadWant(addr, 4, true, want)
 	}
 	time.Sleep(200 * time.Millisecond)
 	for i := 0; i < reloads; i++ {
@@ -209,18 +209,7 @@ func TestSteeringInNamespace(t *testing.T) {
 	m.waitFor(60*time.Second, 2*reloads, "every old worker gone", func(e entry) bool {
 		return e.str("message") == "worker died" && e.str("reason") == "reload"
 	})
-	all := map[string]int{}
-	var ok int64
-	failed := 0
-	for i, l := range loads {
-		n, f := l.finish()
-		ok += n
-		for r, c := range f {
-			all[[]string{"new connection", "keep-alive"}[i]+": "+r] += c
-			failed += c
-		}
-	}
-	fmt.Printf("RESULT ok=%d failed=%d reloads=%d reasons=%s\n", ok, failed, reloads, describe(all))
+	finishAll(loads).result(reloads)
 	m.signal(syscall.SIGTERM)
 	m.wait(30 * time.Second)
 }
