@@ -64,7 +64,9 @@ func (s *tmuxServer) run(args ...string) string {
 func (s *tmuxServer) screen() string { return s.run("capture-pane", "-p", "-t", "top") }
 
 // keys types keys (tmux key names: Down, q, 2).
-func (s *tmuxServer) keys(keys ...string) { s.run(append([]string{"send-keys", "-t", "top"}, keys...)...) }
+func (s *tmuxServer) keys(keys ...string) {
+	s.run(append([]string{"send-keys", "-t", "top"}, keys...)...)
+}
 
 // dead reports whether the pane's program has ended.
 func (s *tmuxServer) dead() bool {
@@ -87,23 +89,22 @@ func (s *tmuxServer) waitScreen(timeout time.Duration, what string, ok func(stri
 	}
 }
 
-// topRow is one worker's row as the screen shows it.
+// topScreenRow is one worker's row as the screen shows it.
 type topScreenRow struct {
 	selected    bool
 	slot, pid   int
 	state       string
 	rate        float64 // -1 for "-"
 	requests    int
+	cpu, memory string
 	queue       string
 	restarts    int
 	lastDeath   string
-	rest        string
-	cpu, memory string
 }
 
 var topRowRE = regexp.MustCompile(`(?m)^([> ]) +(\d+) +(\d+|-) +(\S+) +(\S+) +(\S+|-) +(\d+) +(\S+) +(\S+ [KMG]iB|-) +(\S+) +(\d+) +(\S+)\s*$`)
 
-// topRows parses the worker rows of a screen, in their order.
+// topScreenRows parses the worker rows of a screen, in their order.
 func topScreenRows(scr string) []topScreenRow {
 	var rows []topScreenRow
 	for _, m := range topRowRE.FindAllStringSubmatch(scr, -1) {
