@@ -98,14 +98,14 @@ func handleControl(ctx context.Context, req control.Request, sup *supervisor.Sup
 func statusOf(snap supervisor.Snapshot) control.Status {
 	st := control.Status{Desired: snap.Desired, Reloading: snap.Reloading, Stopping: snap.Stopping, Workers: []control.WorkerStatus{},
 		Restarts: snap.Restarts, Reloads: snap.Reloads, ReloadsAborted: snap.ReloadFailures,
-		Master: masterStatus(os.Getpid(), time.Now())}
+		Master: masterStatus(time.Now())}
 	slots := make(map[int]bool, len(snap.Workers))
 	for _, w := range snap.Workers {
 		ws := control.WorkerStatus{Slot: w.ID, PID: w.PID, State: w.State.String(),
 			Uptime: w.Uptime.Seconds(), Restarts: w.Restarts, Reloads: w.Reloads, Requests: w.Requests, Waiting: w.Waiting,
 			Deaths: w.Deaths, LastDeath: lastDeaths.last(w.ID, w.Deaths)}
 		if w.PID != 0 {
-			ws.CPUSeconds, ws.RSSBytes, _, _ = procUsage(w.PID)
+			ws.CPUSeconds, ws.RSSBytes, _ = procUsage(w.PID)
 		}
 		slots[w.ID] = true
 		st.Workers = append(st.Workers, ws)

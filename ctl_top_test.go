@@ -2,6 +2,8 @@ package main
 
 import (
 	"math"
+	"net"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -9,6 +11,7 @@ import (
 	tea "charm.land/bubbletea/v2"
 
 	"github.com/shoal-sh/shoal/control"
+	"github.com/shoal-sh/shoal/supervisor"
 )
 
 // TestDeathTrackerTellsTheLatestClass: the class of a slot's last death is
@@ -175,4 +178,44 @@ func stripANSI(s string) string {
 		b.WriteByte(s[i])
 	}
 	return b.String()
+}
+
+// BenchmarkStatusOf measures what one status answer costs the master
+// beyond the supervisor's snapshot, for 64 workers on one TCP listener:
+// /proc/PID/stat of each, one netlink dump, and the master's own /proc.
+func BenchmarkStatusOf(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	port := ln.Addr().(*net.TCPAddr).Port
+	snap := supervisor.Snapshot{Desired: 64, Port: port, Listeners: []supervisor.Listener{{Network: "tcp", Port: port}}}
+	for i := range 64 {
+		snap.Workers = append(snap.Workers, supervisor.WorkerStatus{ID: i + 1, PID: os.Getpid(), State: supervisor.Listening,
+			Deaths: map[string]uint64{"signal_SIGKILL": 1}})
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		st := statusOf(snap)
+		if st.Workers[63].RSSBytes == 0 {
+			b.Fatal("no memory read")
+		}
+	}
+}
+
+// TestParseProcStat: CPU and memory from /proc/PID/stat, whatever the
+// command name holds; a line cut short is not read.
+func TestParseProcStat(t *testing.T) {
+	line := "4242 (a) (b c)) S 1 4242 4242 0 -1 4194560 500 0 0 0 250 130 0 0 20 0 7 0 12345 1258291200 3000 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n"
+	cpu, rss, ok := parseProcStat([]byte(line))
+	if !ok || cpu != 3.8 || rss != 3000*uint64(os.Getpagesize()) {
+		t.Errorf("parseProcStat: %v s, %d bytes, %v; want 3.8 s and 3000 pages", cpu, rss, ok)
+	}
+	if _, _, ok := parseProcStat([]byte("4242 (a) S 1 4242")); ok {
+		t.Error("a cut line was read")
+	}
+	if cpu, rss, ok := procUsage(os.Getpid()); !ok || rss == 0 || cpu < 0 {
+		t.Errorf("procUsage of the test itself: %v s, %d bytes, %v", cpu, rss, ok)
+	}
 }

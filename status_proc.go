@@ -1,11 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"maps"
+	"os"
+	"strconv"
 	"sync"
 	"time"
-
-	"github.com/prometheus/procfs"
 
 	"github.com/shoal-sh/shoal/control"
 	"github.com/shoal-sh/shoal/reuseport"
@@ -15,46 +16,56 @@ import (
 // What the status answer adds to the supervisor's snapshot, read on the
 // master's side: each process's CPU time and resident memory from
 // /proc/PID/stat, and the accept queues of the workers' sockets from the
-// kernel, one netlink dump per TCP listener. It costs a few reads per
+// kernel, one netlink dump per TCP listener. It costs one small read per
 // worker, and nothing on the supervisor's goroutine.
 
-// procFS is /proc, or nil where it cannot be opened.
-var procFS = func() *procfs.FS {
-	fs, err := procfs.NewDefaultFS()
-	if err != nil {
-		return nil
-	}
-	return &fs
-}()
+// processStart is when this process, the master, started, near enough.
+var processStart = time.Now()
 
-// procUsage returns the CPU seconds and resident bytes of process pid;
-// ok is false when they cannot be read (no /proc, or the process is gone).
-func procUsage(pid int) (cpu float64, rss uint64, st procfs.ProcStat, ok bool) {
-	if procFS == nil || pid <= 0 {
-		return 0, 0, st, false
+// clockTicks is USER_HZ, the unit of the times in /proc/PID/stat: 100 on
+// every Linux architecture.
+const clockTicks = 100
+
+// procUsage returns the CPU seconds (user and system) and resident bytes
+// of process pid, from /proc/PID/stat; ok is false when they cannot be
+// read (no /proc, or the process is gone).
+func procUsage(pid int) (cpu float64, rss uint64, ok bool) {
+	if pid <= 0 {
+		return 0, 0, false
 	}
-	p, err := procFS.Proc(pid)
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		return 0, 0, st, false
+		return 0, 0, false
 	}
-	st, err = p.Stat()
-	if err != nil {
-		return 0, 0, st, false
+	return parseProcStat(b)
+}
+
+// parseProcStat reads utime, stime and rss from the text of
+// /proc/PID/stat. The command name, in parentheses, may hold spaces and
+// parentheses: the fields start after the last ')'.
+func parseProcStat(b []byte) (cpu float64, rss uint64, ok bool) {
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, 0, false
 	}
-	return st.CPUTime(), uint64(st.ResidentMemory()), st, true
+	// Fields from 3 (state) on; utime is 14, stime 15, rss 24.
+	f := bytes.Fields(b[i+1:])
+	if len(f) < 22 {
+		return 0, 0, false
+	}
+	utime, err1 := strconv.ParseUint(string(f[14-3]), 10, 64)
+	stime, err2 := strconv.ParseUint(string(f[15-3]), 10, 64)
+	pages, err3 := strconv.ParseInt(string(f[24-3]), 10, 64)
+	if err1 != nil || err2 != nil || err3 != nil {
+		return 0, 0, false
+	}
+	return float64(utime+stime) / clockTicks, uint64(max(pages, 0)) * uint64(os.Getpagesize()), true
 }
 
 // masterStatus describes the calling process, the master.
-func masterStatus(pid int, now time.Time) control.MasterStatus {
-	ms := control.MasterStatus{PID: pid}
-	cpu, rss, st, ok := procUsage(pid)
-	if !ok {
-		return ms
-	}
-	ms.CPUSeconds, ms.RSSBytes = cpu, rss
-	if start, err := st.StartTime(); err == nil {
-		ms.Uptime = max(0, float64(now.UnixNano())/1e9-start)
-	}
+func masterStatus(now time.Time) control.MasterStatus {
+	ms := control.MasterStatus{PID: os.Getpid(), Uptime: now.Sub(processStart).Seconds()}
+	ms.CPUSeconds, ms.RSSBytes, _ = procUsage(ms.PID)
 	return ms
 }
 
