@@ -185,6 +185,7 @@ func TestCtlTopLive(t *testing.T) {
 	sent := loadHTTP(t, fmt.Sprintf("http://127.0.0.1:%d/", port))
 
 	exitFile := filepath.Join(dir, "top.exit")
+	started := time.Now()
 	tm := startTmux(t, 120, 30, fmt.Sprintf("%s ctl --control %s top; echo $? > %s", shoalBin, sock, exitFile))
 
 	// The numbers move: a worker serves more than 0 requests/s, and the
@@ -268,6 +269,13 @@ func TestCtlTopLive(t *testing.T) {
 			t.Fatalf("shoal ctl top still runs 10s after q; the screen:\n%s", tm.screen())
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+	ran := time.Since(started)
+	// It costs the master one status request a second, no more.
+	requests := len(m.logs.entries(func(e entry) bool { return e.str("message") == "control request" && e.str("cmd") == "status" }))
+	t.Logf("shoal ctl top ran %v and sent %d status requests", ran.Round(time.Millisecond), requests)
+	if requests < 2 || requests > int(ran/time.Second)+1 {
+		t.Errorf("shoal ctl top sent %d status requests in %v; want one a second", requests, ran)
 	}
 	if b, err := os.ReadFile(exitFile); err != nil || strings.TrimSpace(string(b)) != "0" {
 		t.Errorf("shoal ctl top after q: exit status %q (%v), want 0", b, err)
