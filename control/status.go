@@ -58,7 +58,7 @@ type WorkerStatus struct {
 	ListenQueue   uint64 `json:"listen_queue"`
 	ListenBacklog uint64 `json:"listen_backlog"`
 	// Deaths counts the slot's deaths by how the process ended:
-	// "signal_KILL", "exit_nonzero", "hung", ... (the classes of the
+	// "signal_SIGKILL", "exit_nonzero", "hung", ... (the classes of the
 	// shoal_worker_deaths_total metric).
 	Deaths map[string]uint64 `json:"deaths,omitempty"`
 	// LastDeath is the class of the slot's latest death, when the master
