@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -92,13 +93,26 @@ func handleControl(ctx context.Context, req control.Request, m *master) control.
 }
 
 // statusOf is the answer to status: restarts and reloads come from the
-// supervisor's own counts, so a reload does not look like a restart.
+// supervisor's own counts, so a reload does not look like a restart. CPU,
+// memory and accept queues are read from /proc and the kernel here, on the
+// control socket's goroutine, not the supervisor's.
 func statusOf(snap supervisor.Snapshot) control.Status {
-	st := control.Status{Desired: snap.Desired, Reloading: snap.Reloading, Stopping: snap.Stopping, Workers: []control.WorkerStatus{}}
+	st := control.Status{Desired: snap.Desired, Reloading: snap.Reloading, Stopping: snap.Stopping, Workers: []control.WorkerStatus{},
+		Restarts: snap.Restarts, Reloads: snap.Reloads, ReloadsAborted: snap.ReloadFailures,
+		Master: masterStatus(time.Now())}
+	slots := make(map[int]bool, len(snap.Workers))
 	for _, w := range snap.Workers {
-		st.Workers = append(st.Workers, control.WorkerStatus{Slot: w.ID, PID: w.PID, State: w.State.String(),
-			Uptime: w.Uptime.Seconds(), Restarts: w.Restarts, Reloads: w.Reloads, Requests: w.Requests, Waiting: w.Waiting})
+		ws := control.WorkerStatus{Slot: w.ID, PID: w.PID, State: w.State.String(),
+			Uptime: w.Uptime.Seconds(), Restarts: w.Restarts, Reloads: w.Reloads, Requests: w.Requests, Waiting: w.Waiting,
+			Deaths: w.Deaths, LastDeath: lastDeaths.last(w.ID, w.Deaths)}
+		if w.PID != 0 {
+			ws.CPUSeconds, ws.RSSBytes, _ = procUsage(w.PID)
+		}
+		slots[w.ID] = true
+		st.Workers = append(st.Workers, ws)
 	}
+	lastDeaths.forget(slots)
+	listenQueues(snap, st.Workers)
 	return st
 }
 
@@ -117,6 +131,7 @@ var ctlCommands = []ctlCommand{
 	{"broadcast", "JSON", "send a message to every worker", 1, 0},
 	{"signal", "SIG [SLOT|all]", "send a signal (USR1, HUP, 10) to one worker or to all", 2, 1},
 	{"stop", "", "stop shoal gracefully", 0, 0},
+	{"top", "[--once]", "a live view of the workers, refreshed every second: requests/s, CPU, memory, accept queues, deaths; q quits", 0, 0},
 }
 
 const ctlFlagsUsage = "[--port PORT | --control PATH] [--json] [--timeout D]"
@@ -214,7 +229,8 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 	path := fs.String("control", os.Getenv("SHOAL_CONTROL"), "path of the master's control socket ($SHOAL_CONTROL; default: the master of --port, or the only one running)")
 	port := fs.String("port", "", "find the master whose first listener is this port (8000, tcp:8000); $SHOAL_PORT")
 	asJSON := fs.Bool("json", false, "print the master's JSON answer")
-	timeout := fs.Duration("timeout", 0, "give up after this long (0: wait as long as the command takes)")
+	timeout := fs.Duration("timeout", 0, "give up after this long (0: wait as long as the command takes); for top, on each request (default 5s)")
+	once := fs.Bool("once", false, "top: print one plain snapshot, measured over one second, and exit")
 	usage := func() {
 		fmt.Fprint(stderr, ctlUsage())
 		fs.SetOutput(stderr)
@@ -239,8 +255,16 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 		}
 		return exitUsage
 	}
+	if *once && req.Cmd != "top" {
+		fmt.Fprintf(stderr, "shoal ctl: --once is a flag of top, not of %s\n", req.Cmd)
+		return exitUsage
+	}
+	if *asJSON && req.Cmd == "top" {
+		fmt.Fprint(stderr, "shoal ctl: top draws a view and has no JSON: use 'shoal ctl --json status'\n")
+		return exitUsage
+	}
 	ctx := context.Background()
-	if *timeout > 0 {
+	if *timeout > 0 && req.Cmd != "top" {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, *timeout)
 		defer cancel()
@@ -249,6 +273,9 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintf(stderr, "shoal ctl: %s\n", control.Printable(err.Error()))
 		return exitFailure
+	}
+	if req.Cmd == "top" {
+		return runTop(ctx, *path, *timeout, *once, stdout, stderr)
 	}
 	c, err := control.Dial(*path)
 	if err != nil {
@@ -300,11 +327,11 @@ func findCtlCommand(args []string) (ctlCommand, bool) {
 // ctlRequest builds the request that the command line asks for.
 func ctlRequest(args []string) (control.Request, error) {
 	if len(args) == 0 {
-		return control.Request{}, errors.New("no command: want one of status, reload, scale, send, broadcast, signal, stop")
+		return control.Request{}, errors.New("no command: want one of status, reload, scale, send, broadcast, signal, stop, top")
 	}
 	c, ok := findCtlCommand(args)
 	if !ok {
-		return control.Request{}, fmt.Errorf("unknown command %q: want one of status, reload, scale, send, broadcast, signal, stop", args[0])
+		return control.Request{}, fmt.Errorf("unknown command %q: want one of status, reload, scale, send, broadcast, signal, stop, top", args[0])
 	}
 	if got := len(args) - 1; got > c.nargs || got < c.nargs-c.optional {
 		what := "no arguments"

@@ -18,6 +18,21 @@ type Status struct {
 	Reloading bool           `json:"reloading"` // a reload runs now
 	Stopping  bool           `json:"stopping"`  // the master is stopping
 	Workers   []WorkerStatus `json:"workers"`   // by slot; never null
+
+	Restarts       uint64       `json:"restarts"`           // replacements started after deaths, every slot
+	Reloads        uint64       `json:"reloads_done"`       // reloads that finished
+	ReloadsAborted uint64       `json:"reloads_aborted"`    // reloads aborted by a replacement that failed to start or serve
+	Steering       string       `json:"steering,omitempty"` // how the master spreads new connections, when it does; empty: the kernel's SO_REUSEPORT hash
+	Master         MasterStatus `json:"master"`             // the master process itself
+}
+
+// MasterStatus is the master process of a [Status], as /proc shows it. A
+// master that cannot read /proc sends only its pid.
+type MasterStatus struct {
+	PID        int     `json:"pid"`
+	Uptime     float64 `json:"uptime_seconds"`        // since the process started
+	CPUSeconds float64 `json:"cpu_seconds"`           // user and system CPU time used
+	RSSBytes   uint64  `json:"resident_memory_bytes"` // resident memory now
 }
 
 // WorkerStatus is one slot of a [Status].
@@ -30,6 +45,25 @@ type WorkerStatus struct {
 	Reloads  int     `json:"reloads"`           // replacements by a reload or recycle that took over the slot
 	Requests uint64  `json:"requests"`          // requests reported from the slot, across restarts
 	Waiting  string  `json:"waiting,omitempty"` // why a running worker does not serve yet, once the master has looked
+
+	// CPUSeconds is the user and system CPU time of the current process;
+	// RSSBytes its resident memory. Both are 0 with no process.
+	CPUSeconds float64 `json:"cpu_seconds"`
+	RSSBytes   uint64  `json:"resident_memory_bytes"`
+	// ListenQueue is the number of connections waiting in the accept
+	// queues of the current process's LISTEN sockets on the TCP listeners;
+	// ListenBacklog the sum of those queues' limits. ListenBacklog is 0
+	// when the master does not know the process's sockets (it has not seen
+	// it listen) or cannot read the limits.
+	ListenQueue   uint64 `json:"listen_queue"`
+	ListenBacklog uint64 `json:"listen_backlog"`
+	// Deaths counts the slot's deaths by how the process ended:
+	// "signal_SIGKILL", "exit_nonzero", "hung", ... (the classes of the
+	// shoal_worker_deaths_total metric).
+	Deaths map[string]uint64 `json:"deaths,omitempty"`
+	// LastDeath is the class of the slot's latest death, when the master
+	// can tell; empty before the first death.
+	LastDeath string `json:"last_death,omitempty"`
 }
 
 // WriteTable writes st as the table `shoal ctl status` prints:
