@@ -100,18 +100,18 @@ func statusOf(snap supervisor.Snapshot) control.Status {
 	st := control.Status{Desired: snap.Desired, Reloading: snap.Reloading, Stopping: snap.Stopping, Workers: []control.WorkerStatus{},
 		Restarts: snap.Restarts, Reloads: snap.Reloads, ReloadsAborted: snap.ReloadFailures,
 		Master: masterStatus(time.Now())}
-	slots := make(map[int]bool, len(snap.Workers))
+	if snap.Steering == "round-robin" {
+		st.Steering = snap.Steering
+	}
 	for _, w := range snap.Workers {
 		ws := control.WorkerStatus{Slot: w.ID, PID: w.PID, State: w.State.String(),
 			Uptime: w.Uptime.Seconds(), Restarts: w.Restarts, Reloads: w.Reloads, Requests: w.Requests, Waiting: w.Waiting,
-			Deaths: w.Deaths, LastDeath: lastDeaths.last(w.ID, w.Deaths)}
+			Deaths: w.Deaths, LastDeath: w.LastDeath, Steered: w.Steered}
 		if w.PID != 0 {
 			ws.CPUSeconds, ws.RSSBytes, _ = procUsage(w.PID)
 		}
-		slots[w.ID] = true
 		st.Workers = append(st.Workers, ws)
 	}
-	lastDeaths.forget(slots)
 	listenQueues(snap, st.Workers)
 	return st
 }

@@ -14,39 +14,6 @@ import (
 	"github.com/shoal-sh/shoal/supervisor"
 )
 
-// TestDeathTrackerTellsTheLatestClass: the class of a slot's last death is
-// told when it is certain, and left empty when it is not.
-func TestDeathTrackerTellsTheLatestClass(t *testing.T) {
-	tr := &deathTracker{slots: make(map[int]slotDeaths)}
-	steps := []struct {
-		what   string
-		counts map[string]uint64
-		want   string
-	}{
-		{"no death", nil, ""},
-		{"one kill", map[string]uint64{"signal_SIGKILL": 1}, "signal_SIGKILL"},
-		{"then an exit", map[string]uint64{"signal_SIGKILL": 1, "exit_nonzero": 1}, "exit_nonzero"},
-		{"nothing new", map[string]uint64{"signal_SIGKILL": 1, "exit_nonzero": 1}, "exit_nonzero"},
-		{"then a kill", map[string]uint64{"signal_SIGKILL": 2, "exit_nonzero": 1}, "signal_SIGKILL"},
-		{"two kinds since the last look", map[string]uint64{"signal_SIGKILL": 3, "exit_nonzero": 2}, ""},
-		{"then an exit again", map[string]uint64{"signal_SIGKILL": 3, "exit_nonzero": 3}, "exit_nonzero"},
-		{"the slot anew (scaled down and up)", map[string]uint64{"hung": 1}, "hung"},
-	}
-	for _, s := range steps {
-		if got := tr.last(1, s.counts); got != s.want {
-			t.Errorf("%s: last death %q, want %q", s.what, got, s.want)
-		}
-	}
-	// A master that first looks at a slot with several kinds cannot tell.
-	if got := tr.last(2, map[string]uint64{"hung": 1, "exit_zero": 4}); got != "" {
-		t.Errorf("first look at several kinds: %q, want \"\"", got)
-	}
-	tr.forget(map[int]bool{1: true})
-	if _, ok := tr.slots[2]; ok {
-		t.Error("forget kept a slot scaled away")
-	}
-}
-
 // topSampleOf returns a sample of n listening workers at time at; worker i
 // has served req[i] requests and used cpu[i] seconds.
 func topSampleOf(at time.Time, req []uint64, cpu []float64) *topSample {

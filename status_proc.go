@@ -2,10 +2,8 @@ package main
 
 import (
 	"bytes"
-	"maps"
 	"os"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/shoal-sh/shoal/control"
@@ -101,70 +99,6 @@ func listenQueues(snap supervisor.Snapshot, workers []control.WorkerStatus) {
 				workers[i].ListenQueue += uint64(s.Queue)
 				workers[i].ListenBacklog += uint64(s.Backlog)
 			}
-		}
-	}
-}
-
-// lastDeaths tells the class of each slot's latest death from the death
-// counts of successive snapshots: the supervisor counts deaths by class
-// but does not say which came last. The answer is certain when the slot
-// has deaths of one class only, or when exactly one class grew since the
-// previous status answer; otherwise the slot's last death is unknown (""),
-// until the next death that can be told.
-var lastDeaths = &deathTracker{slots: make(map[int]slotDeaths)}
-
-// deathTracker is what lastDeaths remembers, per slot.
-type deathTracker struct {
-	mu    sync.Mutex
-	slots map[int]slotDeaths
-}
-
-type slotDeaths struct {
-	counts map[string]uint64 // at the previous answer
-	last   string
-}
-
-// last returns the class of slot id's latest death, given its counts now,
-// and remembers them.
-func (t *deathTracker) last(id int, counts map[string]uint64) string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	prev, seen := t.slots[id]
-	var grown []string
-	reset := false
-	for class, n := range counts {
-		if n > prev.counts[class] {
-			grown = append(grown, class)
-		}
-	}
-	for class, n := range prev.counts {
-		if counts[class] < n {
-			reset = true // a new slot of the same number: counts started over
-		}
-	}
-	switch {
-	case len(counts) <= 1:
-		prev.last = ""
-		for class := range counts {
-			prev.last = class
-		}
-	case reset || !seen || len(grown) > 1:
-		prev.last = "" // several classes, and no telling which came last
-	case len(grown) == 1:
-		prev.last = grown[0]
-	}
-	prev.counts = maps.Clone(counts)
-	t.slots[id] = prev
-	return prev.last
-}
-
-// forget drops the slots not in keep (scaled away).
-func (t *deathTracker) forget(keep map[int]bool) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	for id := range t.slots {
-		if !keep[id] {
-			delete(t.slots, id)
 		}
 	}
 }

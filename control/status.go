@@ -61,6 +61,9 @@ type WorkerStatus struct {
 	// "signal_SIGKILL", "exit_nonzero", "hung", ... (the classes of the
 	// shoal_worker_deaths_total metric).
 	Deaths map[string]uint64 `json:"deaths,omitempty"`
+	// Steered counts the new connections the round-robin steering placed
+	// on the slot; 0 without it.
+	Steered uint64 `json:"steered_connections,omitempty"`
 	// LastDeath is the class of the slot's latest death, when the master
 	// can tell; empty before the first death.
 	LastDeath string `json:"last_death,omitempty"`

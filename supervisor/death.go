@@ -56,6 +56,7 @@ func (s *Supervisor) exited(w *worker, ws unix.WaitStatus) {
 	}
 	ev.Msg("worker died")
 	s.emit(Event{Type: EventDeath, Worker: sl.id, PID: w.pid, Death: d})
+	sl.lastDeath = d.Class()
 	replacement := s.reload != nil && s.reload.active[sl.id] == w
 	switch w {
 	case sl.next:

@@ -180,6 +180,7 @@ func (s *Supervisor) startFailed(sl *slot, err error) *Death {
 	d := &Death{Worker: sl.id, ExitCode: -1, Err: err}
 	s.log.Error().Int("worker", sl.id).Err(err).Str("command", s.path).Msg("worker could not be started")
 	s.emit(Event{Type: EventDeath, Worker: sl.id, Death: d})
+	sl.lastDeath = d.Class()
 	return d
 }
 

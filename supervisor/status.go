@@ -11,22 +11,23 @@ import (
 
 // WorkerStatus is a snapshot of one slot.
 type WorkerStatus struct {
-	ID       int               // the slot
-	PID      int               // 0 when no process fills the slot now
-	State    State             // Dead when no process fills the slot now
-	Started  time.Time         // start of the current process
-	Uptime   time.Duration     // of the current process, on the monotonic clock
-	Starts   int               // processes started in this slot
-	Restarts int               // replacements after a death in this slot
-	Reloads  int               // replacements by a reload or recycle that took over in this slot
-	Requests uint64            // requests reported from this slot, across restarts
-	Deaths   map[string]uint64 // deaths in this slot by Death.Class
-	Backoff  time.Duration     // delay before the pending restart, if one is pending
-	IPC      ipc.Stats         // the slot's message counters, across restarts
-	Sockets  []uint64          // inodes of the sockets on the listeners in which the master saw the current process listen
-	Waiting  string            // why a running process does not serve yet, once the master has looked (see Options.Ready)
-	Steered  uint64            // new connections the steering program placed on the slot, across restarts
-	Skipped  bool              // out of the steering selection: the process stalls
+	ID        int               // the slot
+	PID       int               // 0 when no process fills the slot now
+	State     State             // Dead when no process fills the slot now
+	Started   time.Time         // start of the current process
+	Uptime    time.Duration     // of the current process, on the monotonic clock
+	Starts    int               // processes started in this slot
+	Restarts  int               // replacements after a death in this slot
+	Reloads   int               // replacements by a reload or recycle that took over in this slot
+	Requests  uint64            // requests reported from this slot, across restarts
+	Deaths    map[string]uint64 // deaths in this slot by Death.Class
+	Backoff   time.Duration     // delay before the pending restart, if one is pending
+	IPC       ipc.Stats         // the slot's message counters, across restarts
+	Sockets   []uint64          // inodes of the sockets on the listeners in which the master saw the current process listen
+	Waiting   string            // why a running process does not serve yet, once the master has looked (see Options.Ready)
+	Steered   uint64            // new connections the steering program placed on the slot, across restarts
+	Skipped   bool              // out of the steering selection: the process stalls
+	LastDeath string            // how the slot's latest death ended (Death.Class); empty when none
 }
 
 // Snapshot is the supervisor's state at one moment.
@@ -80,7 +81,7 @@ func (s *Supervisor) snapshot() Snapshot {
 	for _, id := range s.slotIDs() {
 		sl := s.slots[id]
 		st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Restarts: sl.restarts, Reloads: sl.reloads, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}
-		st.Steered, st.Skipped = steered[sl.id], sl.skipped
+		st.Steered, st.Skipped, st.LastDeath = steered[sl.id], sl.skipped, sl.lastDeath
 		addStats(&st.IPC, sl.ipcBase)
 		if sl.notifyErrors > 0 {
 			st.IPC.Errors["bad_notify"] += sl.notifyErrors

@@ -80,6 +80,7 @@ type slot struct {
 	starts       int
 	notifyErrors uint64     // bad systemd notifications from the slot's workers
 	skipped      bool       // out of the steering selection: its worker stalls
+	lastDeath    string     // the Death.Class of the slot's latest death
 	lastQueue    uint32     // its accept queue at the last stall check
 	stuck        int        // stall checks in a row with a queue that did not shrink
 	socks        []*os.File // BindMaster: the slot's sockets, one per listener; nil when closed
