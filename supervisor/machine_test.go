@@ -529,6 +529,9 @@ func TestMachineDaemonizedWorker(t *testing.T) {
 	if len(d) != 1 || d[0].Reason != ReasonDaemonized || d[0].Class() != ReasonDaemonized {
 		t.Fatalf("deaths %+v, want one daemonized", d)
 	}
+	if got := m.s.snapshot().Workers[0].LastDeath; got != ReasonDaemonized {
+		t.Errorf("the snapshot's last death %q, want %q", got, ReasonDaemonized)
+	}
 	if !slices.Equal(daemon.signals, []syscall.Signal{syscall.SIGQUIT}) {
 		t.Fatalf("the daemon got %v, want the stop signal", daemon.signals)
 	}
