@@ -30,7 +30,7 @@ sport=8001 pport=8002 sock=$DIR/ctl.sock
 pids=()
 cleanup() {
 	"$PM2" kill >/dev/null 2>&1 || true
-	for p in "${pids[@]}"; do kill -KILL -- "-$p" "$p" 2>/dev/null || true; done
+	for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 
@@ -46,7 +46,12 @@ wait_port() { # PORT LISTEN-SOCKETS
 	exit 1
 }
 
-setsid "$SHOAL" --workers "$N" --port $sport --host 127.0.0.1 --metrics-addr "" --control "$sock" \
+# Both stay in this script's process group, so that bench/run.sh ends them
+# with it whatever happens: shoal's workers follow shoal (parent-death
+# signal), PM2's God daemon runs in the foreground (--no-daemon, the same
+# daemon code, which `pm2 reload` reaches through PM2_HOME as usual) and
+# its cluster workers share its group.
+"$SHOAL" --workers "$N" --port $sport --host 127.0.0.1 --metrics-addr "" --control "$sock" \
 	--migrate-req on --ready message --env BENCH_GRACEFUL=1 --stop-timeout 5s --log-format json \
 	-- node "$APP" 2>"$DIR/shoal.log" &
 pids+=($!)
@@ -58,8 +63,8 @@ module.exports = { apps: [{
   env: { BENCH_MODE: 'cluster', BENCH_GRACEFUL: '1', PORT: '$pport', HOST: '127.0.0.1' },
 }] };
 EOF
-"$PM2" start "$DIR/ecosystem.config.js" >"$DIR/pm2-start.log" 2>&1
-pids+=("$(cat "$PM2_HOME/pm2.pid")")
+"$PM2" start "$DIR/ecosystem.config.js" --no-daemon >"$DIR/pm2.log" 2>&1 &
+pids+=($!)
 wait_port $sport "$N"
 wait_port $pport 1 # PM2's God daemon holds the one listening socket
 
