@@ -643,7 +643,9 @@ scenario_9() {
 		echo "s9skip reason=no-pm2" >>"$RAW"
 		return
 	fi
+	# Its own date and machine, for a report that merges it into another run's.
 	meta s9_date "$(date -u +%Y-%m-%dT%H:%MZ)"
+	meta s9_machine "$(nproc) × $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(uname -sr)"
 	meta pm2 "$("$NODE" -p "require('$(dirname "$(readlink -f "$PM2")")/../package.json').version")"
 	log "scenario 9: PM2 cluster mode against shoal, the same Node.js app, $N workers"
 	local who=(shoal pm2 pm2-reuseport) k=3 c r j mode ports=() idle

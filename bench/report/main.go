@@ -699,7 +699,7 @@ func chart(d *data, res *results) string {
 		}
 	}
 	panels = append(panels,
-		panel{fmt.Sprintf("Node.js hello world, %s workers, under PM2 or shoal: requests/s", n), mk("s9", pm2Who, "shoal"), reqs},
+		panel{fmt.Sprintf("Node.js hello world, %s workers, under PM2 or shoal: requests/s (other jobs used %s CPUs meanwhile)", n, pm2Foreign(res)), mk("s9", pm2Who, "shoal"), reqs},
 		panel{"PM2's daemon or shoal's master meanwhile (% of one core)", pm2CPU, func(v float64) string { return fmt.Sprintf("%.1f%%", v) }})
 
 	const (

@@ -54,9 +54,17 @@ func pm2Markdown(d *data, res *results) string {
 	p("*PM2 cluster mode*: the workers call `listen()` without `reusePort`, as PM2's users do, so PM2's God daemon, the cluster primary, ")
 	p("accepts every connection and passes it to a worker. *PM2, workers with reusePort*: the app exactly as under shoal; ")
 	p("since Node.js 22.12 each worker then binds its own socket and the daemon carries no traffic. ")
+	p("That row is also a control: its request path is shoal's (each worker accepts its own connections), so its distance from shoal's figures is the noise of the run. ")
 	p("Throughput is measured as in scenario 1 (same rounds, rotation and wrk settings); the master's CPU is PM2's God daemon's or shoal's master's. ")
 	p("PM2 runs with `--no-daemon`, which runs the same daemon in the `pm2` process instead of detaching it, so that the harness owns it and counts its CPU as the benchmark's own. ")
-	p("Measured on %s.\n\n", dash(d.meta["s9_date"]))
+	if d.meta["s9_date"] != "" && d.meta["s9_date"] != d.meta["date"] {
+		// Merged from a run of this scenario alone (BENCH_SCENARIOS=9).
+		p("This scenario was measured in a run of its own (`BENCH_SCENARIOS=9 bench/run.sh`) on %s, on %s, "+
+			"with other jobs using %s CPUs on average during its measured runs; its ratios compare contenders within that run only.\n\n",
+			d.meta["s9_date"], dash(d.meta["s9_machine"]), pm2Foreign(res))
+	} else {
+		p("Measured on %s.\n\n", dash(d.meta["s9_date"]))
+	}
 
 	for _, mode := range []string{"keepalive", "close"} {
 		if res.cells[key("s9", "shoal", mode)] == nil {
@@ -187,4 +195,19 @@ func pm2Markdown(d *data, res *results) string {
 		}
 	}
 	return b.String()
+}
+
+// pm2Foreign is the mean CPU other processes used during the measured
+// throughput runs of scenario 9.
+func pm2Foreign(res *results) string {
+	var all []float64
+	for k, c := range res.cells {
+		if strings.HasPrefix(k, "s9/") {
+			all = append(all, c.foreign...)
+		}
+	}
+	if len(all) == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f", mean(all))
 }
