@@ -2,8 +2,8 @@
 # bench/run.sh: shoal against Node.js's cluster module, bare SO_REUSEPORT
 # processes and a single Go process, side by side in one run on one machine.
 #
-#   bench/run.sh            the full run (about 10 minutes on 2 CPUs)
-#   bench/run.sh --quick    a short run (under 2 minutes): fewer, shorter rounds
+#   bench/run.sh            the full run (about 15 minutes on 2 CPUs)
+#   bench/run.sh --quick    a short run (under 4 minutes): fewer, shorter rounds
 #
 # It writes docs/benchmarks.md (tables), docs/benchmarks.svg (chart) and
 # docs/benchmarks-raw.txt (every measurement, for the record). What it
