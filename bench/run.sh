@@ -2,8 +2,8 @@
 # bench/run.sh: shoal against Node.js's cluster module, bare SO_REUSEPORT
 # processes and a single Go process, side by side in one run on one machine.
 #
-#   bench/run.sh            the full run (about 10 minutes on 2 CPUs)
-#   bench/run.sh --quick    a short run (under 2 minutes): fewer, shorter rounds
+#   bench/run.sh            the full run (about 15 minutes on 2 CPUs)
+#   bench/run.sh --quick    a short run (under 4 minutes): fewer, shorter rounds
 #
 # It writes docs/benchmarks.md (tables), docs/benchmarks.svg (chart) and
 # docs/benchmarks-raw.txt (every measurement, for the record). What it
@@ -19,7 +19,7 @@
 # Knobs (environment): BENCH_WORKERS (N, default 2), BENCH_DURATION (seconds
 # per measurement), BENCH_ROUNDS, BENCH_CONNS (wrk connections, default 32),
 # BENCH_THREADS (wrk threads, default 1), BENCH_KILLS, BENCH_SCENARIOS (a
-# subset of "1 2 4 5 6 7 8"), BENCH_OUT (default docs), BENCH_KEEP=1 keeps
+# subset of "1 2 4 5 6 7 8 9"), BENCH_OUT (default docs), BENCH_KEEP=1 keeps
 # the scratch directory, BENCH_PCAP=1 records the TCP resets of the reload
 # scenario (tcpdump) into it.
 set -euo pipefail
@@ -560,9 +560,155 @@ scenario_8() {
 	METRICS_ADDR=""
 }
 
+# --- 9. PM2: cluster mode, the same app, graceful reloads ---------------------
+#
+# PM2 (npm pm2, in cluster mode: its God daemon is the cluster primary)
+# against shoal, both with bench/node/app.js and BENCH_GRACEFUL=1: the app
+# says ready with process.send('ready') and stops gracefully on SIGINT
+# (PM2) or SIGTERM (shoal). PM2 is configured as its documentation
+# recommends for graceful reloads: wait_ready, listen_timeout, kill_timeout;
+# shoal waits for the same 'ready' (--ready message). PM2 is installed from
+# npm into a cache directory, never globally (BENCH_PM2: another pm2).
+
+PM2_VERSION=7.0.4
+PM2_PREFIX="${XDG_CACHE_HOME:-$HOME/.cache}/shoal-ci/pm2"
+
+# pm2_install: sets PM2 to the pm2 command, installing it when it is
+# missing; fails when it cannot.
+pm2_install() {
+	PM2=${BENCH_PM2:-$PM2_PREFIX/node_modules/.bin/pm2}
+	[[ -x $PM2 ]] && return 0
+	command -v npm >/dev/null || return 1
+	log "installing pm2@$PM2_VERSION into $PM2_PREFIX"
+	PATH="$(dirname "$NODE"):$PATH" npm install --silent --no-save --no-audit --no-fund --prefix "$PM2_PREFIX" "pm2@$PM2_VERSION" >/dev/null || return 1
+	[[ -x $PM2 ]]
+}
+
+# start_s9 NAME PORT: a contender of scenario 9. shoal: Node.js workers with
+# reusePort, as in scenario 1. pm2: PM2's cluster mode as usually run, the
+# workers listen without reusePort and the God daemon accepts every
+# connection and hands it to a worker round-robin. pm2-reuseport: the same
+# app as under shoal (reusePort: true); Node.js >= 22.12 then lets each
+# worker bind its own socket and the daemon carries no traffic.
+start_s9() {
+	local who=$1 port=$2 dir=$tmp/$1-$2
+	MASTER_PID=0
+	case $who in
+	shoal)
+		spawn "$who-$port" "$SHOAL" --workers "$N" --port "$port" --host 127.0.0.1 --env BENCH_GRACEFUL=1 --ready message \
+			--metrics-addr "" --control "" --migrate-req off --stop-timeout 5s --log-format json -- "$NODE" "$APP"
+		MASTER_PID=$LAST_PID
+		wait_listen "$port" "$N"
+		;;
+	pm2 | pm2-reuseport)
+		mkdir -p "$dir"
+		PM2_HOME_DIR=$dir/home
+		cat >"$dir/ecosystem.config.js" <<EOF
+module.exports = { apps: [{
+  name: 'bench', script: '$APP', exec_mode: 'cluster', instances: $N,
+  wait_ready: true, listen_timeout: 10000, kill_timeout: 5000,
+  env: { BENCH_MODE: '$([[ $who == pm2 ]] && echo cluster || echo reuseport)', BENCH_GRACEFUL: '1', PORT: '$port', HOST: '127.0.0.1' },
+}] };
+EOF
+		# --no-daemon: the God daemon runs in the pm2 process itself
+		# instead of detaching, the same code, so that it stays our child:
+		# cpuwatch counts it as ours, and stop_current and the exit trap
+		# end it and its workers with its process group.
+		spawn "$who-$port" env PM2_HOME="$PM2_HOME_DIR" PATH="$(dirname "$NODE"):$PATH" "$PM2" start "$dir/ecosystem.config.js" --no-daemon
+		MASTER_PID=$LAST_PID
+		if [[ $who == pm2 ]]; then
+			wait_listen "$port" 1 # the daemon's one socket
+		else
+			wait_listen "$port" "$N" # each worker's own
+		fi
+		[[ $(cat "$PM2_HOME_DIR/pm2.pid" 2>/dev/null) == "$MASTER_PID" ]] ||
+			die "$who: PM2's daemon is not pid $MASTER_PID (pm2.pid: $(cat "$PM2_HOME_DIR/pm2.pid" 2>/dev/null))"
+		;;
+	*) die "unknown contender $who in scenario 9" ;;
+	esac
+}
+
+# children_rss_kb PID: the summed VmRSS of PID's children, and their number.
+children_rss_kb() {
+	local c kb=0 k=0
+	for c in $(pgrep -P "$1"); do
+		kb=$((kb + $(rss_kb "$c"))) k=$((k + 1))
+	done
+	echo "$kb $k"
+}
+
+scenario_9() {
+	if ! pm2_install; then
+		log "scenario 9 skipped: pm2 is missing and npm could not install it"
+		echo "s9skip reason=no-pm2" >>"$RAW"
+		return
+	fi
+	# Its own date and machine, for a report that merges it into another run's.
+	meta s9_date "$(date -u +%Y-%m-%dT%H:%MZ)"
+	meta s9_machine "$(nproc) × $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(uname -sr)"
+	meta pm2 "$("$NODE" -p "require('$(dirname "$(readlink -f "$PM2")")/../package.json').version")"
+	log "scenario 9: PM2 cluster mode against shoal, the same Node.js app, $N workers"
+	local who=(shoal pm2 pm2-reuseport) k=3 c r j mode ports=() idle
+	idle=$( ((QUICK)) && echo 2 || echo 5)
+	C_PORT=() C_MPID=() C_REQS=()
+	for c in "${who[@]}"; do
+		new_port
+		start_s9 "$c" "$NEW_PORT"
+		C_PORT[$c]=$NEW_PORT C_MPID[$c]=$MASTER_PID
+		ports+=("$NEW_PORT")
+	done
+	for mode in keepalive close; do
+		for c in "${who[@]}"; do
+			wrk_run "$mode" "$WARM" "${C_PORT[$c]}" >/dev/null
+		done
+	done
+	# Throughput and the master's (the daemon's) CPU, in rotating rounds.
+	for ((r = 1; r <= ROUNDS; r++)); do
+		for mode in keepalive close; do
+			for ((j = 0; j < k; j++)); do
+				measure s9 "${who[$(((j + r - 1) % k))]}" "$mode" "$r"
+			done
+		done
+	done
+	# Memory after the load, and CPU with no load at all.
+	local c0 c1 kids
+	for c in "${who[@]}"; do
+		kids=$(children_rss_kb "${C_MPID[$c]}")
+		echo "s9mem contender=$c master_kb=$(rss_kb "${C_MPID[$c]}") workers_kb=${kids% *} workers=${kids#* }" >>"$RAW"
+	done
+	for c in "${who[@]}"; do
+		c0=$(cpu_ticks "${C_MPID[$c]}")
+		sleep "$idle"
+		c1=$(cpu_ticks "${C_MPID[$c]}")
+		echo "s9idle contender=$c secs=$idle ticks=$((c1 - c0))" >>"$RAW"
+	done
+	stop_current
+	for c in "${ports[@]}"; do wait_port_free "$c"; done
+
+	# Reloads under load, in a network namespace of its own (bench/reload-pm2.sh).
+	if ! [[ $(id -u) == 0 ]] || ! command -v unshare >/dev/null || ! command -v ip >/dev/null; then
+		log "scenario 9 reloads skipped: they need root, unshare and ip (a private network namespace)"
+		echo "s9skip reason=reload-needs-root-unshare-ip" >>"$RAW"
+		return
+	fi
+	local reps t0
+	reps=$( ((QUICK)) && echo 1 || echo 3)
+	wait_quiet
+	t0=$(now_ms)
+	spawn "s9-reload" unshare --net env SHOAL="$SHOAL" NODE_BIN="$(dirname "$NODE")" PM2="$PM2" APP="$APP" N="$N" \
+		MODES="close keepalive" REPS="$reps" CONNS="$CONNS" THREADS="$THREADS" LUA="$ROOT/bench/report.lua" DIR="$tmp/s9-reload" \
+		bash "$ROOT/bench/reload-pm2.sh"
+	wait "$LAST_PID" || die "PM2 reload scenario failed: $(tail -n 5 "$tmp/logs/s9-reload.log")"
+	CUR_PIDS=()
+	grep '^S9R ' "$tmp/logs/s9-reload.log" | sed "s/^S9R /s9reload /; s/\$/ start_ms=$t0 end_ms=$(now_ms)/" >>"$RAW"
+	grep '^S9R ' "$tmp/logs/s9-reload.log" | while read -r line; do
+		log "  reload $(tr ' ' '\n' <<<"$line" | grep -E '^(contender|mode|rep|reload_ms|requests|err_[a-z]+)=' | tr '\n' ' ')"
+	done
+}
+
 # Scenario 3 (the master's CPU) is measured during 1 and 2.
-for sc in ${BENCH_SCENARIOS:-1 2 4 5 6 7 8}; do
-	declare -F "scenario_$sc" >/dev/null || die "no scenario $sc (want some of 1 2 4 5 6 7 8; 3 is measured in 1 and 2)"
+for sc in ${BENCH_SCENARIOS:-1 2 4 5 6 7 8 9}; do
+	declare -F "scenario_$sc" >/dev/null || die "no scenario $sc (want some of 1 2 4 5 6 7 8 9; 3 is measured in 1 and 2)"
 	"scenario_$sc"
 done
 

@@ -17,9 +17,18 @@
 // BENCH_NOTIFY=1 makes every request send {cmd: 'notifyRequest'} to the
 // master (shoal, or the cluster primary, which counts them in
 // worker.on('message')): the second example of the Node.js v0.6 docs.
+//
+// BENCH_GRACEFUL=1 (the PM2 scenario, for both contenders) makes a worker
+// behave as PM2's graceful start and shutdown documentation asks: it calls
+// process.send('ready') once it listens (PM2's wait_ready; shoal's
+// --ready message), and on SIGINT (PM2) or SIGTERM (shoal) it stops
+// accepting, answers every request after that with "Connection: close", and
+// exits when the last connection has closed (the supervisor's stop timeout
+// ends a connection that stays open and idle).
 'use strict';
 const cluster = require('node:cluster');
 const http = require('node:http');
+const net = require('node:net');
 
 const mode = process.env.BENCH_MODE || 'reuseport';
 const notify = process.env.BENCH_NOTIFY === '1';
@@ -56,5 +65,26 @@ if (mode.startsWith('cluster') && cluster.isPrimary) {
   });
   const opts = { port, host };
   if (mode !== 'cluster') opts.reusePort = true;
-  server.listen(opts);
+  if (process.env.BENCH_GRACEFUL === '1') {
+    let closing = false;
+    server.prependListener('request', (req, res) => {
+      if (closing) res.setHeader('Connection', 'close');
+    });
+    const shutdown = () => {
+      if (closing) return;
+      closing = true;
+      // Stop listening, but not with http.Server's close(), which (since
+      // Node.js 19) also closes every keep-alive connection that has no
+      // request in progress *as the server sees it*, racing requests the
+      // client already sent: under load that fails requests. Each open
+      // connection instead gets "Connection: close" on its next answer;
+      // 'close' comes when the last one has ended.
+      net.Server.prototype.close.call(server, () => process.exit(0));
+    };
+    process.on('SIGINT', shutdown);
+    process.on('SIGTERM', shutdown);
+    server.listen(opts, () => process.send && process.send('ready'));
+  } else {
+    server.listen(opts);
+  }
 }

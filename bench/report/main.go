@@ -191,7 +191,7 @@ func analyse(d *data) *results {
 	res := &results{cells: map[string]*cell{}, ratios: map[string][]float64{}}
 	for _, r := range d.recs {
 		switch r.kind {
-		case "s1", "s2", "s4":
+		case "s1", "s2", "s4", "s9":
 		default:
 			continue
 		}
@@ -207,7 +207,7 @@ func analyse(d *data) *results {
 		c.p99 = append(c.p99, r.f("p99_us"))
 		c.errs += r.errs()
 		wall := (r.f("end_ms") - r.f("start_ms")) / 1000
-		if (r.s("contender") == "shoal" || strings.HasPrefix(r.s("contender"), "cluster") || r.s("contender") == "shoal-go") && wall > 0 {
+		if (r.s("contender") == "shoal" || strings.HasPrefix(r.s("contender"), "cluster") || r.s("contender") == "shoal-go" || strings.HasPrefix(r.s("contender"), "pm2")) && wall > 0 {
 			c.masterPct = append(c.masterPct, r.f("master_ticks")/100/wall*100)
 		}
 		if _, ok := r.kv["foreign"]; ok {
@@ -567,12 +567,14 @@ func markdown(d *data, res *results) string {
 	}
 	p("\n")
 
+	p("%s", pm2Markdown(d, res))
+
 	p("## Other load on the machine\n\n")
 	p("`bench/cpuwatch` samples, every 250 ms, the machine's busy CPU (`/proc/stat`) and the CPU of the benchmark's own processes; ")
 	p("the difference is load from other processes, which would bias a comparison. Before each measurement the harness waits (a few seconds at most) ")
 	p("for that to drop under 0.1 CPU. Mean foreign load during the measured runs, in CPUs:\n\n")
 	p("| scenario | mean | highest run |\n| --- | ---: | ---: |\n")
-	for _, scen := range []string{"s1", "s2", "s4", "s5", "s6", "s7"} {
+	for _, scen := range []string{"s1", "s2", "s4", "s5", "s6", "s7", "s9"} {
 		var all []float64
 		for k, c := range res.cells {
 			if strings.HasPrefix(k, scen+"/") {
@@ -683,6 +685,22 @@ func chart(d *data, res *results) string {
 		{"Node.js, one notifyRequest message to the master per request: requests/s", mk("s2", []string{"shoal", "cluster"}, "shoal"), reqs},
 		{fmt.Sprintf("Go hello world: %s processes under shoal, or one process with %s threads: requests/s", n, n), mk("s4", []string{"shoal-go", "go-single"}, "shoal-go"), reqs},
 	}
+	// Scenario 9: PM2 (labels and contenders in pm2.go).
+	var pm2CPU []group
+	for _, mode := range []string{"keepalive", "close"} {
+		g := group{title: upperFirst(modeName(mode))}
+		for _, w := range pm2Who {
+			if c := res.cells[key("s9", w, mode)]; c != nil && len(c.masterPct) > 0 {
+				g.bars = append(g.bars, bar{label: pm2MasterLabel[w], v: median(c.masterPct), lo: slices.Min(c.masterPct), hi: slices.Max(c.masterPct), hl: w == "shoal"})
+			}
+		}
+		if len(g.bars) > 0 {
+			pm2CPU = append(pm2CPU, g)
+		}
+	}
+	panels = append(panels,
+		panel{fmt.Sprintf("Node.js hello world, %s workers, under PM2 or shoal: requests/s (other jobs used %s CPUs meanwhile)", n, pm2Foreign(res)), mk("s9", pm2Who, "shoal"), reqs},
+		panel{"PM2's daemon or shoal's master meanwhile (% of one core)", pm2CPU, func(v float64) string { return fmt.Sprintf("%.1f%%", v) }})
 
 	const (
 		width   = 960
