@@ -560,6 +560,11 @@ scenario_8() {
 	METRICS_ADDR=""
 }
 
+# --- 10, 11. --bind master and --steering: scripts and result files of their own ---
+# (bench/handoff.sh, bench/steering.sh; docs/benchmarks-handoff.md, docs/benchmarks-steering.md)
+scenario_10() { SHOAL=$SHOAL BENCH_OUT=$OUT bash "$ROOT/bench/handoff.sh" $( ((QUICK)) && echo --quick) || die "bench/handoff.sh failed"; }
+scenario_11() { SHOAL=$SHOAL BENCH_OUT=$OUT bash "$ROOT/bench/steering.sh" $( ((QUICK)) && echo --quick) || die "bench/steering.sh failed"; }
+
 # Scenario 3 (the master's CPU) is measured during 1 and 2.
 for sc in ${BENCH_SCENARIOS:-1 2 4 5 6 7 8}; do
 	declare -F "scenario_$sc" >/dev/null || die "no scenario $sc (want some of 1 2 4 5 6 7 8; 3 is measured in 1 and 2)"

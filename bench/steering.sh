@@ -1,0 +1,269 @@
+#!/usr/bin/env bash
+# bench/steering.sh: --steering round-robin (an eBPF program of the master's)
+# against --steering hash (the kernel's), side by side in one run (issue 14).
+#
+#   bench/steering.sh            the full run (about 12 minutes on 2 CPUs)
+#   bench/steering.sh --quick    a short run (about 5 minutes)
+#
+# 1. Balance: 16 keep-alive connections (wrk -c16) on 2 and 4 built-in Go
+#    workers, the established connections of each worker counted with ss
+#    during the load; busiest and idlest worker, repeated (the modes
+#    alternate).
+# 2. Reloads under load: bench/reload-ns.sh, 4 workers reloaded back to back
+#    under wrk (which never retries), with tcp_migrate_req=0 and 1, each in a
+#    network namespace of its own (root); failed requests per reload.
+# 3. Throughput: 2 workers each, wrk keep-alive and new connection per
+#    request, alternating rounds; the median of the ratios round-robin/hash
+#    measured in the same round (the program must cost nothing measurable).
+#
+# Every shoal here binds with --bind worker (bench/handoff.sh measures
+# --bind master). It writes $BENCH_OUT/benchmarks-steering.md and
+# $BENCH_OUT/benchmarks-steering-raw.txt (BENCH_OUT defaults to docs).
+# Knobs (environment): BENCH_ROUNDS (reload and throughput rounds),
+# BENCH_BAL_REPEATS, BENCH_DURATION (seconds per throughput run),
+# BENCH_RELOAD_SECS, BENCH_CONNS (wrk connections for reloads and
+# throughput, 32), SHOAL (a built binary; else it is built), BENCH_KEEP=1.
+set -euo pipefail
+
+NAME=steering
+QUICK=0
+for a in "$@"; do
+	case $a in
+	--quick) QUICK=1 ;;
+	-h | --help)
+		sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+		exit 0
+		;;
+	*)
+		echo "bench/steering.sh: unknown argument $a (want --quick)" >&2
+		exit 2
+		;;
+	esac
+done
+if ((QUICK)); then
+	ROUNDS=${BENCH_ROUNDS:-10} REP=${BENCH_BAL_REPEATS:-6} DUR=${BENCH_DURATION:-2} RSECS=${BENCH_RELOAD_SECS:-8} RL_ROUNDS=${BENCH_RL_ROUNDS:-2}
+else
+	ROUNDS=${BENCH_ROUNDS:-16} REP=${BENCH_BAL_REPEATS:-20} DUR=${BENCH_DURATION:-3} RSECS=${BENCH_RELOAD_SECS:-10} RL_ROUNDS=${BENCH_RL_ROUNDS:-4}
+fi
+CONNS=${BENCH_CONNS:-32}
+BUILD=""
+source "$(dirname "$0")/lib.sh"
+OUT=${BENCH_OUT:-docs}
+RAW=$tmp/raw.txt
+: >"$RAW"
+start_time=$(date +%s)
+common_meta
+meta mode "$( ((QUICK)) && echo quick || echo full)"
+meta rounds "$ROUNDS"
+meta reload_rounds "$RL_ROUNDS"
+meta balance_repeats "$REP"
+meta duration "$DUR"
+meta reload_secs "$RSECS"
+meta conns "$CONNS"
+
+# start_shoal STEERING WORKERS: a shoal of built-in Go workers on a new port;
+# sets PORT and MPID.
+start_shoal() {
+	new_port
+	PORT=$NEW_PORT
+	spawn "$1-$2-$PORT" "$SHOAL" --workers "$2" --port "$PORT" --host 127.0.0.1 --metrics-addr "" --control "" \
+		--migrate-req off --bind worker --steering "$1" --stop-timeout 3s --log-format json
+	MPID=$LAST_PID
+	wait_listen "$PORT" "$2"
+	sleep 0.3 # round-robin: every worker in the selection
+	if [[ $1 == round-robin ]]; then
+		grep -q '"steering":"round-robin"' "$tmp/logs/$1-$2-$PORT.log" ||
+			die "shoal on port $PORT does not steer round-robin: $(grep -i steering "$tmp/logs/$1-$2-$PORT.log" | head -n 2)"
+	fi
+}
+
+# conns_per_worker PORT MASTER: the established connections of each of the
+# master's workers on PORT, busiest first ("5 4 4 3").
+conns_per_worker() {
+	local kids
+	kids=$(cat /proc/"$2"/task/*/children 2>/dev/null)
+	ss -Htnp state established "( sport = :$1 )" | grep -o 'pid=[0-9]*' | cut -d= -f2 |
+		awk -v kids="$kids" 'BEGIN {n = split(kids, k, " "); for (i = 1; i <= n; i++) c[k[i]] = 0}
+			{c[$1]++} END {for (p in c) print c[p]}' | sort -rn | tr '\n' ' ' | sed 's/ $//'
+}
+
+# --- 1. balance --------------------------------------------------------------
+
+log "balance: 16 keep-alive connections on 2 and 4 workers, $REP repeats"
+for w in 2 4; do
+	start_shoal hash "$w"
+	hport=$PORT hpid=$MPID
+	start_shoal round-robin "$w"
+	rport=$PORT rpid=$MPID
+	for ((r = 1; r <= REP; r++)); do
+		order="hash round-robin"
+		((r % 2 == 0)) && order="round-robin hash"
+		for s in $order; do
+			if [[ $s == hash ]]; then port=$hport mp=$hpid; else port=$rport mp=$rpid; fi
+			wrk -t1 -c16 -d2s "http://127.0.0.1:$port/" >/dev/null 2>&1 &
+			wpid=$!
+			sleep 1
+			counts=$(conns_per_worker "$port" "$mp")
+			wait "$wpid" || die "wrk failed (balance, $s)"
+			set -- $counts
+			echo "s_balance workers=$w steering=$s repeat=$r total=$(($(tr ' ' '+' <<<"$counts"))) busiest=$1 idlest=${!#} counts=${counts// /,}" >>"$RAW"
+		done
+	done
+	log "  $w workers: hash $(grep "^s_balance workers=$w steering=hash " "$RAW" | sed 's/.*counts=//' | tr '\n' ' ')"
+	log "  $w workers: round-robin $(grep "^s_balance workers=$w steering=round-robin " "$RAW" | sed 's/.*counts=//' | tr '\n' ' ')"
+	stop_current
+done
+
+# --- 2. reloads under load ----------------------------------------------------
+
+if need_netns; then
+	log "reloads under load: --steering hash and round-robin, tcp_migrate_req 0 and 1, $RL_ROUNDS rounds of $RSECS s"
+	for ((r = 1; r <= RL_ROUNDS; r++)); do
+		for mig in 0 1; do
+			for mode in close keepalive; do
+				order="hash round-robin"
+				((r % 2 == 0)) && order="round-robin hash"
+				for s in $order; do
+					line=$(reload_cell "$mode" "$mig" worker "$s" "$RSECS" "$CONNS")
+					echo "s_reload round=$r $line" >>"$RAW"
+					log "  round $r migrate=$mig $mode steering=$s: reloads=$(field reloads "$line") failed=$(errors "$line") of $(field requests "$line")"
+				done
+			done
+		done
+	done
+else
+	log "reload scenario skipped: it needs root, unshare and ip (a private network namespace)"
+	echo "s_reload_skip reason=needs-root-unshare-ip" >>"$RAW"
+fi
+
+# --- 3. throughput --------------------------------------------------------------
+
+log "throughput: 2 workers, round-robin against hash, $ROUNDS rounds of ${DUR}s"
+start_shoal hash 2
+hport=$PORT
+start_shoal round-robin 2
+rport=$PORT
+for mode in keepalive close; do
+	wrk_run "$mode" 1 "$hport" "$CONNS" >/dev/null
+	wrk_run "$mode" 1 "$rport" "$CONNS" >/dev/null
+done
+for ((r = 1; r <= ROUNDS; r++)); do
+	for mode in keepalive close; do
+		order="hash round-robin"
+		((r % 2 == 0)) && order="round-robin hash"
+		for s in $order; do
+			if [[ $s == hash ]]; then port=$hport; else port=$rport; fi
+			res=$(wrk_run "$mode" "$DUR" "$port" "$CONNS")
+			rps=$(awk '{printf "%.0f", $1 / $2 * 1e6}' <<<"$(field requests "$res") $(field duration_us "$res")")
+			echo "s_tput round=$r mode=$mode steering=$s rps=$rps loadavg=$(cut -d' ' -f1 /proc/loadavg) $res" >>"$RAW"
+			log "  round $r $mode $s: $rps req/s"
+		done
+	done
+done
+stop_current
+meta elapsed_s "$(($(date +%s) - start_time))"
+
+# --- report ---------------------------------------------------------------------
+
+AWKF='function f(k,   i) { for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) return substr($i, length(k) + 2); return 0 }
+function isort(a, n,   i, j, v) { for (i = 2; i <= n; i++) { v = a[i]; for (j = i - 1; j > 0 && a[j] > v; j--) a[j + 1] = a[j]; a[j + 1] = v } }
+function med(a, n) { isort(a, n); return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }'
+
+# bal W STEERING: "busiest(median) idlest(median) busiest(max) idlest(min) exact n ratio(median)"
+bal() {
+	awk -v w="$1" -v s="$2" "$AWKF"'
+		$1 == "s_balance" && f("workers") == w && f("steering") == s {
+			n++; b[n] = f("busiest") + 0; i[n] = f("idlest") + 0
+			if (b[n] > bmax) bmax = b[n]; if (n == 1 || i[n] < imin) imin = i[n]
+			if (b[n] - i[n] <= 1) exact++
+		}
+		END { printf "%s %s %d %d %d %d\n", med(b, n), med(i, n), bmax, imin, exact, n }' "$RAW"
+}
+
+# rl_sum MIGRATE MODE STEERING: "reloads failed requests reload_ms_p50(median)"
+rl_sum() {
+	awk -v m="$1" -v mode="$2" -v s="$3" "$AWKF"'
+		$1 == "s_reload" && f("migrate") == m && f("mode") == mode && f("steering") == s {
+			rl += f("reloads"); req += f("requests")
+			fail += f("err_connect") + f("err_read") + f("err_write") + f("err_status") + f("err_timeout")
+			ms[++n] = f("reload_ms_p50") + 0
+		}
+		END { printf "%d %d %d %s\n", rl, fail, req, n ? med(ms, n) : 0 }' "$RAW"
+}
+
+# tput MODE: "hash(median) rr(median) ratio(median of paired) ratio_min ratio_max rounds"
+tput() {
+	awk -v mode="$1" "$AWKF"'
+		$1 == "s_tput" && f("mode") == mode { v[f("round"), f("steering")] = f("rps") + 0; if (f("round") > R) R = f("round") + 0 }
+		END {
+			for (r = 1; r <= R; r++) if (((r, "hash") in v) && ((r, "round-robin") in v)) {
+				n++; h[n] = v[r, "hash"]; o[n] = v[r, "round-robin"]; q[n] = o[n] / h[n]
+				if (n == 1 || q[n] < qmin) qmin = q[n]; if (q[n] > qmax) qmax = q[n]
+			}
+			printf "%.0f %.0f %.3f %.3f %.3f %d\n", med(h, n), med(o, n), med(q, n), qmin, qmax, n
+		}' "$RAW"
+}
+
+mkdir -p "$OUT"
+md=$OUT/benchmarks-steering.md
+{
+	echo "# Kernel steering: \`--steering round-robin\` against \`--steering hash\`"
+	echo
+	echo "Generated by \`bench/steering.sh$( ((QUICK)) && echo ' --quick')\` on $(awk '$2 == "date" {print $3}' "$RAW"):"
+	echo "$(nproc) CPUs ($(awk -F'cpu_model ' '/^meta cpu_model/ {print $2}' "$RAW")), $(uname -sr), load average $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+	echo "(the machine is shared: other jobs ran meanwhile). Built-in Go workers, \`--bind worker\`."
+	echo "Raw data: [benchmarks-steering-raw.txt](benchmarks-steering-raw.txt)."
+	echo
+	echo "## Balance: 16 keep-alive connections"
+	echo
+	echo "wrk -c16 for 2 s, the established connections of each worker counted (ss) 1 s in; $REP repeats per cell,"
+	echo "the two modes alternating against two masters that run side by side."
+	echo
+	echo "| workers | steering | busiest (median) | idlest (median) | busiest ÷ idlest (medians) | worst busiest / idlest | runs within 1 of even |"
+	echo "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"
+	for w in 2 4; do
+		for s in hash round-robin; do
+			read -r bm im bx imn ex n <<<"$(bal "$w" "$s")"
+			q=$(awk -v b="$bm" -v i="$im" 'BEGIN {if (i > 0) printf "%.2f", b / i; else print "∞"}')
+			echo "| $w | $s | $bm | $im | $q | $bx / $imn | $ex of $n |"
+		done
+	done
+	echo
+	echo "## Reloads under load"
+	echo
+	echo "4 workers, \`shoal ctl reload\` back to back for $RSECS s minus 3 under wrk ($CONNS connections, 1 thread;"
+	echo "wrk never retries: connect, read, write and timeout errors are the failed requests), in a network"
+	echo "namespace of its own per run; $RL_ROUNDS rounds, the two modes alternating in each."
+	echo
+	echo "| tcp_migrate_req | traffic | steering | reloads | failed requests | failed per reload | requests | reload p50 (median) |"
+	echo "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+	if grep -q '^s_reload ' "$RAW"; then
+		for mig in 0 1; do
+			for mode in close keepalive; do
+				for s in hash round-robin; do
+					read -r rl fail req ms <<<"$(rl_sum "$mig" "$mode" "$s")"
+					per=$(awk -v f="$fail" -v r="$rl" 'BEGIN {if (r) printf "%.2f", f / r; else print "-"}')
+					label=$([[ $mode == close ]] && echo "new connection per request" || echo keep-alive)
+					echo "| $mig | $label | $s | $rl | $fail | $per | $req | $ms ms |"
+				done
+			done
+		done
+	else
+		echo "| skipped: needs root, unshare and ip | | | | | | | |"
+	fi
+	echo
+	echo "## Throughput"
+	echo
+	echo "2 workers each, wrk $CONNS connections, 1 thread, ${DUR} s per run; $ROUNDS rounds, the order alternating;"
+	echo "the ratio is the median of round-robin ÷ hash measured in the same round."
+	echo
+	echo "| traffic | hash (median) | round-robin (median) | round-robin ÷ hash (median of paired) | range of the paired ratios |"
+	echo "| --- | ---: | ---: | ---: | ---: |"
+	for mode in keepalive close; do
+		read -r h o q qmin qmax n <<<"$(tput "$mode")"
+		label=$([[ $mode == close ]] && echo "new connection per request" || echo keep-alive)
+		echo "| $label | $h req/s | $o req/s | **${q}x** | ${qmin}–${qmax} ($n rounds) |"
+	done
+} >"$md"
+cp "$RAW" "$OUT/benchmarks-steering-raw.txt"
+log "done in $(($(date +%s) - start_time))s: $md, $OUT/benchmarks-steering-raw.txt"
