@@ -13,14 +13,19 @@
 #    under wrk (which never retries), with tcp_migrate_req=0 and 1, each in a
 #    network namespace of its own (root); failed requests per reload.
 # 3. Throughput: 2 workers each, wrk keep-alive and new connection per
-#    request, alternating rounds; the median of the ratios round-robin/hash
-#    measured in the same round (the program must cost nothing measurable).
+#    request, alternating short rounds; the median of the ratios
+#    round-robin/hash measured in the same round (the program must cost
+#    nothing measurable). On a shared machine throughput swings with other
+#    people's load, so it also records the CPU time of the workers, the
+#    master and wrk per request (where the program's cost would show: it
+#    runs in the kernel, on the handshake's path), which other load moves
+#    much less.
 #
 # Every shoal here binds with --bind worker (bench/handoff.sh measures
 # --bind master). It writes $BENCH_OUT/benchmarks-steering.md and
 # $BENCH_OUT/benchmarks-steering-raw.txt (BENCH_OUT defaults to docs).
-# Knobs (environment): BENCH_ROUNDS (reload and throughput rounds),
-# BENCH_BAL_REPEATS, BENCH_DURATION (seconds per throughput run),
+# Knobs (environment): BENCH_ROUNDS (throughput rounds), BENCH_RL_ROUNDS
+# (reload rounds), BENCH_PARTS (a subset of "balance reload throughput"), BENCH_BAL_REPEATS, BENCH_DURATION (seconds per throughput run),
 # BENCH_RELOAD_SECS, BENCH_CONNS (wrk connections for reloads and
 # throughput, 32), SHOAL (a built binary; else it is built), BENCH_KEEP=1.
 set -euo pipefail
@@ -41,11 +46,12 @@ for a in "$@"; do
 	esac
 done
 if ((QUICK)); then
-	ROUNDS=${BENCH_ROUNDS:-10} REP=${BENCH_BAL_REPEATS:-6} DUR=${BENCH_DURATION:-2} RSECS=${BENCH_RELOAD_SECS:-8} RL_ROUNDS=${BENCH_RL_ROUNDS:-2}
+	ROUNDS=${BENCH_ROUNDS:-20} REP=${BENCH_BAL_REPEATS:-6} DUR=${BENCH_DURATION:-1} RSECS=${BENCH_RELOAD_SECS:-8} RL_ROUNDS=${BENCH_RL_ROUNDS:-2}
 else
-	ROUNDS=${BENCH_ROUNDS:-16} REP=${BENCH_BAL_REPEATS:-20} DUR=${BENCH_DURATION:-3} RSECS=${BENCH_RELOAD_SECS:-10} RL_ROUNDS=${BENCH_RL_ROUNDS:-4}
+	ROUNDS=${BENCH_ROUNDS:-30} REP=${BENCH_BAL_REPEATS:-20} DUR=${BENCH_DURATION:-2} RSECS=${BENCH_RELOAD_SECS:-10} RL_ROUNDS=${BENCH_RL_ROUNDS:-4}
 fi
 CONNS=${BENCH_CONNS:-32}
+PARTS=" ${BENCH_PARTS:-balance reload throughput} "
 BUILD=""
 source "$(dirname "$0")/lib.sh"
 OUT=${BENCH_OUT:-docs}
@@ -77,6 +83,34 @@ start_shoal() {
 	fi
 }
 
+# tree_ticks MASTER: CPU time (utime+stime, clock ticks) of the master and
+# its workers.
+tree_ticks() {
+	local p t=0 s
+	for p in "$1" $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+		s=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+		s=${s##*) }
+		set -- $s
+		t=$((t + ${12} + ${13}))
+	done
+	echo "$t"
+}
+
+# wrk_cpu MODE SECONDS PORT CONNS: like wrk_run, with wrk's own CPU time
+# (clock ticks, from its parent's cutime+cstime once it is reaped) appended
+# as wrk_ticks=.
+wrk_cpu() {
+	local hdr=""
+	[[ $1 == close ]] && hdr="Connection: close"
+	bash -c 'if [[ -n $5 ]]; then wrk -t1 -c"$4" -d"$2s" -s "$1" -H "$5" "http://127.0.0.1:$3/"; else wrk -t1 -c"$4" -d"$2s" -s "$1" "http://127.0.0.1:$3/"; fi >"$6" 2>&1 || exit 1
+		read -r -a s </proc/$$/stat; echo "wrk_ticks=$((s[15] + s[16]))"' \
+		_ "$ROOT/bench/report.lua" "$2" "$3" "$4" "$hdr" "$tmp/wrk.out" >"$tmp/wrk.ticks" || {
+		cat "$tmp/wrk.out" >&2
+		die "wrk failed"
+	}
+	echo "$(grep '^WRK ' "$tmp/wrk.out" | sed 's/^WRK //') $(cat "$tmp/wrk.ticks")"
+}
+
 # conns_per_worker PORT MASTER: the established connections of each of the
 # master's workers on PORT, busiest first ("5 4 4 3").
 conns_per_worker() {
@@ -89,8 +123,8 @@ conns_per_worker() {
 
 # --- 1. balance --------------------------------------------------------------
 
-log "balance: 16 keep-alive connections on 2 and 4 workers, $REP repeats"
-for w in 2 4; do
+[[ $PARTS == *" balance "* ]] && log "balance: 16 keep-alive connections on 2 and 4 workers, $REP repeats"
+[[ $PARTS == *" balance "* ]] && for w in 2 4; do
 	start_shoal hash "$w"
 	hport=$PORT hpid=$MPID
 	start_shoal round-robin "$w"
@@ -116,7 +150,9 @@ done
 
 # --- 2. reloads under load ----------------------------------------------------
 
-if need_netns; then
+if [[ $PARTS != *" reload "* ]]; then
+	:
+elif need_netns; then
 	log "reloads under load: --steering hash and round-robin, tcp_migrate_req 0 and 1, $RL_ROUNDS rounds of $RSECS s"
 	for ((r = 1; r <= RL_ROUNDS; r++)); do
 		for mig in 0 1; do
@@ -138,11 +174,12 @@ fi
 
 # --- 3. throughput --------------------------------------------------------------
 
+[[ $PARTS == *" throughput "* ]] && {
 log "throughput: 2 workers, round-robin against hash, $ROUNDS rounds of ${DUR}s"
 start_shoal hash 2
-hport=$PORT
+hport=$PORT hpid=$MPID
 start_shoal round-robin 2
-rport=$PORT
+rport=$PORT rpid=$MPID
 for mode in keepalive close; do
 	wrk_run "$mode" 1 "$hport" "$CONNS" >/dev/null
 	wrk_run "$mode" 1 "$rport" "$CONNS" >/dev/null
@@ -152,15 +189,20 @@ for ((r = 1; r <= ROUNDS; r++)); do
 		order="hash round-robin"
 		((r % 2 == 0)) && order="round-robin hash"
 		for s in $order; do
-			if [[ $s == hash ]]; then port=$hport; else port=$rport; fi
-			res=$(wrk_run "$mode" "$DUR" "$port" "$CONNS")
+			if [[ $s == hash ]]; then port=$hport mp=$hpid; else port=$rport mp=$rpid; fi
+			t0=$(tree_ticks "$mp")
+			res=$(wrk_cpu "$mode" "$DUR" "$port" "$CONNS")
+			t1=$(tree_ticks "$mp")
 			rps=$(awk '{printf "%.0f", $1 / $2 * 1e6}' <<<"$(field requests "$res") $(field duration_us "$res")")
-			echo "s_tput round=$r mode=$mode steering=$s rps=$rps loadavg=$(cut -d' ' -f1 /proc/loadavg) $res" >>"$RAW"
-			log "  round $r $mode $s: $rps req/s"
+			# CPU µs per request: the server's (master and workers) plus wrk's.
+			us=$(awk '{printf "%.2f", ($1 + $2) * 10000 / $3}' <<<"$((t1 - t0)) $(field wrk_ticks "$res") $(field requests "$res")")
+			echo "s_tput round=$r mode=$mode steering=$s rps=$rps cpu_us_per_req=$us server_ticks=$((t1 - t0)) loadavg=$(cut -d' ' -f1 /proc/loadavg) $res" >>"$RAW"
+			log "  round $r $mode $s: $rps req/s, $us CPU µs per request"
 		done
 	done
 done
 stop_current
+}
 meta elapsed_s "$(($(date +%s) - start_time))"
 
 # --- report ---------------------------------------------------------------------
@@ -191,16 +233,16 @@ rl_sum() {
 		END { printf "%d %d %d %s\n", rl, fail, req, n ? med(ms, n) : 0 }' "$RAW"
 }
 
-# tput MODE: "hash(median) rr(median) ratio(median of paired) ratio_min ratio_max rounds"
+# tput MODE KEY: "hash(median) rr(median) ratio(median of paired) ratio_min ratio_max rounds" of KEY (rps or cpu_us_per_req)
 tput() {
-	awk -v mode="$1" "$AWKF"'
-		$1 == "s_tput" && f("mode") == mode { v[f("round"), f("steering")] = f("rps") + 0; if (f("round") > R) R = f("round") + 0 }
+	awk -v mode="$1" -v key="$2" "$AWKF"'
+		$1 == "s_tput" && f("mode") == mode { r = f("round") + 0; v[r, f("steering")] = f(key) + 0; if (r > R) R = r }
 		END {
 			for (r = 1; r <= R; r++) if (((r, "hash") in v) && ((r, "round-robin") in v)) {
 				n++; h[n] = v[r, "hash"]; o[n] = v[r, "round-robin"]; q[n] = o[n] / h[n]
 				if (n == 1 || q[n] < qmin) qmin = q[n]; if (q[n] > qmax) qmax = q[n]
 			}
-			printf "%.0f %.0f %.3f %.3f %.3f %d\n", med(h, n), med(o, n), med(q, n), qmin, qmax, n
+			printf "%.2f %.2f %.3f %.3f %.3f %d\n", med(h, n), med(o, n), med(q, n), qmin, qmax, n
 		}' "$RAW"
 }
 
@@ -255,14 +297,18 @@ md=$OUT/benchmarks-steering.md
 	echo "## Throughput"
 	echo
 	echo "2 workers each, wrk $CONNS connections, 1 thread, ${DUR} s per run; $ROUNDS rounds, the order alternating;"
-	echo "the ratio is the median of round-robin ÷ hash measured in the same round."
+	echo "each ratio is the median of round-robin ÷ hash measured in the same round. CPU per request is the"
+	echo "CPU time of the master, its workers and wrk over the requests answered (the kernel's work on the"
+	echo "connections, the steering program's included, is charged to these processes on loopback)."
 	echo
-	echo "| traffic | hash (median) | round-robin (median) | round-robin ÷ hash (median of paired) | range of the paired ratios |"
-	echo "| --- | ---: | ---: | ---: | ---: |"
+	echo "| traffic | | hash (median) | round-robin (median) | round-robin ÷ hash (median of paired) | range of the paired ratios |"
+	echo "| --- | --- | ---: | ---: | ---: | ---: |"
 	for mode in keepalive close; do
-		read -r h o q qmin qmax n <<<"$(tput "$mode")"
 		label=$([[ $mode == close ]] && echo "new connection per request" || echo keep-alive)
-		echo "| $label | $h req/s | $o req/s | **${q}x** | ${qmin}–${qmax} ($n rounds) |"
+		read -r h o q qmin qmax n <<<"$(tput "$mode" rps)"
+		echo "| $label | throughput | $(printf '%.0f' "$h") req/s | $(printf '%.0f' "$o") req/s | **${q}x** | ${qmin}–${qmax} ($n rounds) |"
+		read -r h o q qmin qmax n <<<"$(tput "$mode" cpu_us_per_req)"
+		echo "| $label | CPU per request | $h µs | $o µs | **${q}x** | ${qmin}–${qmax} ($n rounds) |"
 	done
 } >"$md"
 cp "$RAW" "$OUT/benchmarks-steering-raw.txt"
