@@ -3,7 +3,7 @@
 # against --steering hash (the kernel's), side by side in one run (issue 14).
 #
 #   bench/steering.sh            the full run (about 12 minutes on 2 CPUs)
-#   bench/steering.sh --quick    a short run (about 5 minutes)
+#   bench/steering.sh --quick    a short run (about 6 minutes)
 #
 # 1. Balance: 16 keep-alive connections (wrk -c16) on 2 and 4 built-in Go
 #    workers, the established connections of each worker counted with ss
@@ -19,7 +19,11 @@
 #    people's load, so it also records the CPU time of the workers, the
 #    master and wrk per request (where the program's cost would show: it
 #    runs in the kernel, on the handshake's path), which other load moves
-#    much less.
+#    much less. With BENCH_BPF_STATS=1 (root) it also reads the kernel's
+#    own accounting of the program's run time (bench/bpfstats: BPF_ENABLE_STATS,
+#    on only while the throughput part runs, for every BPF program of the
+#    machine, and off when bench/bpfstats ends, however it ends): nanoseconds
+#    per connection placed.
 #
 # Every shoal here binds with --bind worker (bench/handoff.sh measures
 # --bind master). It writes $BENCH_OUT/benchmarks-steering.md and
@@ -46,13 +50,14 @@ for a in "$@"; do
 	esac
 done
 if ((QUICK)); then
-	ROUNDS=${BENCH_ROUNDS:-20} REP=${BENCH_BAL_REPEATS:-6} DUR=${BENCH_DURATION:-1} RSECS=${BENCH_RELOAD_SECS:-8} RL_ROUNDS=${BENCH_RL_ROUNDS:-2}
+	ROUNDS=${BENCH_ROUNDS:-16} REP=${BENCH_BAL_REPEATS:-6} DUR=${BENCH_DURATION:-2} RSECS=${BENCH_RELOAD_SECS:-8} RL_ROUNDS=${BENCH_RL_ROUNDS:-2}
 else
 	ROUNDS=${BENCH_ROUNDS:-30} REP=${BENCH_BAL_REPEATS:-20} DUR=${BENCH_DURATION:-2} RSECS=${BENCH_RELOAD_SECS:-10} RL_ROUNDS=${BENCH_RL_ROUNDS:-4}
 fi
 CONNS=${BENCH_CONNS:-32}
 PARTS=" ${BENCH_PARTS:-balance reload throughput} "
 BUILD=""
+[[ ${BENCH_BPF_STATS:-} == 1 ]] && BUILD=bpfstats
 source "$(dirname "$0")/lib.sh"
 OUT=${BENCH_OUT:-docs}
 RAW=$tmp/raw.txt
@@ -180,6 +185,22 @@ start_shoal hash 2
 hport=$PORT hpid=$MPID
 start_shoal round-robin 2
 rport=$PORT rpid=$MPID
+if [[ ${BENCH_BPF_STATS:-} == 1 ]]; then
+	spawn bpfstats "$tmp/bpfstats" -hold
+	for ((i = 0; i < 40; i++)); do grep -q enabled "$tmp/logs/bpfstats.log" && break; sleep 0.05; done
+	grep -q enabled "$tmp/logs/bpfstats.log" || die "bench/bpfstats -hold: $(cat "$tmp/logs/bpfstats.log")"
+	meta bpf_stats on
+fi
+# bpf_now: "run_time_ns run_cnt" of the round-robin master's program, or "0 0".
+bpf_now() {
+	if [[ ${BENCH_BPF_STATS:-} == 1 ]]; then
+		local l
+		l=$("$tmp/bpfstats" -pid "$rpid")
+		echo "$(field run_time_ns "$l") $(field run_cnt "$l")"
+	else
+		echo "0 0"
+	fi
+}
 for mode in keepalive close; do
 	wrk_run "$mode" 1 "$hport" "$CONNS" >/dev/null
 	wrk_run "$mode" 1 "$rport" "$CONNS" >/dev/null
@@ -190,9 +211,12 @@ for ((r = 1; r <= ROUNDS; r++)); do
 		((r % 2 == 0)) && order="round-robin hash"
 		for s in $order; do
 			if [[ $s == hash ]]; then port=$hport mp=$hpid; else port=$rport mp=$rpid; fi
+			read -r b0 n0 <<<"$(bpf_now)"
 			t0=$(tree_ticks "$mp")
 			res=$(wrk_cpu "$mode" "$DUR" "$port" "$CONNS")
 			t1=$(tree_ticks "$mp")
+			read -r b1 n1 <<<"$(bpf_now)"
+			[[ $s == round-robin ]] && res="$res bpf_run_ns=$((b1 - b0)) bpf_runs=$((n1 - n0))"
 			rps=$(awk '{printf "%.0f", $1 / $2 * 1e6}' <<<"$(field requests "$res") $(field duration_us "$res")")
 			# CPU µs per request: the server's (master and workers) plus wrk's.
 			us=$(awk '{printf "%.2f", ($1 + $2) * 10000 / $3}' <<<"$((t1 - t0)) $(field wrk_ticks "$res") $(field requests "$res")")
@@ -310,6 +334,25 @@ md=$OUT/benchmarks-steering.md
 		read -r h o q qmin qmax n <<<"$(tput "$mode" cpu_us_per_req)"
 		echo "| $label | CPU per request | $h µs | $o µs | **${q}x** | ${qmin}–${qmax} ($n rounds) |"
 	done
+	if grep -q '^meta bpf_stats on' "$RAW"; then
+		echo
+		echo "The program's own cost, from the kernel's accounting of its run time (BPF_ENABLE_STATS, on during this part):"
+		echo
+		echo "| traffic | connections placed | program time | per connection | share of the CPU per request |"
+		echo "| --- | ---: | ---: | ---: | ---: |"
+		for mode in keepalive close; do
+			label=$([[ $mode == close ]] && echo "new connection per request" || echo keep-alive)
+			awk -v mode="$mode" -v label="$label" "$AWKF"'
+				$1 == "s_tput" && f("mode") == mode && f("steering") == "round-robin" {
+					ns += f("bpf_run_ns"); runs += f("bpf_runs"); req += f("requests"); cpu += f("cpu_us_per_req") * f("requests")
+				}
+				END {
+					per = runs ? ns / runs : 0
+					# share: program time over all CPU time of the runs
+					printf "| %s | %d | %.1f ms | %.0f ns | %.3f%% |\n", label, runs, ns / 1e6, per, cpu ? ns / (cpu * 1000) * 100 : 0
+				}' "$RAW"
+		done
+	fi
 } >"$md"
 cp "$RAW" "$OUT/benchmarks-steering-raw.txt"
 log "done in $(($(date +%s) - start_time))s: $md, $OUT/benchmarks-steering-raw.txt"
