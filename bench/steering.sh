@@ -15,11 +15,11 @@
 # 3. Throughput: 2 workers each, wrk keep-alive and new connection per
 #    request, alternating short rounds; the median of the ratios
 #    round-robin/hash measured in the same round (the program must cost
-#    nothing measurable). On a shared machine throughput swings with other
-#    people's load, so it also records the CPU time of the workers, the
+#    nothing measurable). It also records the CPU time of the workers, the
 #    master and wrk per request (where the program's cost would show: it
-#    runs in the kernel, on the handshake's path), which other load moves
-#    much less. With BENCH_BPF_STATS=1 (root) it also reads the kernel's
+#    runs in the kernel, on the handshake's path). On a shared machine both
+#    swing with other people's load by far more than 2%, so with
+#    BENCH_BPF_STATS=1 (root) it also reads the kernel's
 #    own accounting of the program's run time (bench/bpfstats: BPF_ENABLE_STATS,
 #    on only while the throughput part runs, for every BPF program of the
 #    machine, and off when bench/bpfstats ends, however it ends): nanoseconds
@@ -29,8 +29,9 @@
 # --bind master). It writes $BENCH_OUT/benchmarks-steering.md and
 # $BENCH_OUT/benchmarks-steering-raw.txt (BENCH_OUT defaults to docs).
 # Knobs (environment): BENCH_ROUNDS (throughput rounds), BENCH_RL_ROUNDS
-# (reload rounds), BENCH_PARTS (a subset of "balance reload throughput"), BENCH_BAL_REPEATS, BENCH_DURATION (seconds per throughput run),
-# BENCH_RELOAD_SECS, BENCH_CONNS (wrk connections for reloads and
+# (reload rounds), BENCH_PARTS (a subset of "balance reload throughput"),
+# BENCH_BAL_REPEATS, BENCH_DURATION (seconds per throughput run),
+# BENCH_BPF_STATS=1, BENCH_RELOAD_SECS, BENCH_CONNS (wrk connections for reloads and
 # throughput, 32), SHOAL (a built binary; else it is built), BENCH_KEEP=1.
 set -euo pipefail
 
