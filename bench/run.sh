@@ -706,9 +706,14 @@ scenario_9() {
 	done
 }
 
+# --- 10, 11. --bind master and --steering: scripts and result files of their own ---
+# (bench/handoff.sh, bench/steering.sh; docs/benchmarks-handoff.md, docs/benchmarks-steering.md)
+scenario_10() { SHOAL=$SHOAL BENCH_OUT=$OUT bash "$ROOT/bench/handoff.sh" $( ((QUICK)) && echo --quick) || die "bench/handoff.sh failed"; }
+scenario_11() { SHOAL=$SHOAL BENCH_OUT=$OUT bash "$ROOT/bench/steering.sh" $( ((QUICK)) && echo --quick) || die "bench/steering.sh failed"; }
+
 # Scenario 3 (the master's CPU) is measured during 1 and 2.
 for sc in ${BENCH_SCENARIOS:-1 2 4 5 6 7 8 9}; do
-	declare -F "scenario_$sc" >/dev/null || die "no scenario $sc (want some of 1 2 4 5 6 7 8 9; 3 is measured in 1 and 2)"
+	declare -F "scenario_$sc" >/dev/null || die "no scenario $sc (want some of 1 2 4 5 6 7 8 9 10 11; 3 is measured in 1 and 2)"
 	"scenario_$sc"
 done
 
