@@ -67,9 +67,13 @@ func (s *Supervisor) Snapshot() (snap Snapshot, ok bool) {
 // tell a live supervisor from a stuck one. It fails when Run is not running
 // or ctx ends first.
 func (s *Supervisor) SnapshotContext(ctx context.Context) (Snapshot, error) {
-	var snap Snapshot
-	err := s.doContext(ctx, func() { snap = s.snapshot() })
-	return snap, err
+	// The loop may take the snapshot after ctx ended and this returned:
+	// it hands it over through a channel, never through a shared variable.
+	res := make(chan Snapshot, 1)
+	if err := s.doContext(ctx, func() { res <- s.snapshot() }); err != nil {
+		return Snapshot{}, err
+	}
+	return <-res, nil
 }
 
 // snapshot takes the snapshot, on the loop goroutine.

@@ -709,3 +709,27 @@ func privilegedPort(t *testing.T) int {
 	t.Skipf("no free port below %d on 127.0.0.1", start)
 	return 0
 }
+
+// TestSnapshotContextThatTimesOut: a snapshot asked for with a context
+// that ends while the loop is busy returns the context's error, and the
+// loop's late answer races with nothing (the race detector would say).
+func TestSnapshotContextThatTimesOut(t *testing.T) {
+	s, err := New(Options{Command: []string{"sleep", "60"}, Workers: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, s)
+	timedOut := 0
+	for i := range 300 {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(i%7)*time.Microsecond)
+		snap, err := s.SnapshotContext(ctx)
+		cancel()
+		if err != nil {
+			timedOut++
+			if snap.Desired != 0 {
+				t.Fatalf("a timed-out snapshot carries data: %+v", snap)
+			}
+		}
+	}
+	t.Logf("%d of 300 snapshots timed out", timedOut)
+}
