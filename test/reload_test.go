@@ -79,7 +79,7 @@ func netnsChild(t *testing.T, name string, env ...string) string {
 	}
 	unshare := peer.Require(t, "unshare")
 	peer.Require(t, "ip")
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, unshare, "--net", "sh", "-c", `ip link set lo up && exec "$0" "$@"`,
 		os.Args[0], "-test.run=^"+name+"$", "-test.v", "-test.count=1")
