@@ -257,36 +257,12 @@ func (s *sec) fake(path string) *fake {
 func (s *sec) master(uid int, args ...string) *master {
 	t := s.t
 	t.Helper()
-	m := &master{t: t, logs: newLogs(), stdout: newLogs(), done: make(chan struct{})}
+	m := newMaster(t)
 	argv := s.as(uid, append([]string{shoalBin, "--workers", "1", "--port", "0", "--metrics-addr", ""}, args...)...)
 	m.cmd = exec.Command(argv[0], argv[1:]...)
 	m.cmd.Env = append(s.env(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_MIGRATE_REQ=off")
 	m.cmd.Dir = s.base
-	m.cmd.Stderr = m.logs
-	m.cmd.Stdout = m.stdout
-	if err := m.cmd.Start(); err != nil {
-		t.Fatalf("start shoal: %v", err)
-	}
-	go func() {
-		m.cmd.Wait()
-		m.state = m.cmd.ProcessState
-		close(m.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-m.done:
-		default:
-			m.cmd.Process.Kill()
-			select {
-			case <-m.done:
-			case <-time.After(10 * time.Second):
-				t.Errorf("shoal (pid %d) not reaped 10s after SIGKILL", m.cmd.Process.Pid)
-			}
-		}
-		if t.Failed() {
-			t.Logf("shoal log:\n%s", m.logs)
-		}
-	})
+	m.launch()
 	return m
 }
 

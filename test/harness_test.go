@@ -139,14 +139,38 @@ func startShoal(t *testing.T, env []string, args ...string) *master {
 // command such as prlimit or setpriv that execs its arguments).
 func startShoalVia(t *testing.T, wrapper []string, env []string, args ...string) *master {
 	t.Helper()
-	m := &master{t: t, logs: newLogs(), stdout: newLogs(), done: make(chan struct{})}
+	m := newMaster(t)
 	argv := append(append(append([]string(nil), wrapper...), shoalBin), args...)
 	m.cmd = exec.Command(argv[0], argv[1:]...)
-	m.cmd.Env = append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_CONTROL=", "SHOAL_MIGRATE_REQ=off"), env...)
+	m.cmd.Env = testEnv(env...)
+	m.launch()
+	return m
+}
+
+// testEnv is the environment of a master under test: the test's, JSON
+// logs at debug level, no metrics or control socket and the host's
+// sysctls left alone unless the arguments say otherwise, then env.
+func testEnv(env ...string) []string {
+	return append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_CONTROL=", "SHOAL_MIGRATE_REQ=off"), env...)
+}
+
+// newMaster returns a master of t whose command is yet to be set.
+func newMaster(t *testing.T) *master {
+	return &master{t: t, logs: newLogs(), stdout: newLogs(), done: make(chan struct{})}
+}
+
+// launch starts m.cmd, its stderr into m.logs and, unless set, its stdout
+// into m.stdout; the process is killed and reaped when the test ends, and
+// its log shown when the test failed.
+func (m *master) launch() {
+	t := m.t
+	t.Helper()
 	m.cmd.Stderr = m.logs
-	m.cmd.Stdout = m.stdout
+	if m.cmd.Stdout == nil {
+		m.cmd.Stdout = m.stdout
+	}
 	if err := m.cmd.Start(); err != nil {
-		t.Fatalf("start %v: %v", argv, err)
+		t.Fatalf("start %v: %v", m.cmd.Args, err)
 	}
 	go func() {
 		m.cmd.Wait()
@@ -168,7 +192,6 @@ func startShoalVia(t *testing.T, wrapper []string, env []string, args ...string)
 			t.Logf("shoal log (last 200 lines):\n%s\nstdout (last 20 lines):\n%s", tail(m.logs.String(), 200), tail(m.stdout.String(), 20))
 		}
 	})
-	return m
 }
 
 // tail returns the last n lines of s.

@@ -269,31 +269,12 @@ func (s *stalledWriter) Write(p []byte) (int, error) {
 // takes nothing for the first stall.
 func startShoalStalled(t *testing.T, stall time.Duration, env []string, args ...string) (*master, *stalledWriter) {
 	t.Helper()
-	m := &master{t: t, logs: newLogs(), stdout: newLogs(), done: make(chan struct{})}
+	m := newMaster(t)
 	stalled := &stalledWriter{until: time.Now().Add(stall), w: m.stdout}
 	m.cmd = exec.Command(shoalBin, args...)
-	m.cmd.Env = append(append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_CONTROL=", "SHOAL_MIGRATE_REQ=off"), env...)
-	m.cmd.Stderr, m.cmd.Stdout = m.logs, stalled
-	if err := m.cmd.Start(); err != nil {
-		t.Fatalf("start shoal: %v", err)
-	}
-	go func() {
-		m.cmd.Wait()
-		m.state = m.cmd.ProcessState
-		close(m.done)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-m.done:
-		default:
-			m.cmd.Process.Kill()
-			select {
-			case <-m.done:
-			case <-time.After(10 * time.Second):
-				t.Errorf("shoal (pid %d) not reaped 10s after SIGKILL", m.cmd.Process.Pid)
-			}
-		}
-	})
+	m.cmd.Env = testEnv(env...)
+	m.cmd.Stdout = stalled
+	m.launch()
 	return m, stalled
 }
 
