@@ -20,37 +20,7 @@ func BenchmarkListeners(b *testing.B) {
 	l1, port := listenTCP4(b)
 	l2 := listenSame(b, l1)
 
-	run := func(b *testing.B) {
-		check := func(b *testing.B, socks []Socket, err error) {
-			if err != nil {
-				b.Fatal(err)
-			}
-			if len(socks) != 2 {
-				b.Fatalf("%d sockets, want 2", len(socks))
-			}
-		}
-		b.Run("netlink", func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				socks, err := listenersNetlink(port, true)
-				check(b, socks, err)
-			}
-		})
-		b.Run("netlink-userfilter", func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				socks, err := listenersNetlink(port, false)
-				check(b, socks, err)
-			}
-		})
-		b.Run("proc", func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				socks, err := listenersProc(port)
-				check(b, socks, err)
-			}
-		})
-	}
+	run := func(b *testing.B) { compareReaders(b, port, listenersNetlink, listenersProc) }
 
 	b.Run("idle", run)
 
@@ -151,37 +121,7 @@ func BenchmarkUDPSockets(b *testing.B) {
 	listenUDP(b, "udp4", c1.LocalAddr().String())
 	port := udpPort(c1)
 
-	run := func(b *testing.B) {
-		check := func(b *testing.B, socks []Socket, err error) {
-			if err != nil {
-				b.Fatal(err)
-			}
-			if len(socks) != 2 {
-				b.Fatalf("%d sockets, want 2", len(socks))
-			}
-		}
-		b.Run("netlink", func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				socks, err := udpSocketsNetlink(port, true)
-				check(b, socks, err)
-			}
-		})
-		b.Run("netlink-userfilter", func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				socks, err := udpSocketsNetlink(port, false)
-				check(b, socks, err)
-			}
-		})
-		b.Run("proc", func(b *testing.B) {
-			b.ReportAllocs()
-			for b.Loop() {
-				socks, err := udpSocketsProc(port)
-				check(b, socks, err)
-			}
-		})
-	}
+	run := func(b *testing.B) { compareReaders(b, port, udpSocketsNetlink, udpSocketsProc) }
 
 	b.Run("idle", run)
 
@@ -197,4 +137,31 @@ func BenchmarkUDPSockets(b *testing.B) {
 		}
 		run(b)
 	})
+}
+
+// compareReaders benchmarks the ways of reading a port's two sockets: the
+// netlink dump with the kernel's port filter, the dump filtered in user
+// space only, and the /proc fallback.
+func compareReaders(b *testing.B, port int, netlink func(int, bool) ([]Socket, error), proc func(int) ([]Socket, error)) {
+	for _, r := range []struct {
+		name string
+		read func() ([]Socket, error)
+	}{
+		{"netlink", func() ([]Socket, error) { return netlink(port, true) }},
+		{"netlink-userfilter", func() ([]Socket, error) { return netlink(port, false) }},
+		{"proc", func() ([]Socket, error) { return proc(port) }},
+	} {
+		b.Run(r.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				socks, err := r.read()
+				if err != nil {
+					b.Fatal(err)
+				}
+				if len(socks) != 2 {
+					b.Fatalf("%d sockets, want 2", len(socks))
+				}
+			}
+		})
+	}
 }
