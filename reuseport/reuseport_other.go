@@ -31,3 +31,9 @@ func MigrateReq() (bool, error) { return false, ErrNoMigrateReq }
 
 // SetMigrateReq reports ErrNoMigrateReq on platforms other than Linux.
 func SetMigrateReq(bool) error { return ErrNoMigrateReq }
+
+// Waiting reports errNoProc on platforms other than Linux.
+func Waiting(int) (map[uint64]struct{}, error) { return nil, errNoProc }
+
+// Holders finds nothing on platforms other than Linux.
+func Holders([]uint64) map[uint64][]int { return nil }

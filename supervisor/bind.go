@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+
+	"github.com/shoal-sh/shoal/reuseport"
 )
 
 // BindMode says who binds the listeners.
@@ -112,7 +114,7 @@ func (s *Supervisor) holders() string {
 		for i, sk := range socks {
 			inodes[i] = sk.Inode
 		}
-		pids := socketHolders(inodes)
+		pids := reuseport.Holders(inodes)
 		for _, sk := range socks {
 			who := fmt.Sprintf("%s is held by uid %d", l, sk.UID)
 			if p := pids[sk.Inode]; len(p) > 0 {

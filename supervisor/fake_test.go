@@ -436,16 +436,16 @@ func (f *fakeSystem) listen(l Listener, host string) (*os.File, uint64, error) {
 	return r, st.Ino, nil
 }
 
-func (f *fakeSystem) waiting(pid int) (map[uint64]bool, error) {
+func (f *fakeSystem) waiting(pid int) (map[uint64]struct{}, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	p := f.procs[pid]
 	if p == nil {
 		return nil, syscall.ESRCH
 	}
-	out := map[uint64]bool{}
+	out := map[uint64]struct{}{}
 	for _, ino := range p.waitsOn {
-		out[ino] = true
+		out[ino] = struct{}{}
 	}
 	return out, nil
 }

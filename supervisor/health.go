@@ -163,7 +163,8 @@ func (s *Supervisor) pollWaiting(now time.Time, due []*worker) {
 		}
 		serves := true
 		for _, ino := range inodes {
-			serves = serves && waiting[ino]
+			_, ok := waiting[ino]
+			serves = serves && ok
 		}
 		if serves {
 			w.inodes, w.waiting = slices.Clone(inodes), ""

@@ -54,7 +54,7 @@ type system interface {
 	// waiting returns the inodes of the sockets that pid's process tree
 	// waits on: watched by one of its epoll sets, or the object of an
 	// accept or a receive a thread of it is blocked in.
-	waiting(pid int) (map[uint64]bool, error)
+	waiting(pid int) (map[uint64]struct{}, error)
 	// children lists the running children of the master, with their
 	// command lines; kill signals one of them, and its process group when
 	// it leads one.
@@ -338,7 +338,7 @@ func (*realSystem) listen(l Listener, host string) (*os.File, uint64, error) {
 	return os.NewFile(uintptr(dup), "shoal "+l.String()), st.Ino, nil
 }
 
-func (*realSystem) waiting(pid int) (map[uint64]bool, error) { return waitingSockets(pid) }
+func (*realSystem) waiting(pid int) (map[uint64]struct{}, error) { return reuseport.Waiting(pid) }
 
 // osProcess is a started child. Its pid is safe to signal until it is
 // reaped: only the supervisor's loop reaps, so the pid and its process

@@ -1,4 +1,4 @@
-package supervisor
+package reuseport
 
 import (
 	"bufio"
@@ -11,19 +11,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// waitingSockets returns the inodes of the sockets that the process pid and
+// Waiting returns the inodes of the sockets that the process pid and
 // its descendants wait on: the targets of their epoll sets (the "tfd:"
 // lines of /proc/PID/fdinfo of an eventpoll descriptor name each target's
 // inode), and the sockets their threads are blocked on in accept or a
 // receive (/proc/PID/task/TID/syscall names the call and its descriptor).
-// It is how, in BindMaster mode, the master tells a worker that accepts
-// from the socket it inherited from one that only holds it: a socket
-// passed to a process is held at once, but waited on only once the
-// program serves. A process that waits in select or poll leaves no such
-// trace; it needs --ready message or notify.
-func waitingSockets(pid int) (map[uint64]bool, error) {
-	out := map[uint64]bool{}
-	pids := append([]int{pid}, descendantsOf(pid)...)
+// A socket passed to a process is held at once, but waited on only once
+// the program serves: this tells one from the other. A process that waits
+// in select or poll leaves no such trace.
+func Waiting(pid int) (map[uint64]struct{}, error) {
+	out := map[uint64]struct{}{}
+	pids := append([]int{pid}, descendants(pid)...)
 	var firstErr error
 	for _, p := range pids {
 		if err := addWaiting(out, p); err != nil && firstErr == nil && p == pid {
@@ -43,7 +41,7 @@ var blockingCalls = map[int]bool{
 	unix.SYS_RECVFROM: true, unix.SYS_RECVMSG: true, unix.SYS_RECVMMSG: true,
 }
 
-func addWaiting(out map[uint64]bool, pid int) error {
+func addWaiting(out map[uint64]struct{}, pid int) error {
 	dir := "/proc/" + strconv.Itoa(pid)
 	ents, err := os.ReadDir(dir + "/fd")
 	if err != nil {
@@ -81,7 +79,7 @@ func addWaiting(out map[uint64]bool, pid int) error {
 		}
 		if fd, err := strconv.ParseInt(strings.TrimPrefix(f[1], "0x"), 16, 64); err == nil {
 			if ino, ok := sockets[int(fd)]; ok {
-				out[ino] = true
+				out[ino] = struct{}{}
 			}
 		}
 	}
@@ -90,7 +88,7 @@ func addWaiting(out map[uint64]bool, pid int) error {
 
 // addEpollTargets adds the inodes an epoll set watches, from lines such as
 // "tfd:        3 events:       19 data:                3  pos:0 ino:1a2b sdev:8".
-func addEpollTargets(out map[uint64]bool, fdinfo string) {
+func addEpollTargets(out map[uint64]struct{}, fdinfo string) {
 	b, err := os.ReadFile(fdinfo)
 	if err != nil {
 		return
@@ -110,39 +108,15 @@ func addEpollTargets(out map[uint64]bool, fdinfo string) {
 			continue
 		}
 		if ino, err := strconv.ParseUint(hex[0], 16, 64); err == nil {
-			out[ino] = true
+			out[ino] = struct{}{}
 		}
 	}
 }
 
-// descendantsOf lists pid's descendants from /proc/PID/task/*/children.
-func descendantsOf(pid int) []int {
-	var out []int
-	queue := []int{pid}
-	for len(queue) > 0 && len(out) < 4096 {
-		p := queue[0]
-		queue = queue[1:]
-		tasks, _ := os.ReadDir("/proc/" + strconv.Itoa(p) + "/task")
-		for _, t := range tasks {
-			b, err := os.ReadFile("/proc/" + strconv.Itoa(p) + "/task/" + t.Name() + "/children")
-			if err != nil {
-				continue
-			}
-			for _, f := range strings.Fields(string(b)) {
-				if c, err := strconv.Atoi(f); err == nil {
-					out = append(out, c)
-					queue = append(queue, c)
-				}
-			}
-		}
-	}
-	return out
-}
-
-// socketHolders finds the processes that hold the sockets of inodes, from
-// /proc/*/fd; it reads every process's descriptors, so it is for errors
-// only.
-func socketHolders(inodes []uint64) map[uint64][]int {
+// Holders finds the processes that hold the sockets of inodes, from
+// /proc/*/fd. It reads every process's descriptors: it is for saying who
+// holds a port in an error, not for a loop.
+func Holders(inodes []uint64) map[uint64][]int {
 	want := map[string]uint64{}
 	for _, ino := range inodes {
 		want["socket:["+strconv.FormatUint(ino, 10)+"]"] = ino
