@@ -6,7 +6,6 @@ import (
 	"net/netip"
 	"os"
 	"strings"
-	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -247,9 +246,9 @@ func (s *Supervisor) steeredCounts() map[int]uint64 {
 }
 
 // ebpfSteerer is the kernel's steering: one steering.Steering per listener
-// address, made when the first worker is seen listening there.
+// address, made when the first worker is seen listening there. Only the
+// loop calls it (snapshots included), so it needs no lock.
 type ebpfSteerer struct {
-	mu     sync.Mutex
 	groups map[netip.AddrPort]*steering.Steering
 }
 
@@ -266,8 +265,6 @@ func (e *ebpfSteerer) group(addr netip.AddrPort) (*steering.Steering, error) {
 }
 
 func (e *ebpfSteerer) add(slot, pid int, addr netip.AddrPort) error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
 	g, err := e.group(addr)
 	if err != nil {
 		return err
@@ -298,8 +295,6 @@ func (e *ebpfSteerer) addFD(slot int, f *os.File) error {
 	if serr != nil {
 		return serr
 	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
 	g, err := e.group(addr)
 	if err != nil {
 		return err
@@ -310,24 +305,18 @@ func (e *ebpfSteerer) addFD(slot int, f *os.File) error {
 }
 
 func (e *ebpfSteerer) remove(slot int) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
 	for _, g := range e.groups {
 		g.Remove(slot)
 	}
 }
 
 func (e *ebpfSteerer) skip(slot int, skip bool) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
 	for _, g := range e.groups {
 		g.Skip(slot, skip)
 	}
 }
 
 func (e *ebpfSteerer) counts() map[int]uint64 {
-	e.mu.Lock()
-	defer e.mu.Unlock()
 	out := map[int]uint64{}
 	for _, g := range e.groups {
 		c, err := g.Counts()
@@ -342,8 +331,6 @@ func (e *ebpfSteerer) counts() map[int]uint64 {
 }
 
 func (e *ebpfSteerer) close() {
-	e.mu.Lock()
-	defer e.mu.Unlock()
 	for _, g := range e.groups {
 		g.Close()
 	}
