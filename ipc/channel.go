@@ -1,12 +1,14 @@
 package ipc
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // DefaultQueueLen is the default number of outgoing frames a Channel queues
@@ -208,6 +210,14 @@ type Channel struct {
 	closeOnce sync.Once
 	closeErr  error
 
+	// Detach: the reader and the writer stop without closing the socket
+	// and leave what they hold here.
+	detaching atomic.Bool
+	rest      []byte // read, not yet a frame: set by the reader
+	discard   bool   // rest is inside a line too long to keep
+	unsent    []byte // queued, not written: set by the writer
+	ended     bool   // the reader ended on its own (EOF, error) before Detach
+
 	messagesIn, bytesIn, messagesOut, bytesOut atomic.Uint64
 	dropped                                    [len(drops)]atomic.Uint64
 	errs                                       [len(reasons)]atomic.Uint64
@@ -220,6 +230,12 @@ type Channel struct {
 // If f is not a usable socket, the channel starts anyway, reports the error
 // to OnError, ends its reader at once and drops every frame.
 func NewChannel(f *os.File, opts ChannelOptions) *Channel {
+	c := newChannel(f, opts)
+	c.start()
+	return c
+}
+
+func newChannel(f *os.File, opts ChannelOptions) *Channel {
 	if opts.QueueLen <= 0 {
 		opts.QueueLen = DefaultQueueLen
 	}
@@ -243,9 +259,109 @@ func NewChannel(f *os.File, opts ChannelOptions) *Channel {
 		c.conn = conn
 	}
 	f.Close()
+	return c
+}
+
+func (c *Channel) start() {
 	c.wg.Add(2)
 	go c.read()
 	go c.write()
+}
+
+// Handoff is what [Channel.Detach] leaves of a channel: its socket, still
+// open, and the bytes the channel held in either direction, so that
+// [ResumeChannel] (in this process or, across exec, in a new master) goes
+// on exactly where the channel stopped: no frame is lost or read twice.
+type Handoff struct {
+	// File is the master's end of the socket.
+	File *os.File
+	// Unread is what the worker wrote that was read but not yet handled:
+	// the start of a frame. Every complete frame before it went to
+	// OnMessage.
+	Unread []byte
+	// Discard says that Unread is inside a frame longer than the limit,
+	// to be skipped up to its end.
+	Discard bool
+	// Unsent is what was queued for the worker and not yet written: the
+	// tail of a frame cut by Detach, then whole frames.
+	Unsent []byte
+	// Ended says that reading had ended before Detach: the worker closed
+	// its end (the resumed channel reads the end of file again) or
+	// reading failed.
+	Ended bool
+}
+
+// ErrDetached is returned by [Channel.Detach] on a channel that was closed
+// or detached before.
+var ErrDetached = errors.New("ipc: channel already closed or detached")
+
+// Detach stops the channel between two frames without closing its socket,
+// and returns the socket with what the channel held: the start of a frame
+// read from the worker and not yet handled, and what was queued for the
+// worker and not yet written. The frames read before were handed to
+// OnMessage; frames Send queued before Detach are in Unsent, not dropped.
+// Afterwards the channel is closed: Done is closed, Send drops, Stats keep
+// their final counts. Like Close, Detach must not be called from OnMessage
+// or OnError, and whatever OnMessage hands its work to must keep taking it
+// until Detach returns. The caller owns Handoff.File.
+func (c *Channel) Detach() (Handoff, error) {
+	err := ErrDetached
+	var h Handoff
+	c.closeOnce.Do(func() {
+		err = nil
+		c.detaching.Store(true)
+		if c.conn == nil {
+			c.mu.Lock()
+			c.closed = true
+			c.mu.Unlock()
+			close(c.quit)
+			c.wg.Wait()
+			err = c.openErr
+			return
+		}
+		// A deadline in the past ends the reader's read and the writer's
+		// write without losing a byte: the reader stops at a frame
+		// boundary, the writer keeps what it did not write.
+		c.conn.SetReadDeadline(time.Now())
+		<-c.done
+		c.mu.Lock()
+		c.closed = true
+		c.mu.Unlock()
+		close(c.quit)
+		c.conn.SetWriteDeadline(time.Now())
+		c.wg.Wait()
+		for len(c.queue) > 0 {
+			frame := <-c.queue
+			c.unsent = append(c.unsent, frame...)
+			c.release(int64(len(frame)))
+		}
+		h = Handoff{Unread: c.rest, Discard: c.discard, Unsent: c.unsent, Ended: c.ended}
+		f, ferr := c.conn.(interface{ File() (*os.File, error) }).File()
+		if ferr != nil {
+			err = fmt.Errorf("ipc: detach worker channel: %w", ferr)
+		}
+		h.File = f
+		c.conn.Close()
+	})
+	return h, err
+}
+
+// ResumeChannel is [NewChannel] for a channel that [Channel.Detach] left:
+// it reads on from h.Unread and writes h.Unsent before anything queued
+// later. It takes ownership of h.File.
+func ResumeChannel(h Handoff, opts ChannelOptions) *Channel {
+	c := newChannel(h.File, opts)
+	c.rest, c.discard = h.Unread, h.Discard
+	if len(h.Unsent) > 0 {
+		// Queued before, so held beyond the limits rather than dropped.
+		n := int64(len(h.Unsent))
+		c.queued.Add(n)
+		if c.budget != nil {
+			c.budget.used.Add(n)
+		}
+		c.queue <- h.Unsent
+	}
+	c.start()
 	return c
 }
 
@@ -373,7 +489,8 @@ func (c *Channel) read() {
 		c.report(c.openErr)
 		return
 	}
-	d := NewDecoder(countingReader{c.conn, &c.bytesIn}, c.opts.MaxMessage)
+	d := resumeDecoder(countingReader{c.conn, &c.bytesIn}, c.opts.MaxMessage, c.rest, c.discard)
+	c.rest = nil
 	for {
 		m, err := d.Next()
 		if err == nil {
@@ -392,6 +509,11 @@ func (c *Channel) read() {
 			c.report(fe)
 			continue
 		}
+		if c.detaching.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
+			c.rest, c.discard = d.pending()
+			return
+		}
+		c.ended = true
 		if err != io.EOF && !c.closing() {
 			c.report(fmt.Errorf("ipc: read from worker channel: %w", err))
 		}
@@ -425,6 +547,7 @@ func (c *Channel) write() {
 	}
 	batch := make([][]byte, 0, maxBatch)
 	var lens [maxBatch]int
+	var frames [maxBatch][]byte // batch as it was before WriteTo consumed it
 	for {
 		var frame []byte
 		select {
@@ -453,10 +576,26 @@ func (c *Channel) write() {
 		for i, f := range batch {
 			lens[i] = len(f)
 		}
+		copy(frames[:], batch)
 		bufs := net.Buffers(batch) // WriteTo consumes bufs, and batch with it
 		n, err := bufs.WriteTo(c.conn)
 		c.bytesOut.Add(uint64(n))
 		written := len(batch)
+		if err != nil && c.detaching.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
+			// Detach: keep what was not written, from the cut on.
+			skip := n
+			for i, l := range lens[:len(batch)] {
+				if skip >= int64(l) {
+					skip -= int64(l)
+					c.messagesOut.Add(1)
+					continue
+				}
+				c.unsent = append(c.unsent, frames[i][skip:]...)
+				skip = 0
+			}
+			c.release(int64(size))
+			return
+		}
 		if err != nil {
 			// Count whole frames only; a partly written one is lost with
 			// the connection.
@@ -474,6 +613,7 @@ func (c *Channel) write() {
 		c.messagesOut.Add(uint64(written))
 		c.release(int64(size))
 		clear(batch)
+		clear(frames[:])
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strconv"
 	"unicode/utf8"
 )
@@ -92,6 +93,13 @@ func (d *Decoder) Next() (Message, error) {
 		}
 		if d.err != nil {
 			err := d.err
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				// A pause asked for with a read deadline, not the end:
+				// the partial line stays buffered (see pending) and
+				// the next call reads on.
+				d.err = nil
+				return Message{}, err
+			}
 			if d.end > d.start || d.discard {
 				if err == io.EOF {
 					err = io.ErrUnexpectedEOF
@@ -103,6 +111,26 @@ func (d *Decoder) Next() (Message, error) {
 		}
 		d.fill()
 	}
+}
+
+// pending returns the bytes read but not yet returned as a frame (the
+// start of a line; Next returns every complete line first) and whether
+// they are inside a line too long to keep. A decoder made with
+// resumeDecoder from them reads on exactly where this one stopped.
+func (d *Decoder) pending() (rest []byte, discard bool) {
+	return append([]byte(nil), d.buf[d.start:d.end]...), d.discard
+}
+
+// resumeDecoder returns a decoder over r that starts with the bytes
+// another decoder had read but not returned (see pending).
+func resumeDecoder(r io.Reader, limit int, rest []byte, discard bool) *Decoder {
+	d := NewDecoder(r, limit)
+	if len(rest) > 0 {
+		d.buf = make([]byte, min(max(d.size, 2*len(rest)), d.max+2))
+		d.end = copy(d.buf, rest)
+	}
+	d.discard = discard
+	return d
 }
 
 // fill reads once into the free end of the buffer, first making room.
