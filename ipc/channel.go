@@ -291,6 +291,18 @@ type Handoff struct {
 	Ended bool
 }
 
+// Pause asks the reader to stop at the next frame boundary, ahead of
+// Detach: Done is closed once it has (after a call of OnMessage in
+// progress returns). Send still queues. It is for stopping many channels
+// at once: pause them all, wait for their Done, then Detach each. A paused
+// channel can only be detached or closed.
+func (c *Channel) Pause() {
+	c.detaching.Store(true)
+	if c.conn != nil {
+		c.conn.SetReadDeadline(time.Now())
+	}
+}
+
 // ErrDetached is returned by [Channel.Detach] on a channel that was closed
 // or detached before.
 var ErrDetached = errors.New("ipc: channel already closed or detached")
@@ -322,7 +334,7 @@ func (c *Channel) Detach() (Handoff, error) {
 		// A deadline in the past ends the reader's read and the writer's
 		// write without losing a byte: the reader stops at a frame
 		// boundary, the writer keeps what it did not write.
-		c.conn.SetReadDeadline(time.Now())
+		c.Pause()
 		<-c.done
 		c.mu.Lock()
 		c.closed = true

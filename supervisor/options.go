@@ -240,6 +240,12 @@ type Options struct {
 	// to end before it returns.
 	Output func(slot int) (OutputPipe, error)
 
+	// Inherited, from Inherit, makes Run adopt the workers, channels and
+	// sockets of the master this program replaced in place (see
+	// Supervisor.Upgrade) instead of starting workers; the other options
+	// must be the ones that master ran with.
+	Inherited *Inherited
+
 	// Logger receives the supervisor's log lines; nil discards them.
 	Logger *zerolog.Logger
 

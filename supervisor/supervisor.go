@@ -63,10 +63,15 @@ type Supervisor struct {
 	failed     *Death // an unclean death that will not be replaced
 	restarts   uint64 // replacements started after a death
 	giveUps    uint64
-	reload     *reload // the rolling reload in progress, or nil
-	advancing  bool    // advanceReload is on the stack
-	reloads    uint64  // reloads finished
-	reloadErrs uint64  // reloads aborted
+	reload     *reload                      // the rolling reload in progress, or nil
+	advancing  bool                         // advanceReload is on the stack
+	reloads    uint64                       // reloads finished
+	reloadErrs uint64                       // reloads aborted
+	upgrading  bool                         // an in-place upgrade runs
+	upgrades   uint64                       // in-place upgrades of this master, this program's included
+	replaced   bool                         // an upgrade\'s exec returned without an error: only a fake system does that
+	helpers    map[int]chan unix.WaitStatus // short-lived programs (an upgrade's check), by pid
+	notifyDone chan struct{}                // closed when the notify reader ends
 }
 
 // slot is one worker position, 1..N. It outlives the processes that fill it,
@@ -150,6 +155,7 @@ func New(opts Options) (*Supervisor, error) {
 		slots:   make(map[int]*slot),
 		byPID:   make(map[int]*worker),
 		orphans: make(map[int]*orphan),
+		helpers: make(map[int]chan unix.WaitStatus),
 		budget:  ipc.NewBudget(0),
 		warns:   ratelog.New[warnKey](0),
 		sys:     &realSystem{},
@@ -232,13 +238,18 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		return err
 	}
 	defer s.sys.close()
-	if err := s.setupSteering(); err != nil {
+	in := s.opts.Inherited
+	if in != nil {
+		if err := s.adoptSteering(in.st); err != nil {
+			return err
+		}
+	} else if err := s.setupSteering(); err != nil {
 		return err
 	}
 	if s.steer != nil {
 		defer s.steer.close()
 	}
-	if err := s.listenNotify(); err != nil {
+	if err := s.listenNotify(in); err != nil {
 		return err
 	}
 	if s.notify != nil {
@@ -251,7 +262,14 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	s.devnull = devnull
 	defer devnull.Close()
 
-	s.begin()
+	if in != nil {
+		s.adopt(in)
+		// Children that ended during the exec sent a SIGCHLD nobody
+		// caught.
+		s.reap()
+	} else {
+		s.begin()
+	}
 
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -261,6 +279,9 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	defer warnTick.Stop()
 	ctxDone := ctx.Done()
 	for {
+		if s.replaced {
+			return nil
+		}
 		if s.finished() {
 			return s.exitErr
 		}
