@@ -19,8 +19,9 @@ import (
 type master struct {
 	sup    *supervisor.Supervisor
 	stop   func() // a graceful stop
-	log    *zerolog.Logger
-	notify *notifier
+	log     *zerolog.Logger
+	notify  *notifier
+	servers *servers
 }
 
 // reload rolls every worker over, telling systemd about it.
