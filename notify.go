@@ -17,8 +17,8 @@ import (
 
 // master is what the master's signal handler and control socket act on.
 type master struct {
-	sup    *supervisor.Supervisor
-	stop   func() // a graceful stop
+	sup     *supervisor.Supervisor
+	stop    func() // a graceful stop
 	log     *zerolog.Logger
 	notify  *notifier
 	servers *servers
