@@ -120,10 +120,21 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if inherited != nil {
 		var st upgradeState
 		json.Unmarshal(inherited.State, &st)
-		if err := m.servers.adopt(inherited.Files, st.Control); err != nil {
-			log.Error().Err(err).Msg("upgrade")
-		}
-		log.Info().Str("from", st.From).Str("version", version).Uint64("upgrades", inherited.Upgrades).Msg("shoal upgraded in place")
+		// Once the loop answers: until then, the clients of /healthz and
+		// the control socket wait in the sockets' queues.
+		go func() {
+			select {
+			case <-sup.Running():
+			case <-ctx.Done():
+				return
+			}
+			m.servers.mu.Lock()
+			defer m.servers.mu.Unlock()
+			if err := m.servers.adopt(inherited.Files, st.Control); err != nil {
+				log.Error().Err(err).Msg("upgrade")
+			}
+			log.Info().Str("from", st.From).Str("version", version).Uint64("upgrades", inherited.Upgrades).Msg("shoal upgraded in place")
+		}()
 	} else {
 		if cfg.metrics != "" {
 			srv, err := metrics.Listen(cfg.metrics, sup, m.servers.mopts)

@@ -34,6 +34,7 @@ type Supervisor struct {
 	calls  chan func()    // work for the loop goroutine
 	events chan loopEvent // from the channel readers, for the loop
 	done   chan struct{}  // closed when Run returns
+	loop   chan struct{}  // closed when Run's loop starts
 	ran    atomic.Bool
 
 	retiring sync.WaitGroup // goroutines closing dead workers' channels and copying their output
@@ -152,6 +153,7 @@ func New(opts Options) (*Supervisor, error) {
 		calls:   make(chan func()),
 		events:  make(chan loopEvent, 64),
 		done:    make(chan struct{}),
+		loop:    make(chan struct{}),
 		slots:   make(map[int]*slot),
 		byPID:   make(map[int]*worker),
 		orphans: make(map[int]*orphan),
@@ -181,6 +183,11 @@ func New(opts Options) (*Supervisor, error) {
 	}
 	return s, nil
 }
+
+// Running returns a channel that is closed once Run has started (or
+// adopted) the workers and its loop answers: Snapshot and the other calls
+// are served from then on.
+func (s *Supervisor) Running() <-chan struct{} { return s.loop }
 
 // do runs f on the loop goroutine and waits for it. It reports false when
 // Run is not running.
@@ -278,6 +285,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	warnTick := time.NewTicker(s.warns.Interval() / 10)
 	defer warnTick.Stop()
 	ctxDone := ctx.Done()
+	close(s.loop)
 	for {
 		if s.replaced {
 			return nil

@@ -1,0 +1,439 @@
+package test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/shoal-sh/shoal/control"
+	"github.com/shoal-sh/shoal/internal/testutil"
+)
+
+// nextVersion is the version stamped on the second binary of the upgrade
+// tests; the first is the one TestMain built, version "dev".
+const nextVersion = "e2e-next"
+
+var nextBuild struct {
+	once sync.Once
+	path string
+	err  error
+}
+
+// shoalNext returns a build of shoal like shoalBin's but of version
+// nextVersion, built once.
+func shoalNext(t *testing.T) string {
+	t.Helper()
+	nextBuild.once.Do(func() {
+		nextBuild.path = filepath.Join(filepath.Dir(shoalBin), "shoal-"+nextVersion)
+		args := []string{"build", "-o", nextBuild.path, "-ldflags", "-X main.version=" + nextVersion}
+		if raceEnabled {
+			args = append(args, "-race")
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		if out, err := exec.CommandContext(ctx, "go", append(args, "..")...).CombinedOutput(); err != nil {
+			nextBuild.err = fmt.Errorf("build shoal %s: %v: %s", nextVersion, err, out)
+		}
+	})
+	if nextBuild.err != nil {
+		t.Fatal(nextBuild.err)
+	}
+	return nextBuild.path
+}
+
+// install puts a copy of src at dst the way an operator replaces a running
+// binary: a new file renamed over the old path.
+func install(t *testing.T, src, dst string, mode os.FileMode) {
+	t.Helper()
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := dst + ".new"
+	if err := os.WriteFile(tmp, b, mode); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(tmp, mode); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// upStatus is what the upgrade tests read of 'shoal ctl status'.
+type upStatus struct {
+	Version  string `json:"version"`
+	Upgrades uint64 `json:"upgrades"`
+	Master   struct {
+		PID int `json:"pid"`
+	} `json:"master"`
+	Workers []struct {
+		Slot     int    `json:"slot"`
+		PID      int    `json:"pid"`
+		State    string `json:"state"`
+		Requests uint64 `json:"requests"`
+	} `json:"workers"`
+}
+
+// askStatus asks the control socket directly, as a monitor would.
+func askStatus(ctx context.Context, sock string) (upStatus, error) {
+	var st upStatus
+	c, err := control.Dial(sock)
+	if err != nil {
+		return st, err
+	}
+	defer c.Close()
+	resp, err := c.Do(ctx, control.Request{Cmd: control.CmdStatus})
+	if err != nil {
+		return st, err
+	}
+	if !resp.OK {
+		return st, fmt.Errorf("status: %s", resp.Error)
+	}
+	return st, json.Unmarshal(resp.Result, &st)
+}
+
+func mustStatus(t *testing.T, sock string) upStatus {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := askStatus(ctx, sock)
+	if err != nil {
+		t.Fatalf("status: %v", err)
+	}
+	return st
+}
+
+func workerPIDs(st upStatus) map[int]int {
+	out := map[int]int{}
+	for _, w := range st.Workers {
+		out[w.Slot] = w.PID
+	}
+	return out
+}
+
+// watcher asks the control socket and /healthz over and over, each on a
+// new connection, and keeps the longest wait for an answer and what
+// failed.
+type watcher struct {
+	stop     chan struct{}
+	done     sync.WaitGroup
+	mu       sync.Mutex
+	longest  map[string]time.Duration
+	failures []string
+	answers  map[string]int
+}
+
+func watch(sock, metricsURL string) *watcher {
+	w := &watcher{stop: make(chan struct{}), longest: map[string]time.Duration{}, answers: map[string]int{}}
+	probe := func(name string, ask func() error) {
+		defer w.done.Done()
+		for {
+			select {
+			case <-w.stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			begin := time.Now()
+			err := ask()
+			took := time.Since(begin)
+			w.mu.Lock()
+			if err != nil {
+				w.failures = append(w.failures, fmt.Sprintf("%s: %v", name, err))
+			} else {
+				w.answers[name]++
+			}
+			w.longest[name] = max(w.longest[name], took)
+			w.mu.Unlock()
+		}
+	}
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	w.done.Add(2)
+	go probe("ctl status", func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_, err := askStatus(ctx, sock)
+		return err
+	})
+	go probe("/healthz", func() error {
+		resp, err := client.Get(metricsURL + "/healthz")
+		if err != nil {
+			return err
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return nil
+	})
+	return w
+}
+
+func (w *watcher) finish() (map[string]time.Duration, map[string]int, []string) {
+	close(w.stop)
+	w.done.Wait()
+	return w.longest, w.answers, w.failures
+}
+
+// countFDs returns the number of pid's open descriptors.
+func countFDs(t *testing.T, pid int) int {
+	t.Helper()
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// upgradeTo installs bin at path and runs 'shoal ctl upgrade'.
+func upgradeTo(t *testing.T, sock, bin, path string) string {
+	t.Helper()
+	install(t, bin, path, 0o755)
+	out, code := ctl(t, sock, "upgrade")
+	if code != 0 {
+		t.Fatalf("shoal ctl upgrade: exit %d: %s", code, out)
+	}
+	return out
+}
+
+// TestUpgradeInPlaceUnderLoad: 4 built-in workers serve clients that never
+// retry, on new connections and keep-alive ones, while the master replaces
+// its own program with a build of another version. Nothing restarts, no
+// request fails, the counters go on, and the control socket and /healthz
+// answer throughout. Then five more upgrades back and forth leave no
+// descriptor or goroutine behind, and the new master does what the old one
+// did: it replaces a killed worker and stops everything on SIGTERM.
+func TestUpgradeInPlaceUnderLoad(t *testing.T) {
+	next := shoalNext(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "shoal")
+	install(t, shoalBin, path, 0o755)
+	port := testutil.FreePort(t)
+	sock := filepath.Join(dir, "ctl.sock")
+	maddr := loopbackAddr(t)
+	murl := "http://" + maddr
+	m := newMaster(t)
+	m.cmd = exec.Command(path, "--workers", "4", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--control", sock, "--metrics-addr", maddr)
+	m.cmd.Env = testEnv()
+	m.launch()
+	m.listening(15*time.Second, 4)
+	before := mustStatus(t, sock)
+	if before.Version != "dev" || before.Upgrades != 0 {
+		t.Fatalf("before: version %q, %d upgrades; want dev, 0", before.Version, before.Upgrades)
+	}
+
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	loads := map[string]*load{"new connection": startLoad(addr, 4, false), "keep-alive": startLoad(addr, 4, true)}
+	time.Sleep(500 * time.Millisecond)
+	mid := mustStatus(t, sock)
+	w := watch(sock, murl)
+	time.Sleep(100 * time.Millisecond)
+	begin := time.Now()
+	out := upgradeTo(t, sock, next, path)
+	took := time.Since(begin)
+	time.Sleep(500 * time.Millisecond)
+	longest, answers, failures := w.finish()
+	res := finishAll(loads)
+	after := mustStatus(t, sock)
+	t.Logf("ctl upgrade took %s: %s", took, strings.TrimSpace(out))
+	t.Logf("under load: %d requests answered, %d failed (%s); longest wait for an answer: ctl status %s (%d answers), /healthz %s (%d answers)",
+		res.ok, res.failed, describe(res.reasons), longest["ctl status"], answers["ctl status"], longest["/healthz"], answers["/healthz"])
+
+	if after.Master.PID != m.pid() || after.Version != nextVersion || after.Upgrades != 1 {
+		t.Errorf("after: master pid %d version %q upgrades %d; want pid %d, %s, 1", after.Master.PID, after.Version, after.Upgrades, m.pid(), nextVersion)
+	}
+	if got, want := workerPIDs(after), workerPIDs(before); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("worker pids %v after the upgrade, want the same as before: %v", got, want)
+	}
+	if res.failed != 0 || res.ok == 0 {
+		t.Errorf("%d requests failed, %d answered: want 0 failed", res.failed, res.ok)
+	}
+	if len(failures) > 0 {
+		t.Errorf("%d probes of the control socket and /healthz failed during the upgrade: %v", len(failures), failures[:min(5, len(failures))])
+	}
+	for i, wk := range after.Workers {
+		if wk.Requests < mid.Workers[i].Requests {
+			t.Errorf("worker %d: %d requests after the upgrade, %d before: the counter went back", wk.Slot, wk.Requests, mid.Workers[i].Requests)
+		}
+	}
+	// Every report the workers sent reached the master once: the count
+	// is what the clients saw answered, plus at most one request in
+	// flight per connection when the clients stopped.
+	var counted float64
+	samples := waitMetric(t, murl+"/metrics", 5*time.Second, "every request counted", func(s map[string]float64) bool {
+		counted = sumOf(s, "shoal_requests_total")
+		return counted >= float64(res.ok)
+	})
+	if counted > float64(res.ok)+8 {
+		t.Errorf("shoal_requests_total %v for %d requests answered: reports were counted twice", counted, res.ok)
+	}
+	t.Logf("shoal_requests_total %v for %d requests the clients saw answered", counted, res.ok)
+	if samples[`shoal_upgrades_total`] != 1 || samples[`shoal_build_info{goversion="`+goVersion(samples)+`",version="`+nextVersion+`"}`] != 1 {
+		t.Errorf("after the upgrade: shoal_upgrades_total %v, build_info %v", samples["shoal_upgrades_total"], buildInfo(samples))
+	}
+
+	// Back and forth: nothing grows in the master.
+	fds0, gr0 := 0, 0.0
+	bins := []string{shoalBin, next}
+	for i := range 5 {
+		upgradeTo(t, sock, bins[i%2], path)
+		if i == 0 {
+			time.Sleep(200 * time.Millisecond)
+			fds0, gr0 = countFDs(t, m.pid()), scrape(t, murl+"/metrics")["go_goroutines"]
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	fds1, gr1 := countFDs(t, m.pid()), scrape(t, murl+"/metrics")["go_goroutines"]
+	st := mustStatus(t, sock)
+	t.Logf("after upgrades 2 and 6: %d and %d descriptors, %v and %v goroutines; version %s, %d upgrades", fds0, fds1, gr0, gr1, st.Version, st.Upgrades)
+	if fds1 > fds0 || gr1 > gr0+2 {
+		t.Errorf("the master grew over 4 upgrades: %d -> %d descriptors, %v -> %v goroutines", fds0, fds1, gr0, gr1)
+	}
+	if st.Version != "dev" || st.Upgrades != 6 || fmt.Sprint(workerPIDs(st)) != fmt.Sprint(workerPIDs(before)) {
+		t.Errorf("after 6 upgrades: version %q, %d upgrades, pids %v (want dev, 6, %v)", st.Version, st.Upgrades, workerPIDs(st), workerPIDs(before))
+	}
+
+	// The new master reaps and replaces a killed worker...
+	victim := st.Workers[1].PID
+	syscall.Kill(victim, syscall.SIGKILL)
+	m.waitFor(10*time.Second, 1, "the killed worker replaced", func(e entry) bool {
+		return e.str("message") == "worker started" && e.num("worker") == 2 && e.num("pid") != victim
+	})
+	waitGone(t, 5*time.Second, victim)
+	if z := zombiesOf(m.pid()); len(z) > 0 {
+		t.Errorf("zombies of the master after the upgrade: %v", z)
+	}
+	// ...and stops everything on SIGTERM.
+	m.listening(10*time.Second, 4)
+	pids := workerPIDs(mustStatus(t, sock))
+	m.signal(syscall.SIGTERM)
+	if code := m.wait(20 * time.Second); code != 0 {
+		t.Errorf("exit code %d after SIGTERM, want 0", code)
+	}
+	for _, pid := range pids {
+		waitGone(t, 5*time.Second, pid)
+	}
+}
+
+func goVersion(s map[string]float64) string {
+	for k := range s {
+		if rest, ok := strings.CutPrefix(k, `shoal_build_info{goversion="`); ok {
+			v, _, _ := strings.Cut(rest, `"`)
+			return v
+		}
+	}
+	return ""
+}
+
+func buildInfo(s map[string]float64) []string {
+	var out []string
+	for k := range s {
+		if strings.HasPrefix(k, "shoal_build_info") {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// TestUpgradeRefused: a program at the master's path that is not
+// executable, is not shoal, or fails its check is refused with a reason and
+// exit code 1, and the master and its workers go on unchanged.
+func TestUpgradeRefused(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "shoal")
+	install(t, shoalBin, path, 0o755)
+	sock := filepath.Join(dir, "ctl.sock")
+	m := newMaster(t)
+	m.cmd = exec.Command(path, "--workers", "2", "--port", strconv.Itoa(testutil.FreePort(t)), "--host", "127.0.0.1", "--control", sock)
+	m.cmd.Env = testEnv()
+	m.launch()
+	m.listening(15*time.Second, 2)
+	before := mustStatus(t, sock)
+	exitsAtOnce := filepath.Join(dir, "exits-at-once")
+	os.WriteFile(exitsAtOnce, []byte("#!/bin/sh\nexit 3\n"), 0o755)
+	for _, tc := range []struct {
+		name, src string
+		mode      os.FileMode
+		want      string
+	}{
+		{"not executable", shoalBin, 0o644, "not executable"},
+		{"/bin/true", "/bin/true", 0o755, "not a shoal check line"},
+		{"exits at once", exitsAtOnce, 0o755, "ended with exit status 3"},
+	} {
+		install(t, tc.src, path, tc.mode)
+		out, code := ctl(t, sock, "upgrade")
+		t.Logf("%s: exit %d: %s", tc.name, code, strings.TrimSpace(out))
+		if code != 1 || !strings.Contains(out, tc.want) || !strings.Contains(out, path) {
+			t.Errorf("%s: exit %d, %q; want exit 1 naming %s and saying %q", tc.name, code, out, path, tc.want)
+		}
+		st := mustStatus(t, sock)
+		if st.Master.PID != m.pid() || st.Version != "dev" || st.Upgrades != 0 || fmt.Sprint(workerPIDs(st)) != fmt.Sprint(workerPIDs(before)) {
+			t.Errorf("%s: the master changed after a refused upgrade: %+v, was %+v", tc.name, st, before)
+		}
+	}
+	os.Remove(path)
+	if out, code := ctl(t, sock, "upgrade"); code != 1 || !strings.Contains(out, "no such file") {
+		t.Errorf("missing program: exit %d, %q; want exit 1 saying no such file", code, out)
+	}
+	// SIGUSR2 with a refused program: a log line, nothing else.
+	install(t, "/bin/true", path, 0o755)
+	m.signal(syscall.SIGUSR2)
+	m.waitFor(10*time.Second, 1, "SIGUSR2's refusal logged", msg("upgrade refused: shoal runs on as it was"))
+	if st := mustStatus(t, sock); fmt.Sprint(workerPIDs(st)) != fmt.Sprint(workerPIDs(before)) {
+		t.Errorf("workers changed after a refused SIGUSR2: %v, were %v", workerPIDs(st), workerPIDs(before))
+	}
+}
+
+// TestUpgradeKeepsWorkersTiedToTheMaster: after two upgrades by SIGUSR2 the
+// workers still die with the master (their parent-death signal follows the
+// thread that forked them, which every upgrade keeps), both the first
+// workers and one the upgraded master started.
+func TestUpgradeKeepsWorkersTiedToTheMaster(t *testing.T) {
+	next := shoalNext(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "shoal")
+	install(t, shoalBin, path, 0o755)
+	sock := filepath.Join(dir, "ctl.sock")
+	m := newMaster(t)
+	m.cmd = exec.Command(path, "--workers", "2", "--port", strconv.Itoa(testutil.FreePort(t)), "--host", "127.0.0.1", "--control", sock)
+	m.cmd.Env = testEnv()
+	m.launch()
+	m.listening(15*time.Second, 2)
+	for i, bin := range []string{next, shoalBin} {
+		install(t, bin, path, 0o755)
+		m.signal(syscall.SIGUSR2)
+		testutil.Eventually(t, 10*time.Second, "the upgrade by SIGUSR2", func() bool {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			st, err := askStatus(ctx, sock)
+			return err == nil && st.Upgrades == uint64(i+1)
+		})
+		if i == 0 {
+			// A worker the upgraded master forks itself.
+			victim := mustStatus(t, sock).Workers[0].PID
+			syscall.Kill(victim, syscall.SIGKILL)
+			testutil.Eventually(t, 10*time.Second, "worker 1 replaced", func() bool {
+				st := mustStatus(t, sock)
+				return st.Workers[0].PID != victim && st.Workers[0].State == "listening"
+			})
+		}
+	}
+	pids := workerPIDs(mustStatus(t, sock))
+	m.cmd.Process.Kill()
+	for _, pid := range pids {
+		waitGone(t, 5*time.Second, pid)
+	}
+}
