@@ -437,3 +437,172 @@ func TestUpgradeKeepsWorkersTiedToTheMaster(t *testing.T) {
 		waitGone(t, 5*time.Second, pid)
 	}
 }
+
+// TestUpgradeAsPID1: shoal as a container's PID 1 upgrades in place and
+// stays PID 1; the new program reaps the orphans of a worker it started,
+// and stops everything on SIGTERM.
+func TestUpgradeAsPID1(t *testing.T) {
+	next := shoalNext(t)
+	script, err := filepath.Abs(filepath.Join("testdata", "pid1-orphans.sh"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	path := filepath.Join(dir, "shoal")
+	install(t, shoalBin, path, 0o755)
+	sock := filepath.Join(dir, "ctl.sock")
+	unshare, flags := pidNamespaceFlags(t)
+	env := append(os.Environ(), "SHOAL_LOG_FORMAT=json", "SHOAL_LOG_LEVEL=debug", "SHOAL_METRICS_ADDR=", "SHOAL_ENV=PID1_ORPHANS", "PID1_ORPHANS=3")
+	p := startNSInit(t, unshare, flags, env, "shoal", path, "--workers", "2", "--port", "0", "--control", sock, "--stop-timeout", "1s", "--", "sh", script)
+	p.waitFor(10*time.Second, 6, "the first workers' 6 orphans reaped", msg("reaped an orphan"))
+	before := mustStatus(t, sock)
+
+	out := upgradeTo(t, sock, next, path)
+	t.Logf("%s", strings.TrimSpace(out))
+	after := mustStatus(t, sock)
+	if after.Master.PID != 1 || after.Version != nextVersion || fmt.Sprint(workerPIDs(after)) != fmt.Sprint(workerPIDs(before)) {
+		t.Fatalf("after the upgrade: pid %d, version %q, workers %v; want PID 1, %s, %v", after.Master.PID, after.Version, workerPIDs(after), nextVersion, workerPIDs(before))
+	}
+	if ns := nsPIDs(p.host); len(ns) == 0 || ns[len(ns)-1] != 1 {
+		t.Fatalf("the master (host pid %d) is no longer PID 1 of its namespace: NSpid %v", p.host, ns)
+	}
+	// A worker killed now is replaced by the new program, whose orphans
+	// it reaps.
+	victim := 0
+	for _, pr := range p.members() {
+		if ns := nsPIDs(pr.pid); len(ns) > 0 && ns[len(ns)-1] == after.Workers[0].PID {
+			victim = pr.pid
+		}
+	}
+	if victim == 0 {
+		t.Fatalf("worker 1 (pid %d in the namespace) not found on the host", after.Workers[0].PID)
+	}
+	syscall.Kill(victim, syscall.SIGKILL)
+	p.waitFor(10*time.Second, 9, "the new worker's 3 orphans reaped too", msg("reaped an orphan"))
+	p.noZombies(2 * time.Second)
+	p.signal(syscall.SIGTERM)
+	if code := p.wait(15 * time.Second); code != 0 {
+		t.Errorf("exit code %d after SIGTERM, want 0", code)
+	}
+	p.gone(2 * time.Second)
+}
+
+// TestUpgradeKeepsHandOffSocketsAndSteering: with --bind master and
+// round-robin steering, the upgraded master keeps the slots' sockets and
+// the steering program with its maps: no request fails during the upgrade,
+// the steered counts go on, connections are still dealt in turn, and a
+// slot added after the upgrade joins the adopted map.
+func TestUpgradeKeepsHandOffSocketsAndSteering(t *testing.T) {
+	next := shoalNext(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "shoal")
+	install(t, shoalBin, path, 0o755)
+	port, maddr, sock := testutil.FreePort(t), loopbackAddr(t), filepath.Join(dir, "ctl.sock")
+	m := newMaster(t)
+	m.cmd = exec.Command(path, "--bind", "master", "--steering", "round-robin", "--workers", "4", "--port", strconv.Itoa(port),
+		"--host", "127.0.0.1", "--metrics-addr", maddr, "--control", sock)
+	m.cmd.Env = testEnv()
+	m.launch()
+	m.listening(15*time.Second, 4)
+	time.Sleep(100 * time.Millisecond)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	murl := "http://" + maddr + "/metrics"
+	steered := func(n int) []float64 {
+		s := scrape(t, murl)
+		var out []float64
+		for w := 1; w <= n; w++ {
+			out = append(out, s[fmt.Sprintf(`shoal_worker_steered_connections_total{worker="%d"}`, w)])
+		}
+		return out
+	}
+	// dealt opens n short connections and returns how many the program
+	// steered to each worker meanwhile.
+	dealt := func(workers, n int) []float64 {
+		before := steered(workers)
+		l := startLoad(addr, 1, false)
+		for sum := 0.0; sum < float64(n); {
+			time.Sleep(10 * time.Millisecond)
+			sum = 0
+			for i, v := range steered(workers) {
+				sum += v - before[i]
+			}
+			if sum >= float64(n) {
+				break
+			}
+		}
+		l.finish()
+		after := steered(workers)
+		for i := range after {
+			after[i] -= before[i]
+		}
+		return after
+	}
+	even := func(d []float64) bool {
+		lo, hi := d[0], d[0]
+		for _, v := range d {
+			lo, hi = min(lo, v), max(hi, v)
+		}
+		return lo > 0 && hi-lo <= 1
+	}
+	if d := dealt(4, 400); !even(d) {
+		t.Fatalf("before the upgrade: connections dealt %v, want round-robin", d)
+	}
+	before := steered(4)
+
+	loads := map[string]*load{"new connection": startLoad(addr, 4, false), "keep-alive": startLoad(addr, 4, true)}
+	time.Sleep(300 * time.Millisecond)
+	upgradeTo(t, sock, next, path)
+	time.Sleep(300 * time.Millisecond)
+	res := finishAll(loads)
+	t.Logf("under load: %d requests answered, %d failed (%s)", res.ok, res.failed, describe(res.reasons))
+	if res.failed != 0 || res.ok == 0 {
+		t.Errorf("%d requests failed during the upgrade, %d answered: want 0 failed", res.failed, res.ok)
+	}
+	after := steered(4)
+	d := dealt(4, 400)
+	t.Logf("steered per worker: %v before the upgrade, %v after it; then 400 connections dealt %v", before, after, d)
+	for i := range after {
+		if after[i] <= before[i] {
+			t.Errorf("worker %d: %v steered connections after the upgrade, %v before: want the count to go on", i+1, after[i], before[i])
+		}
+	}
+	if !even(d) {
+		t.Errorf("after the upgrade: connections dealt %v, want round-robin", d)
+	}
+	if out, code := ctl(t, sock, "scale", "5"); code != 0 {
+		t.Fatalf("scale 5: exit %d: %s", code, out)
+	}
+	m.listening(15*time.Second, 5)
+	time.Sleep(100 * time.Millisecond)
+	if d := dealt(5, 500); !even(d) {
+		t.Errorf("the slot added after the upgrade is not dealt its share: %v", d)
+	}
+}
+
+// TestUpgradeWithReadyNotify: the socket that workers send READY=1 to is
+// handed over: a worker started after the upgrade serves once it says so.
+func TestUpgradeWithReadyNotify(t *testing.T) {
+	next := shoalNext(t)
+	flags, argv := helperCmd("notify-late")
+	dir := t.TempDir()
+	path := filepath.Join(dir, "shoal")
+	install(t, shoalBin, path, 0o755)
+	sock := filepath.Join(dir, "ctl.sock")
+	m := newMaster(t)
+	m.cmd = exec.Command(path, append(flags, "--env", "E2E_READY_AFTER", "--ready", "notify", "--workers", "2",
+		"--port", strconv.Itoa(testutil.FreePort(t)), "--host", "127.0.0.1", "--control", sock, "--", argv[0])...)
+	m.cmd.Env = testEnv("E2E_READY_AFTER=200ms")
+	m.launch()
+	m.listening(15*time.Second, 2)
+	upgradeTo(t, sock, next, path)
+	victim := mustStatus(t, sock).Workers[0].PID
+	syscall.Kill(victim, syscall.SIGKILL)
+	testutil.Eventually(t, 10*time.Second, "worker 1 replaced and serving after its READY=1", func() bool {
+		st := mustStatus(t, sock)
+		return st.Workers[0].PID != victim && st.Workers[0].State == "listening"
+	})
+	if n := len(m.logs.entries(msg("notification from a process that is no worker's ignored"))); n != 0 {
+		t.Errorf("%d notifications ignored", n)
+	}
+}
