@@ -96,7 +96,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	cfg.opts.Inherited = inherited
 	log := newLogger(cfg.logFormat, cfg.logLevel, stderr)
 	cfg.opts.Logger = &log
-	cfg.opts.Output = outputPipes(cfg.output, cfg.logFormat, &log, stdout, stderr)
+	cfg.opts.Output, cfg.opts.ResumeOutput = outputPipes(cfg.output, cfg.logFormat, &log, stdout, stderr)
 	cfg.opts.Subreaper = true
 	// sd_notify's READY=1 follows the workers' listening at once, not at
 	// the notifier's next second.

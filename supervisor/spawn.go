@@ -116,7 +116,8 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 	}
 	w.proc, w.pid, w.started = proc, proc.pid(), s.now()
 	if out != nil {
-		s.copyOutput(out, w.pid)
+		out.Start(w.pid)
+		s.copyOutput(w, out)
 	}
 	s.byPID[w.pid] = w
 	w.ch = ipc.NewChannel(master, s.channelOptions(w))
@@ -162,8 +163,8 @@ func (s *Supervisor) watchChannel(w *worker) {
 
 // copyOutput starts copying a worker's output. It ends at the pipes' EOF,
 // or when Run returns, with what the pipes hold then; Run waits for it.
-func (s *Supervisor) copyOutput(out OutputPipe, pid int) {
-	out.Start(pid)
+func (s *Supervisor) copyOutput(w *worker, out OutputPipe) {
+	w.out = out
 	s.retiring.Add(1)
 	go func() {
 		defer s.retiring.Done()

@@ -109,6 +109,7 @@ type worker struct {
 	state     State
 	started   time.Time
 	ch        *ipc.Channel
+	out       OutputPipe       // its output, when it goes through the master (Options.Output)
 	reason    string           // why the master is stopping it
 	stopAt    time.Time        // when it was sent SIGTERM
 	killed    bool             // it was sent SIGKILL

@@ -196,6 +196,13 @@ type handWorker struct {
 	Served    uint64
 	Limit     uint64
 	Channel   handChannel
+	Output    *handOutput // when its output goes through the master
+}
+
+type handOutput struct {
+	FDs  [2]int
+	Rest [2][]byte
+	Cont [2]bool
 }
 
 type handChannel struct {
@@ -285,8 +292,13 @@ func (s *Supervisor) beginUpgrade() error {
 		return fmt.Errorf("%w: a reload runs now: upgrade when it is done", ErrUpgrade)
 	case s.reload != nil:
 		return fmt.Errorf("%w: a worker is being recycled now: try again in a moment", ErrUpgrade)
-	case s.opts.Output != nil:
-		return fmt.Errorf("%w: the workers' output goes through the master (--worker-output prefix or json), which cannot be handed over yet: run with --worker-output raw to upgrade in place", ErrUpgrade)
+	case s.opts.Output != nil && s.opts.ResumeOutput == nil:
+		return fmt.Errorf("%w: the workers' output goes through the master and Options.ResumeOutput is not set", ErrUpgrade)
+	}
+	for _, w := range s.byPID {
+		if _, ok := w.out.(outputDetacher); w.out != nil && !ok {
+			return fmt.Errorf("%w: worker %d's output pipe cannot be handed over (no Detach method)", ErrUpgrade, w.slot.id)
+		}
 	}
 	s.upgrading = true
 	return nil
@@ -499,6 +511,26 @@ func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.F
 			}
 		}
 	}
+	outs := map[*worker]OutputHandoff{}
+	for _, w := range workers {
+		d, ok := w.out.(outputDetacher)
+		if !ok {
+			continue
+		}
+		h, err := d.Detach()
+		if err != nil {
+			s.log.Error().Int("worker", w.slot.id).Int("pid", w.pid).Err(err).Msg("upgrade: the worker's output cannot be handed over: it is lost")
+			continue
+		}
+		outs[w] = h
+		ho := &handOutput{FDs: [2]int{int(h.Stdout.Fd()), int(h.Stderr.Fd())}, Rest: h.Rest, Cont: h.Cont}
+		keep = append(keep, ho.FDs[:]...)
+		for i := range st.Workers {
+			if st.Workers[i].PID == w.pid {
+				st.Workers[i].Output = ho
+			}
+		}
+	}
 	var notifyFile *os.File
 	if s.notify != nil {
 		f, err := s.notify.Detach()
@@ -529,6 +561,9 @@ func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.F
 	for _, w := range workers {
 		if h, ok := hand[w]; ok {
 			s.resumeChannel(w, h)
+		}
+		if h, ok := outs[w]; ok {
+			s.resumeOutput(w, h)
 		}
 	}
 	if notifyFile != nil {
@@ -704,6 +739,9 @@ func (s *Supervisor) adopt(in *Inherited) {
 		if hw.Current {
 			sl.w = w
 		}
+		if o := hw.Output; o != nil && s.opts.ResumeOutput != nil {
+			s.resumeOutput(w, OutputHandoff{Stdout: os.NewFile(uintptr(o.FDs[0]), "stdout"), Stderr: os.NewFile(uintptr(o.FDs[1]), "stderr"), Rest: o.Rest, Cont: o.Cont})
+		}
 		if hw.Channel.FD >= 0 {
 			s.resumeChannel(w, ipc.Handoff{File: os.NewFile(uintptr(hw.Channel.FD), "shoal-ipc-master"),
 				Unread: hw.Channel.Unread, Discard: hw.Channel.Discard, Unsent: hw.Channel.Unsent, Ended: hw.Channel.Ended})
@@ -744,6 +782,18 @@ func (s *Supervisor) adoptSteering(st *handState) error {
 	}
 	s.steer = e
 	return nil
+}
+
+// resumeOutput goes on copying w's output from h.
+func (s *Supervisor) resumeOutput(w *worker, h OutputHandoff) {
+	out, err := s.opts.ResumeOutput(w.slot.id, w.pid, h)
+	if err != nil {
+		s.log.Error().Int("worker", w.slot.id).Int("pid", w.pid).Err(err).Msg("upgrade: the worker's output cannot be taken over: it is lost")
+		h.Stdout.Close()
+		h.Stderr.Close()
+		return
+	}
+	s.copyOutput(w, out)
 }
 
 // resumeChannel gives w a channel that reads on from h.

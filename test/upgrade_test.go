@@ -606,3 +606,54 @@ func TestUpgradeWithReadyNotify(t *testing.T) {
 		t.Errorf("%d notifications ignored", n)
 	}
 }
+
+// TestUpgradeKeepsWorkerOutput: with --worker-output prefix the master
+// reads the workers' output pipes; an upgrade hands them over with any
+// line half read, so every line a worker writes comes out once, whole and
+// labelled, in order.
+func TestUpgradeKeepsWorkerOutput(t *testing.T) {
+	next := shoalNext(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "shoal")
+	install(t, shoalBin, path, 0o755)
+	sock := filepath.Join(dir, "ctl.sock")
+	m := newMaster(t)
+	m.cmd = exec.Command(path, "--worker-output", "prefix", "--workers", "2", "--port", "0", "--control", sock, "--",
+		"sh", "-c", `i=0; while :; do printf 'tick %d' $i; printf ' of %s\n' "$SHOAL_WORKER_ID"; i=$((i+1)); done`)
+	m.cmd.Env = testEnv()
+	m.launch()
+	m.listening(15*time.Second, 2)
+	time.Sleep(100 * time.Millisecond)
+	upgradeTo(t, sock, next, path)
+	time.Sleep(100 * time.Millisecond)
+	upgradeTo(t, sock, shoalBin, path)
+	time.Sleep(100 * time.Millisecond)
+	pids := workerPIDs(mustStatus(t, sock))
+	m.signal(syscall.SIGTERM)
+	m.wait(15 * time.Second)
+	seen, cut := map[int]int{}, map[int]bool{}
+	for _, line := range strings.Split(m.stdout.String(), "\n") {
+		if line == "" {
+			continue
+		}
+		var slot, pid, n, of int
+		_, err := fmt.Sscanf(line, "w%d %d | tick %d of %d", &slot, &pid, &n, &of)
+		if err != nil && pid == pids[slot] && strings.HasSuffix(line, fmt.Sprintf("tick %d", n)) && !cut[slot] {
+			// SIGTERM cut the worker's last line: written as it was.
+			err, of, cut[slot] = nil, slot, true
+		} else if cut[slot] {
+			t.Fatalf("line %q after worker %d's cut last line", line, slot)
+		}
+		if err != nil || pid != pids[slot] || of != slot {
+			t.Fatalf("line %q: not a whole labelled line of a worker (pids %v): %v", line, pids, err)
+		}
+		if n != seen[slot] {
+			t.Fatalf("worker %d: tick %d after tick %d: a line lost or written twice", slot, n, seen[slot]-1)
+		}
+		seen[slot]++
+	}
+	t.Logf("lines per worker across two upgrades: %v", seen)
+	if seen[1] < 100 || seen[2] < 100 {
+		t.Errorf("too few lines to tell: %v", seen)
+	}
+}
