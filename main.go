@@ -53,8 +53,9 @@ func main() {
 		runtime.UnlockOSThread()
 		os.Exit(runCtl(os.Args[2:], os.Stdout, os.Stderr))
 	}
-	if len(os.Args) == 2 && os.Args[1] == "upgrade-check" {
-		os.Exit(runUpgradeCheck(os.Stdout))
+	if len(os.Args) >= 2 && os.Args[1] == "upgrade-check" {
+		runtime.UnlockOSThread()
+		os.Exit(runUpgradeCheck(os.Args[2:], os.Stdout, os.Stderr))
 	}
 	os.Exit(supervisor.Main(func() int { return run(os.Args[1:], os.Stdout, os.Stderr) }))
 }

@@ -176,12 +176,17 @@ func (m *master) upgrade(ctx context.Context) (supervisor.Check, error) {
 	return c, err
 }
 
-// runUpgradeCheck is 'shoal upgrade-check', which a master runs on the
-// program that is to replace it: it says what this program is and which
-// state it reads.
-func runUpgradeCheck(stdout io.Writer) int {
+// runUpgradeCheck is 'shoal upgrade-check ARGS...', which a master runs
+// on the program that is to replace it, with its own arguments and
+// environment: it says what this program is and which state it reads, and
+// exits 2 when it would refuse the master's configuration.
+func runUpgradeCheck(args []string, stdout, stderr io.Writer) int {
 	if err := supervisor.WriteCheck(stdout, "shoal", version); err != nil {
 		return exitFailure
+	}
+	if _, err := parseConfig(args, os.LookupEnv, io.Discard, io.Discard); err != nil {
+		fmt.Fprintf(stderr, "shoal %s: %v\n", version, err)
+		return exitUsage
 	}
 	return exitOK
 }

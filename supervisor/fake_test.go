@@ -57,7 +57,8 @@ type fakeProc struct {
 	holds   []Listener // the sockets it has bound, as listeners
 	files   []*os.File // what it inherited
 	path    string     // what was executed
-	waitsOn []uint64   // BindMaster: the socket inodes it waits on
+	argv    []string
+	waitsOn []uint64 // BindMaster: the socket inodes it waits on
 }
 
 func newFakeSystem() *fakeSystem {
@@ -105,7 +106,7 @@ func (f *fakeSystem) start(path string, argv []string, attr *os.ProcAttr) (proce
 			p.slot, _ = strconv.Atoi(v)
 		}
 	}
-	p.files, p.path = attr.Files, path
+	p.files, p.path, p.argv = attr.Files, path, argv
 	f.procs[p.id] = p
 	if f.onStart != nil {
 		f.onStart(p)

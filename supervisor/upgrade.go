@@ -45,7 +45,9 @@ type Check struct {
 
 // WriteCheck writes the check line of a program: its name, its version and
 // the state formats it reads ([StateFormat]). A program that can replace a
-// master in place prints it when run with the argument "upgrade-check".
+// master in place is run as "PROGRAM upgrade-check ARGS...", with the
+// master's arguments and environment: it prints the line, and exits 0 when
+// it accepts them, or 2 with the reason on stderr when it does not.
 func WriteCheck(w io.Writer, program, version string) error {
 	b, err := json.Marshal(Check{Program: program, Version: version, StateFormats: []int{StateFormat}})
 	if err != nil {
@@ -137,7 +139,7 @@ func inherit(b []byte) (*Inherited, error) {
 // durations relative to Taken, on the monotonic clock, except Started.
 type handState struct {
 	Format     int
-	Taken      int64 // wall clock, unix nanoseconds, for the record
+	Taken      int64 // wall clock, unix nanoseconds: how long the exec took, for the log
 	Desired    int
 	Restarts   uint64
 	GiveUps    uint64
@@ -225,7 +227,8 @@ type handOrphan struct {
 // its children stay; the new program adopts every worker, channel and
 // socket and goes on. First the program at u.Path is run with the
 // argument "upgrade-check" and must say, within u.CheckTimeout, that it is
-// u.Program and reads this StateFormat; then the master stops reading the
+// u.Program, reads this StateFormat, and accepts the master's arguments
+// and environment; then the master stops reading the
 // workers' channels between two messages, writes its state to a memory
 // file, keeps the descriptors the new program needs open across exec, and
 // calls execve from the thread that forked the workers (see [Main]).
@@ -244,6 +247,9 @@ func (s *Supervisor) Upgrade(ctx context.Context, u Upgrade) (Check, error) {
 		return Check{}, busy
 	}
 	defer s.do(func() { s.upgrading = false })
+	if u.Args == nil {
+		u.Args = os.Args
+	}
 	check, err := s.check(ctx, u)
 	if err != nil {
 		return check, err
@@ -260,12 +266,8 @@ func (s *Supervisor) Upgrade(ctx context.Context, u Upgrade) (Check, error) {
 			return check, fmt.Errorf("%w: %w", ErrUpgrade, err)
 		}
 	}
-	argv := u.Args
-	if argv == nil {
-		argv = os.Args
-	}
 	var execErr error
-	if err := s.doContext(context.Background(), func() { execErr = s.handOver(u.Path, argv, files, extra) }); err != nil {
+	if err := s.doContext(context.Background(), func() { execErr = s.handOver(u.Path, u.Args, files, extra) }); err != nil {
 		execErr = err
 	}
 	if errors.Is(execErr, errReplaced) {
@@ -317,6 +319,11 @@ func (s *Supervisor) check(ctx context.Context, u Upgrade) (Check, error) {
 		return refuse("not a regular file (%s)", st.Mode().Type())
 	case st.Mode().Perm()&0o111 == 0:
 		return refuse("not executable (mode %s): chmod +x it", st.Mode().Perm())
+	case st.Mode().Perm()&0o022 != 0:
+		return refuse("writable by others than its owner (mode %s): a program the master runs as itself must not be; chmod go-w it", st.Mode().Perm())
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Uid != 0 && int(sys.Uid) != os.Getuid() {
+		return refuse("owned by uid %d, neither root nor the master's uid %d: chown it", sys.Uid, os.Getuid())
 	}
 	timeout := u.CheckTimeout
 	if timeout <= 0 {
@@ -324,7 +331,10 @@ func (s *Supervisor) check(ctx context.Context, u Upgrade) (Check, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	out, ws, err := s.runHelper(ctx, u.Path, []string{u.Path, "upgrade-check"})
+	// The check reads the master's arguments and environment as the new
+	// program will: one that cannot is refused here, not after the exec.
+	argv := append([]string{u.Path, "upgrade-check"}, u.Args[1:]...)
+	out, errOut, ws, err := s.runHelper(ctx, u.Path, argv)
 	if err != nil {
 		return refuse("check: %v", err)
 	}
@@ -332,8 +342,10 @@ func (s *Supervisor) check(ctx context.Context, u Upgrade) (Check, error) {
 	var c Check
 	jerr := json.Unmarshal(line, &c)
 	switch {
+	case jerr == nil && c.Program == u.Program && ws.Exited() && ws.ExitStatus() == 2:
+		return c, fmt.Errorf("%w: %s: %s %s does not accept the master's arguments or environment: %s", ErrUpgrade, u.Path, c.Program, c.Version, oneLine(errOut))
 	case !ws.Exited() || ws.ExitStatus() != 0:
-		return refuse("check (%s upgrade-check) ended with %s: is it a %s that can upgrade in place?", u.Path, (&Death{ExitCode: ws.ExitStatus(), Signal: signalOf(ws)}).Status(), u.Program)
+		return refuse("check (%s upgrade-check) ended with %s%s: is it a %s that can upgrade in place?", u.Path, (&Death{ExitCode: ws.ExitStatus(), Signal: signalOf(ws)}).Status(), saying(errOut), u.Program)
 	case jerr != nil || c.Program == "":
 		return refuse("check (%s upgrade-check) printed %q, not a %s check line: it is another program, or a %s too old to upgrade in place", u.Path, truncate(string(line), 80), u.Program, u.Program)
 	case c.Program != u.Program:
@@ -342,6 +354,19 @@ func (s *Supervisor) check(ctx context.Context, u Upgrade) (Check, error) {
 		return c, fmt.Errorf("%w: %s: %s %s reads state formats %v, not this master's %d: upgrade through a version that reads both, or restart shoal", ErrUpgrade, u.Path, c.Program, c.Version, c.StateFormats, StateFormat)
 	}
 	return c, nil
+}
+
+// saying quotes what a check wrote to stderr, if anything.
+func saying(b []byte) string {
+	if len(bytes.TrimSpace(b)) == 0 {
+		return ""
+	}
+	return fmt.Sprintf(", saying %q", truncate(oneLine(b), 200))
+}
+
+// oneLine joins the lines of b.
+func oneLine(b []byte) string {
+	return strings.Join(strings.Fields(strings.ReplaceAll(string(b), "\n", " ")), " ")
 }
 
 func signalOf(ws unix.WaitStatus) syscall.Signal {
@@ -366,32 +391,36 @@ func unwrapPath(err error) error {
 	return err
 }
 
-// runHelper runs a short-lived program to its end and returns what it
-// wrote to stdout (at most 64 KiB) and how it ended. It is forked and
-// reaped by the loop like a worker, so the loop's reaper never takes its
-// exit from under it; when ctx ends first it is killed.
-func (s *Supervisor) runHelper(ctx context.Context, path string, argv []string) ([]byte, unix.WaitStatus, error) {
+// runHelper runs a short-lived program, with the master's environment, to
+// its end and returns what it wrote to stdout and stderr (at most 64 KiB
+// each) and how it ended. It is forked and reaped by the loop like a
+// worker, so the loop's reaper never takes its exit from under it; when
+// ctx ends first it is killed.
+func (s *Supervisor) runHelper(ctx context.Context, path string, argv []string) (stdout, stderr []byte, ws unix.WaitStatus, err error) {
 	null, err := os.Open(os.DevNull)
 	if err != nil {
-		return nil, 0, err
+		return nil, nil, 0, err
 	}
 	defer null.Close()
-	r, w, err := os.Pipe()
-	if err != nil {
-		return nil, 0, err
+	var rs, ws2 [2]*os.File
+	for i := range rs {
+		if rs[i], ws2[i], err = os.Pipe(); err != nil {
+			return nil, nil, 0, err
+		}
+		defer rs[i].Close()
+		defer ws2[i].Close()
 	}
-	defer r.Close()
-	var env []string
-	for _, k := range []string{"PATH", "HOME", "LANG", "TZ"} {
-		if v, ok := os.LookupEnv(k); ok {
-			env = append(env, k+"="+v)
+	env := make([]string, 0, len(os.Environ()))
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, envUpgradeState+"=") {
+			env = append(env, kv)
 		}
 	}
 	exited := make(chan unix.WaitStatus, 1)
 	var pid int
 	var serr error
 	if err := s.doContext(ctx, func() {
-		attr := &os.ProcAttr{Env: env, Files: []*os.File{null, w, null},
+		attr := &os.ProcAttr{Env: env, Files: []*os.File{null, ws2[0], ws2[1]},
 			Sys: &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}}
 		var p process
 		if p, serr = s.sys.start(path, argv, attr); serr == nil {
@@ -400,31 +429,39 @@ func (s *Supervisor) runHelper(ctx context.Context, path string, argv []string) 
 			s.helpers[pid] = exited
 		}
 	}); err != nil {
-		w.Close()
-		return nil, 0, err
+		return nil, nil, 0, err
 	}
-	w.Close()
+	ws2[0].Close()
+	ws2[1].Close()
 	if serr != nil {
-		return nil, 0, unwrapPath(serr)
+		return nil, nil, 0, unwrapPath(serr)
 	}
-	out := make(chan []byte, 1)
-	go func() {
-		b, _ := io.ReadAll(io.LimitReader(r, 64<<10))
-		out <- b
-	}()
+	var outs [2]chan []byte
+	for i, r := range rs {
+		outs[i] = make(chan []byte, 1)
+		go func() {
+			b, _ := io.ReadAll(io.LimitReader(r, 64<<10))
+			outs[i] <- b
+		}()
+	}
 	select {
-	case ws := <-exited:
-		r.SetReadDeadline(time.Now().Add(time.Second)) // a grandchild may hold the pipe
-		return <-out, ws, nil
+	case st := <-exited:
+		for _, r := range rs {
+			r.SetReadDeadline(time.Now().Add(time.Second)) // a grandchild may hold the pipe
+		}
+		return <-outs[0], <-outs[1], st, nil
 	case <-ctx.Done():
 		s.do(func() { s.sys.kill(pid, syscall.SIGKILL) })
-		r.SetReadDeadline(time.Now())
-		<-out
+		for _, r := range rs {
+			r.SetReadDeadline(time.Now())
+		}
+		<-outs[0]
+		<-outs[1]
 		select {
 		case <-exited:
 		case <-time.After(2 * time.Second):
 		}
-		return nil, 0, fmt.Errorf("no answer: %w", ctx.Err())
+		return nil, nil, 0, fmt.Errorf("no answer: %w", ctx.Err())
 	}
 }
 
@@ -758,7 +795,8 @@ func (s *Supervisor) adopt(in *Inherited) {
 	for _, ho := range st.Orphans {
 		s.orphans[ho.PID] = &orphan{pid: ho.PID, cmd: ho.Cmd, slot: ho.Slot, stopAt: now.Add(-ho.StopAt), killed: ho.Killed}
 	}
-	s.log.Info().Int("workers", len(st.Workers)).Uint64("upgrades", s.upgrades).Msg("upgraded in place: adopted the running workers")
+	s.log.Info().Int("workers", len(st.Workers)).Uint64("upgrades", s.upgrades).Float64("paused_seconds", time.Since(time.Unix(0, st.Taken)).Seconds()).
+		Msg("upgraded in place: adopted the running workers (paused_seconds: from the state handed over to now)")
 }
 
 // adoptSteering takes over the steering programs and maps of the master

@@ -183,6 +183,49 @@ func TestMachineUpgradeRefusals(t *testing.T) {
 	}
 }
 
+// A shoal that would not accept the master's arguments says so in its
+// check, and is refused with its reason.
+func TestMachineUpgradeRefusesAProgramThatRejectsTheConfiguration(t *testing.T) {
+	exe, _ := os.Executable()
+	m := listening(t, Options{Workers: 1})
+	m.sys.onStart = func(p *fakeProc) {
+		if p.path == exe {
+			if !slices.Equal(p.argv, append([]string{exe, "upgrade-check"}, os.Args[1:]...)) {
+				t.Errorf("check argv %q, want the master's arguments after upgrade-check", p.argv)
+			}
+			p.files[1].Write([]byte(goodCheck + "\n"))
+			p.files[2].Write([]byte("shoal v9.9.9: flag provided but not defined: -steering\n"))
+			m.sys.exitLocked(p, unix.WaitStatus(2<<8))
+		}
+	}
+	_, err := m.upgrade(exe)
+	if !errors.Is(err, ErrUpgrade) || !strings.Contains(err.Error(), "does not accept the master's arguments or environment: shoal v9.9.9: flag provided but not defined: -steering") {
+		t.Fatalf("upgrade: %v, want a refusal quoting the check", err)
+	}
+	if len(m.sys.execs) != 0 {
+		t.Fatal("executed a program that refused the configuration")
+	}
+}
+
+// A program that others may write, or that belongs to another user, is
+// not run as the master.
+func TestMachineUpgradeRefusesAProgramOthersMayWrite(t *testing.T) {
+	m := listening(t, Options{Workers: 1})
+	path := t.TempDir() + "/shoal"
+	os.WriteFile(path, []byte("#!/bin/sh\n"), 0o755)
+	os.Chmod(path, 0o777)
+	if _, err := m.upgrade(path); err == nil || !strings.Contains(err.Error(), "writable by others") {
+		t.Fatalf("upgrade to a mode 0777 program: %v, want a refusal", err)
+	}
+	if os.Getuid() == 0 {
+		os.Chmod(path, 0o755)
+		os.Chown(path, 4242, 4242)
+		if _, err := m.upgrade(path); err == nil || !strings.Contains(err.Error(), "owned by uid 4242") {
+			t.Fatalf("upgrade to another user's program: %v, want a refusal", err)
+		}
+	}
+}
+
 func TestMachineUpgradeRefusedWhileBusy(t *testing.T) {
 	exe, _ := os.Executable()
 	m := listening(t, Options{Workers: 2})
