@@ -6,6 +6,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -271,5 +272,42 @@ func TestMachineUpgradeExecFails(t *testing.T) {
 	m.exit(p1, 1)
 	if w := m.s.slots[1].w; w == nil || w.pid == p1.id {
 		t.Fatalf("slot 1 not replaced: %s", m.describe())
+	}
+}
+
+// A worker being stopped when the master upgrades is still stopped by the
+// new program: SIGKILL at its stop timeout, counted from the stop signal.
+func TestMachineUpgradeCarriesAStoppingWorker(t *testing.T) {
+	exe, _ := os.Executable()
+	m := listening(t, Options{Workers: 2, StopTimeout: 10 * time.Second})
+	checkAnswer(m.sys, exe, goodCheck, 0)
+	stubborn := m.proc(2)
+	stubborn.ignore[syscall.SIGTERM] = true
+	if err := m.s.scale(1); err != nil {
+		t.Fatal(err)
+	}
+	m.advance(4 * time.Second)
+	if _, err := m.upgrade(exe); err != nil {
+		t.Fatal(err)
+	}
+	in, err := inherit(m.sys.state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m2 := adoptMachine(t, m.sys, Options{Workers: 1, Port: 8000, StopTimeout: 10 * time.Second, Inherited: in})
+	if w := m2.s.byPID[stubborn.id]; w == nil || w.state != Stopping || m2.s.desired() != 1 {
+		t.Fatalf("the stopping worker after the upgrade: %+v, desired %d", w, m2.s.desired())
+	}
+	m2.advance(5*time.Second + 900*time.Millisecond)
+	if slices.Contains(stubborn.signals, syscall.SIGKILL) {
+		t.Fatal("SIGKILL before the stop timeout")
+	}
+	m2.advance(200 * time.Millisecond)
+	if !slices.Contains(stubborn.signals, syscall.SIGKILL) {
+		t.Fatalf("no SIGKILL 10s after the stop signal; signals %v", stubborn.signals)
+	}
+	m2.settle()
+	if _, ok := m2.s.byPID[stubborn.id]; ok || m2.s.slots[2] != nil {
+		t.Fatalf("the stopped worker's slot is still there: %s", m2.describe())
 	}
 }
