@@ -1,6 +1,7 @@
 package ipc
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -364,14 +365,21 @@ func (c *Channel) Detach() (Handoff, error) {
 func ResumeChannel(h Handoff, opts ChannelOptions) *Channel {
 	c := newChannel(h.File, opts)
 	c.rest, c.discard = h.Unread, h.Discard
-	if len(h.Unsent) > 0 {
-		// Queued before, so held beyond the limits rather than dropped.
-		n := int64(len(h.Unsent))
+	// Queued before, so held beyond the limits rather than dropped; frame
+	// by frame, so each is counted once written (the first may be the
+	// tail of one cut by Detach, which the old channel did not count).
+	for rest := h.Unsent; len(rest) > 0; {
+		i := bytes.IndexByte(rest, '\n') + 1
+		if i == 0 || len(c.queue) == cap(c.queue)-1 {
+			i = len(rest)
+		}
+		n := int64(i)
 		c.queued.Add(n)
 		if c.budget != nil {
 			c.budget.used.Add(n)
 		}
-		c.queue <- h.Unsent
+		c.queue <- rest[:i:i]
+		rest = rest[i:]
 	}
 	c.start()
 	return c

@@ -73,6 +73,7 @@ type Supervisor struct {
 	replaced   bool                         // an upgrade\'s exec returned without an error: only a fake system does that
 	helpers    map[int]chan unix.WaitStatus // short-lived programs (an upgrade's check), by pid
 	notifyDone chan struct{}                // closed when the notify reader ends
+	stopAsked  func() bool                  // reports whether Run's context ended
 }
 
 // slot is one worker position, 1..N. It outlives the processes that fill it,
@@ -286,6 +287,7 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	warnTick := time.NewTicker(s.warns.Interval() / 10)
 	defer warnTick.Stop()
 	ctxDone := ctx.Done()
+	s.stopAsked = func() bool { return ctx.Err() != nil }
 	close(s.loop)
 	for {
 		if s.replaced {

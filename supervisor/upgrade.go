@@ -146,6 +146,7 @@ type handState struct {
 	Reloads    uint64
 	ReloadErrs uint64
 	Upgrades   uint64
+	Failed     *handDeath      // an unclean death that will not be replaced
 	Limiter    []time.Duration // ages of the restarts in the window
 	Steering   SteeringMode
 	Groups     []handGroup
@@ -155,6 +156,12 @@ type handState struct {
 	Orphans    []handOrphan
 	Extra      json.RawMessage
 	ExtraFDs   map[string]int
+}
+
+type handDeath struct {
+	Worker, PID, ExitCode int
+	Signal                syscall.Signal
+	Reason                string
 }
 
 type handGroup struct {
@@ -491,6 +498,9 @@ func (s *Supervisor) waitRetired(ctx context.Context) error {
 // the state and execs path. It returns only when the exec failed, after
 // putting everything back as it was; or errReplaced with a fake system.
 func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.File, extra []byte) error {
+	if s.stopping {
+		return errors.New("shoal was asked to stop meanwhile")
+	}
 	workers := make([]*worker, 0, len(s.byPID))
 	for _, w := range s.byPID {
 		workers = append(workers, w)
@@ -530,9 +540,7 @@ func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.F
 			drained = true
 		}
 	}
-	st := s.state(extra, files)
 	hand := make(map[*worker]ipc.Handoff, len(workers))
-	var keep []int
 	for _, w := range workers {
 		h, err := w.ch.Detach()
 		if err != nil {
@@ -540,6 +548,11 @@ func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.F
 			continue
 		}
 		hand[w] = h
+	}
+	// The channels' counters are final now: the state carries them.
+	st := s.state(extra, files)
+	var keep []int
+	for w, h := range hand {
 		fd := int(h.File.Fd())
 		keep = append(keep, fd)
 		for i := range st.Workers {
@@ -586,7 +599,13 @@ func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.F
 	for _, fd := range st.ExtraFDs {
 		keep = append(keep, fd)
 	}
-	err := s.exec(path, argv, st, keep)
+	var err error
+	if s.stopAsked != nil && s.stopAsked() {
+		// A stop came while the readers stopped: it wins.
+		err = errors.New("shoal was asked to stop meanwhile")
+	} else {
+		err = s.exec(path, argv, st, keep)
+	}
 	if errors.Is(err, errReplaced) {
 		s.replaced = true
 		return err
@@ -672,6 +691,9 @@ func (s *Supervisor) state(extra []byte, files map[string]*os.File) *handState {
 		Restarts: s.restarts, GiveUps: s.giveUps, Reloads: s.reloads, ReloadErrs: s.reloadErrs, Upgrades: s.upgrades + 1,
 		Steering: s.steering, Extra: extra, ExtraFDs: map[string]int{},
 	}
+	if d := s.failed; d != nil {
+		st.Failed = &handDeath{Worker: d.Worker, PID: d.PID, ExitCode: d.ExitCode, Signal: d.Signal, Reason: d.Reason}
+	}
 	for _, t := range s.limiter.times {
 		st.Limiter = append(st.Limiter, now.Sub(t))
 	}
@@ -729,6 +751,9 @@ func (s *Supervisor) adopt(in *Inherited) {
 	st := in.st
 	now := s.now()
 	s.restarts, s.giveUps, s.reloads, s.reloadErrs, s.upgrades = st.Restarts, st.GiveUps, st.Reloads, st.ReloadErrs, st.Upgrades
+	if d := st.Failed; d != nil {
+		s.failed = &Death{Worker: d.Worker, PID: d.PID, ExitCode: d.ExitCode, Signal: d.Signal, Reason: d.Reason}
+	}
 	for _, age := range st.Limiter {
 		s.limiter.times = append(s.limiter.times, now.Add(-age))
 	}

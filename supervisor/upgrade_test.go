@@ -311,3 +311,19 @@ func TestMachineUpgradeCarriesAStoppingWorker(t *testing.T) {
 		t.Fatalf("the stopped worker's slot is still there: %s", m2.describe())
 	}
 }
+
+// A stop asked for while the readers stop for an upgrade wins: no exec,
+// and the master goes on to stop.
+func TestMachineUpgradeYieldsToAStop(t *testing.T) {
+	exe, _ := os.Executable()
+	m := listening(t, Options{Workers: 2})
+	checkAnswer(m.sys, exe, goodCheck, 0)
+	m.s.stopAsked = func() bool { return true }
+	_, err := m.upgrade(exe)
+	if err == nil || !strings.Contains(err.Error(), "asked to stop") || len(m.sys.execs) != 0 {
+		t.Fatalf("upgrade with a stop pending: %v, %d execs; want a refusal and none", err, len(m.sys.execs))
+	}
+	// The channels read on.
+	m.send(m.proc(2), `{"cmd":"notifyRequest"}`)
+	m.await("a request", func() bool { return m.s.requested.Load() == 1 })
+}
