@@ -251,22 +251,15 @@ func running(st control.Status) int {
 	return n
 }
 
-// ctlStatus asks the master at path for its status.
+// ctlStatus asks the master at path for its status, on a connection of
+// its own.
 func ctlStatus(ctx context.Context, path string) (control.Status, error) {
-	var st control.Status
 	c, err := control.Dial(path)
 	if err != nil {
-		return st, err
+		return control.Status{}, err
 	}
 	defer c.Close()
-	resp, err := c.Do(ctx, control.Request{Cmd: control.CmdStatus})
-	if err != nil {
-		return st, err
-	}
-	if !resp.OK {
-		return st, errors.New(resp.Error)
-	}
-	return st, json.Unmarshal(resp.Result, &st)
+	return c.Status(ctx)
 }
 
 // netFileListener returns the listener over an inherited socket and closes

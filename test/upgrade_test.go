@@ -2,7 +2,6 @@ package test
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -72,40 +71,17 @@ func install(t *testing.T, src, dst string, mode os.FileMode) {
 	}
 }
 
-// upStatus is what the upgrade tests read of 'shoal ctl status'.
-type upStatus struct {
-	Version  string `json:"version"`
-	Upgrades uint64 `json:"upgrades"`
-	Master   struct {
-		PID int `json:"pid"`
-	} `json:"master"`
-	Workers []struct {
-		Slot     int    `json:"slot"`
-		PID      int    `json:"pid"`
-		State    string `json:"state"`
-		Requests uint64 `json:"requests"`
-	} `json:"workers"`
-}
-
 // askStatus asks the control socket directly, as a monitor would.
-func askStatus(ctx context.Context, sock string) (upStatus, error) {
-	var st upStatus
+func askStatus(ctx context.Context, sock string) (control.Status, error) {
 	c, err := control.Dial(sock)
 	if err != nil {
-		return st, err
+		return control.Status{}, err
 	}
 	defer c.Close()
-	resp, err := c.Do(ctx, control.Request{Cmd: control.CmdStatus})
-	if err != nil {
-		return st, err
-	}
-	if !resp.OK {
-		return st, fmt.Errorf("status: %s", resp.Error)
-	}
-	return st, json.Unmarshal(resp.Result, &st)
+	return c.Status(ctx)
 }
 
-func mustStatus(t *testing.T, sock string) upStatus {
+func mustStatus(t *testing.T, sock string) control.Status {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -116,7 +92,7 @@ func mustStatus(t *testing.T, sock string) upStatus {
 	return st
 }
 
-func workerPIDs(st upStatus) map[int]int {
+func workerPIDs(st control.Status) map[int]int {
 	out := map[int]int{}
 	for _, w := range st.Workers {
 		out[w.Slot] = w.PID
@@ -198,6 +174,22 @@ func countFDs(t *testing.T, pid int) int {
 	return len(ents)
 }
 
+// startUpgradable starts the master under test from a copy of shoalBin in
+// a directory of the test's, the path an upgrade replaces, with a control
+// socket beside it and args, and returns it with the path and the socket.
+func startUpgradable(t *testing.T, args ...string) (m *master, path, sock string) {
+	t.Helper()
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	path, sock = filepath.Join(dir, "shoal"), filepath.Join(dir, "ctl.sock")
+	install(t, shoalBin, path, 0o755)
+	m = newMaster(t)
+	m.cmd = exec.Command(path, append([]string{"--control", sock}, args...)...)
+	m.cmd.Env = testEnv()
+	m.launch()
+	return m, path, sock
+}
+
 // upgradeTo installs bin at path and runs 'shoal ctl upgrade'.
 func upgradeTo(t *testing.T, sock, bin, path string) string {
 	t.Helper()
@@ -218,17 +210,9 @@ func upgradeTo(t *testing.T, sock, bin, path string) string {
 // did: it replaces a killed worker and stops everything on SIGTERM.
 func TestUpgradeInPlaceUnderLoad(t *testing.T) {
 	next := shoalNext(t)
-	dir := t.TempDir()
-	path := filepath.Join(dir, "shoal")
-	install(t, shoalBin, path, 0o755)
-	port := testutil.FreePort(t)
-	sock := filepath.Join(dir, "ctl.sock")
-	maddr := loopbackAddr(t)
+	port, maddr := testutil.FreePort(t), loopbackAddr(t)
 	murl := "http://" + maddr
-	m := newMaster(t)
-	m.cmd = exec.Command(path, "--workers", "4", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--control", sock, "--metrics-addr", maddr)
-	m.cmd.Env = testEnv()
-	m.launch()
+	m, path, sock := startUpgradable(t, "--workers", "4", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--metrics-addr", maddr)
 	m.listening(15*time.Second, 4)
 	before := mustStatus(t, sock)
 	if before.Version != "dev" || before.Upgrades != 0 {
@@ -352,14 +336,8 @@ func buildInfo(s map[string]float64) []string {
 // executable, is not shoal, or fails its check is refused with a reason and
 // exit code 1, and the master and its workers go on unchanged.
 func TestUpgradeRefused(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "shoal")
-	install(t, shoalBin, path, 0o755)
-	sock := filepath.Join(dir, "ctl.sock")
-	m := newMaster(t)
-	m.cmd = exec.Command(path, "--workers", "2", "--port", strconv.Itoa(testutil.FreePort(t)), "--host", "127.0.0.1", "--control", sock)
-	m.cmd.Env = testEnv()
-	m.launch()
+	m, path, sock := startUpgradable(t, "--workers", "2", "--port", strconv.Itoa(testutil.FreePort(t)), "--host", "127.0.0.1")
+	dir := filepath.Dir(path)
 	m.listening(15*time.Second, 2)
 	before := mustStatus(t, sock)
 	exitsAtOnce := filepath.Join(dir, "exits-at-once")
@@ -403,14 +381,7 @@ func TestUpgradeRefused(t *testing.T) {
 // workers and one the upgraded master started.
 func TestUpgradeKeepsWorkersTiedToTheMaster(t *testing.T) {
 	next := shoalNext(t)
-	dir := t.TempDir()
-	path := filepath.Join(dir, "shoal")
-	install(t, shoalBin, path, 0o755)
-	sock := filepath.Join(dir, "ctl.sock")
-	m := newMaster(t)
-	m.cmd = exec.Command(path, "--workers", "2", "--port", strconv.Itoa(testutil.FreePort(t)), "--host", "127.0.0.1", "--control", sock)
-	m.cmd.Env = testEnv()
-	m.launch()
+	m, path, sock := startUpgradable(t, "--workers", "2", "--port", strconv.Itoa(testutil.FreePort(t)), "--host", "127.0.0.1")
 	m.listening(15*time.Second, 2)
 	for i, bin := range []string{next, shoalBin} {
 		install(t, bin, path, 0o755)
@@ -495,15 +466,9 @@ func TestUpgradeAsPID1(t *testing.T) {
 // slot added after the upgrade joins the adopted map.
 func TestUpgradeKeepsHandOffSocketsAndSteering(t *testing.T) {
 	next := shoalNext(t)
-	dir := t.TempDir()
-	path := filepath.Join(dir, "shoal")
-	install(t, shoalBin, path, 0o755)
-	port, maddr, sock := testutil.FreePort(t), loopbackAddr(t), filepath.Join(dir, "ctl.sock")
-	m := newMaster(t)
-	m.cmd = exec.Command(path, "--bind", "master", "--steering", "round-robin", "--workers", "4", "--port", strconv.Itoa(port),
-		"--host", "127.0.0.1", "--metrics-addr", maddr, "--control", sock)
-	m.cmd.Env = testEnv()
-	m.launch()
+	port, maddr := testutil.FreePort(t), loopbackAddr(t)
+	m, path, sock := startUpgradable(t, "--bind", "master", "--steering", "round-robin", "--workers", "4", "--port", strconv.Itoa(port),
+		"--host", "127.0.0.1", "--metrics-addr", maddr)
 	m.listening(15*time.Second, 4)
 	time.Sleep(100 * time.Millisecond)
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
@@ -585,15 +550,9 @@ func TestUpgradeKeepsHandOffSocketsAndSteering(t *testing.T) {
 func TestUpgradeWithReadyNotify(t *testing.T) {
 	next := shoalNext(t)
 	flags, argv := helperCmd("notify-late")
-	dir := t.TempDir()
-	path := filepath.Join(dir, "shoal")
-	install(t, shoalBin, path, 0o755)
-	sock := filepath.Join(dir, "ctl.sock")
-	m := newMaster(t)
-	m.cmd = exec.Command(path, append(flags, "--env", "E2E_READY_AFTER", "--ready", "notify", "--workers", "2",
-		"--port", strconv.Itoa(testutil.FreePort(t)), "--host", "127.0.0.1", "--control", sock, "--", argv[0])...)
-	m.cmd.Env = testEnv("E2E_READY_AFTER=200ms")
-	m.launch()
+	t.Setenv("E2E_READY_AFTER", "200ms")
+	m, path, sock := startUpgradable(t, append(flags, "--env", "E2E_READY_AFTER", "--ready", "notify", "--workers", "2",
+		"--port", strconv.Itoa(testutil.FreePort(t)), "--host", "127.0.0.1", "--", argv[0])...)
 	m.listening(15*time.Second, 2)
 	upgradeTo(t, sock, next, path)
 	victim := mustStatus(t, sock).Workers[0].PID
@@ -613,15 +572,8 @@ func TestUpgradeWithReadyNotify(t *testing.T) {
 // labelled, in order.
 func TestUpgradeKeepsWorkerOutput(t *testing.T) {
 	next := shoalNext(t)
-	dir := t.TempDir()
-	path := filepath.Join(dir, "shoal")
-	install(t, shoalBin, path, 0o755)
-	sock := filepath.Join(dir, "ctl.sock")
-	m := newMaster(t)
-	m.cmd = exec.Command(path, "--worker-output", "prefix", "--workers", "2", "--port", "0", "--control", sock, "--",
+	m, path, sock := startUpgradable(t, "--worker-output", "prefix", "--workers", "2", "--port", "0", "--",
 		"sh", "-c", `i=0; while :; do printf 'tick %d' $i; printf ' of %s\n' "$SHOAL_WORKER_ID"; i=$((i+1)); done`)
-	m.cmd.Env = testEnv()
-	m.launch()
 	m.listening(15*time.Second, 2)
 	time.Sleep(100 * time.Millisecond)
 	upgradeTo(t, sock, next, path)

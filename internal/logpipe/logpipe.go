@@ -148,11 +148,7 @@ func (p *Pipe) Detach() (Handoff, error) {
 	err := errors.New("logpipe: detach: the pipes are not being copied")
 	p.closeOnce.Do(func() {
 		if !p.started {
-			p.childOut.Close()
-			p.childErr.Close()
-			p.readOut.Close()
-			p.readErr.Close()
-			close(p.done)
+			p.closeUnstarted()
 			return
 		}
 		err = nil
@@ -247,11 +243,7 @@ func (p *Pipe) Done() <-chan struct{} { return p.done }
 func (p *Pipe) Close() {
 	p.closeOnce.Do(func() {
 		if !p.started {
-			p.childOut.Close()
-			p.childErr.Close()
-			p.readOut.Close()
-			p.readErr.Close()
-			close(p.done)
+			p.closeUnstarted()
 			return
 		}
 		// Wakes a reader blocked on an empty pipe; it then drains what
@@ -260,6 +252,15 @@ func (p *Pipe) Close() {
 		p.readErr.SetReadDeadline(aLongTimeAgo)
 	})
 	<-p.done
+}
+
+// closeUnstarted closes the pipes of a Pipe never started.
+func (p *Pipe) closeUnstarted() {
+	p.childOut.Close()
+	p.childErr.Close()
+	p.readOut.Close()
+	p.readErr.Close()
+	close(p.done)
 }
 
 // aLongTimeAgo is a deadline that has passed.
