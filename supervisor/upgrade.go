@@ -498,8 +498,11 @@ func (s *Supervisor) waitRetired(ctx context.Context) error {
 // the state and execs path. It returns only when the exec failed, after
 // putting everything back as it was; or errReplaced with a fake system.
 func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.File, extra []byte) error {
-	if s.stopping {
+	switch {
+	case s.stopping:
 		return errors.New("shoal was asked to stop meanwhile")
+	case s.reload != nil:
+		return errors.New("a worker began to be recycled meanwhile: try again in a moment")
 	}
 	workers := make([]*worker, 0, len(s.byPID))
 	for _, w := range s.byPID {

@@ -327,3 +327,15 @@ func TestMachineUpgradeYieldsToAStop(t *testing.T) {
 	m.send(m.proc(2), `{"cmd":"notifyRequest"}`)
 	m.await("a request", func() bool { return m.s.requested.Load() == 1 })
 }
+
+// A reload asked for while an upgrade runs is refused with the reason.
+func TestMachineReloadRefusedDuringUpgrade(t *testing.T) {
+	m := listening(t, Options{Workers: 1})
+	m.s.upgrading = true
+	if err := <-m.reload(); err == nil || !strings.Contains(err.Error(), "upgrading") {
+		t.Fatalf("reload during an upgrade: %v, want a refusal", err)
+	}
+	if m.s.reload != nil {
+		t.Fatal("a reload started during an upgrade")
+	}
+}
