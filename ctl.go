@@ -7,9 +7,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -188,13 +190,38 @@ func ctlPath(path, port string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	switch len(masters) {
-	case 0:
+	return pickMaster(masters)
+}
+
+// pickMaster chooses among the control sockets at default paths: the only
+// one, or the only one a master listens on; sockets that masters killed
+// with SIGKILL left behind do not count.
+func pickMaster(masters []string) (string, error) {
+	if len(masters) == 0 {
 		return "", fmt.Errorf("no shoal master found: no control socket in %s. Is shoal running as this user? Give --port, or --control with the master's --control", control.DefaultDir())
-	case 1:
+	}
+	if len(masters) == 1 {
 		return masters[0], nil
 	}
-	return "", fmt.Errorf("%d shoal masters found, choose one with --port PORT (or --control PATH): %s", len(masters), strings.Join(masters, ", "))
+	var live, dead []string
+	for _, p := range masters {
+		c, err := net.DialTimeout("unix", p, time.Second)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			dead = append(dead, p)
+			continue
+		}
+		if err == nil {
+			c.Close()
+		}
+		live = append(live, p)
+	}
+	switch len(live) {
+	case 0:
+		return "", fmt.Errorf("no shoal master answers: the control sockets %s are left from masters that were killed; give --port or --control, or remove them", strings.Join(dead, ", "))
+	case 1:
+		return live[0], nil
+	}
+	return "", fmt.Errorf("%d shoal masters found, choose one with --port PORT (or --control PATH): %s", len(live), strings.Join(live, ", "))
 }
 
 // isNegativeNumber reports whether a looks like -5 or -2.5: a message or a

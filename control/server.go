@@ -60,7 +60,8 @@ func DefaultPath(port int) string {
 
 // Masters returns the control sockets at default paths, sorted: the
 // masters of the caller's user (or root's, for root) that run, or that
-// ended without removing theirs. `shoal ctl` uses the only one, or asks.
+// ended without removing theirs. `shoal ctl` uses the only one, or the
+// only one a master listens on, or asks.
 func Masters() ([]string, error) {
 	dir := DefaultDir()
 	var out []string
