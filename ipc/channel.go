@@ -1,6 +1,7 @@
 package ipc
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -19,6 +20,13 @@ const DefaultQueueLen = 1024
 // Channel holds for its worker: four frames of the default
 // [DefaultMaxMessage] size.
 const DefaultQueueBytes = 4 << 20
+
+// DefaultReadDelay is how long, by default, the reader of a busy channel
+// waits before it reads again (see [ChannelOptions].ReadDelay).
+const DefaultReadDelay = 2 * time.Millisecond
+
+// MaxReadDelay is the longest ReadDelay: a longer one is taken as this.
+const MaxReadDelay = 5 * time.Millisecond
 
 // The writer gathers up to this many frames, or about this many bytes, into
 // one writev.
@@ -43,6 +51,20 @@ type ChannelOptions struct {
 	// that share it, on top of each one's QueueBytes. A master gives one
 	// Budget to every worker's channel.
 	Budget *Budget
+	// ReadDelay is the longest the reader waits before it reads again
+	// while the worker sends fast: after a read that brought two frames or
+	// more, or the last of a few quick reads in a row. The frames the
+	// worker sends meanwhile gather in the socket, and one wakeup of the
+	// master then takes them all, instead of one wakeup each. The reader
+	// does not wait when the channel was idle, so a lone frame (a ready,
+	// a heartbeat, a relayed message) is read as soon as it comes, nor
+	// when something was sent to the worker since its last read, so a
+	// worker that waits for the master's answer is not slowed. A frame
+	// that comes during a burst waits at most ReadDelay. 0 means
+	// DefaultReadDelay, a value over MaxReadDelay means MaxReadDelay, and
+	// a negative value never waits. See the package documentation,
+	// "Reading in batches".
+	ReadDelay time.Duration
 	// OnMessage, if not nil, is called on the channel's reader goroutine for
 	// each good frame that is not Node.js's own (see Message.Internal).
 	// m.Raw and m.Msg are valid only during the call. The next frame is not
@@ -60,6 +82,7 @@ type ChannelOptions struct {
 type Stats struct {
 	MessagesIn  uint64 // good frames read, Node.js's own included
 	BytesIn     uint64 // bytes read
+	Reads       uint64 // reads of the socket by the reader: a busy worker's frames come many to a read
 	MessagesOut uint64 // frames written
 	BytesOut    uint64 // bytes written
 	Dropped     uint64 // outgoing frames dropped, for any reason: the sum of Drops
@@ -218,7 +241,14 @@ type Channel struct {
 	unsent    []byte // queued, not written: set by the writer
 	ended     bool   // the reader ended on its own (EOF, error) before Detach
 
+	// halt is closed by Detach, to end the reader's wait between two
+	// reads at once (see pause).
+	halt  chan struct{}
+	delay time.Duration // the reader's longest pause: ReadDelay
+
 	messagesIn, bytesIn, messagesOut, bytesOut atomic.Uint64
+	reads                                      atomic.Uint64 // calls of the socket's Read by the reader
+	sends                                      atomic.Uint64 // frames Send queued: see pacedReader.wait
 	dropped                                    [len(drops)]atomic.Uint64
 	errs                                       [len(reasons)]atomic.Uint64
 }
@@ -249,6 +279,8 @@ func newChannel(f *os.File, opts ChannelOptions) *Channel {
 		budget:     opts.Budget,
 		quit:       make(chan struct{}),
 		done:       make(chan struct{}),
+		halt:       make(chan struct{}),
+		delay:      readDelay(opts.ReadDelay),
 	}
 	// net.FileConn makes a pollable, non-blocking copy of the descriptor, so
 	// that Close interrupts a read or a write in progress.
@@ -310,6 +342,7 @@ func (c *Channel) Detach() (Handoff, error) {
 	c.closeOnce.Do(func() {
 		err = nil
 		c.detaching.Store(true)
+		close(c.halt)
 		if c.conn == nil {
 			c.mu.Lock()
 			c.closed = true
@@ -378,6 +411,7 @@ func ResumeChannel(h Handoff, opts ChannelOptions) *Channel {
 func (c *Channel) Send(frame []byte) error {
 	r := c.enqueue(frame)
 	if r == sent {
+		c.sends.Add(1)
 		return nil
 	}
 	c.dropped[r].Add(1)
@@ -433,6 +467,7 @@ func (c *Channel) Stats() Stats {
 	s := Stats{
 		MessagesIn:  c.messagesIn.Load(),
 		BytesIn:     c.bytesIn.Load(),
+		Reads:       c.reads.Load(),
 		MessagesOut: c.messagesOut.Load(),
 		BytesOut:    c.bytesOut.Load(),
 		QueuedBytes: uint64(max(c.queued.Load(), 0)),
@@ -489,7 +524,9 @@ func (c *Channel) read() {
 		c.report(c.openErr)
 		return
 	}
-	d := resumeDecoder(countingReader{c.conn, &c.bytesIn}, c.opts.MaxMessage, c.rest, c.discard)
+	r := &pacedReader{c: c, delay: c.delay}
+	defer r.stop()
+	d := resumeDecoder(r, c.opts.MaxMessage, c.rest, c.discard)
 	c.rest = nil
 	for {
 		m, err := d.Next()
@@ -617,16 +654,131 @@ func (c *Channel) write() {
 	}
 }
 
-// countingReader counts the bytes read through it.
-type countingReader struct {
-	r io.Reader
-	n *atomic.Uint64
+// readDelay returns the wait of a ChannelOptions.ReadDelay.
+func readDelay(d time.Duration) time.Duration {
+	switch {
+	case d == 0:
+		return DefaultReadDelay
+	case d < 0:
+		return 0
+	}
+	return min(d, maxReadDelay)
 }
 
-func (r countingReader) Read(p []byte) (int, error) {
-	n, err := r.r.Read(p)
+// maxReadDelay is MaxReadDelay. Tests raise it, to tell a pause from
+// none on a busy machine.
+var maxReadDelay = MaxReadDelay
+
+// Pacing of a busy reader (see pacedReader.wait).
+const (
+	// A wait is cut short so that a read brings about batchFrames frames
+	// or batchBytes bytes at most, at the worker's pace: the worker's
+	// socket buffer never fills while the reader waits, and the worker
+	// never blocks for it.
+	batchFrames = 64
+	batchBytes  = 16 << 10
+	// Frames that come one to a read count as fast after quickReads reads
+	// in a row less than a quarter of the delay apart.
+	quickReads = 4
+	// A wait shorter than minWait is not worth a timer.
+	minWait = 100 * time.Microsecond
+)
+
+// pacedReader is what the reader's Decoder reads from: the socket, with
+// the bytes and reads counted, and, while the worker sends fast, a pause
+// before each read, so that the frames sent meanwhile come in one read: one
+// wakeup of the reader for many messages instead of one each. The socket
+// stays in Go's network poller throughout: a read that finds nothing waits
+// there, as it always did.
+type pacedReader struct {
+	c     *Channel
+	delay time.Duration // the longest pause; 0: never pause
+	timer *time.Timer   // for pause; nil until the first
+	n     int           // bytes the last read brought
+	lines int           // frames the last read brought (its line ends)
+	full  bool          // the last read filled the buffer it was given
+	last  time.Time     // when the last read that brought bytes returned
+	gap   time.Duration // from the read before that to the last one
+	quick int           // reads in a row that came less than delay/4 after the one before
+	sent  uint64        // the channel's sends at the last read
+}
+
+// Read reads the socket once, after a pause if the worker sends fast (see
+// wait).
+func (r *pacedReader) Read(p []byte) (int, error) {
+	if d := r.wait(); d > 0 {
+		if r.timer == nil {
+			r.timer = time.NewTimer(d)
+		} else {
+			r.timer.Reset(d)
+		}
+		r.c.pause(r.timer)
+	}
+	r.sent = r.c.sends.Load()
+	r.c.reads.Add(1)
+	n, err := r.c.conn.Read(p)
+	r.n, r.full, r.lines = n, n == len(p), 0
 	if n > 0 {
-		r.n.Add(uint64(n))
+		r.c.bytesIn.Add(uint64(n))
+		if r.delay > 0 {
+			r.lines = bytes.Count(p[:n], newline)
+			now := time.Now()
+			r.gap, r.last = now.Sub(r.last), now
+			if r.gap < r.delay/4 {
+				r.quick++
+			} else {
+				r.quick = 0
+			}
+		}
 	}
 	return n, err
+}
+
+var newline = []byte{'\n'}
+
+// wait returns how long to pause before the next read: 0, read at once,
+// unless the worker sends fast: the last read brought two frames or more,
+// or it was the last of quickReads reads in a row that each came less than
+// delay/4 after the one before. So when the channel was idle, or a frame
+// comes now and then, the reader reads at once, and a lone frame is never
+// delayed. Nor does it pause when the last read filled its buffer (more is
+// waiting), or when a frame was sent to the worker since the last read: the
+// worker may be waiting for it to answer. The pause is cut short so that a
+// read brings about batchFrames frames or batchBytes bytes at most.
+func (r *pacedReader) wait() time.Duration {
+	if r.delay <= 0 || r.full {
+		return 0
+	}
+	if !(r.lines >= 2 || r.lines == 1 && r.quick >= quickReads) || r.c.sends.Load() != r.sent {
+		return 0
+	}
+	d := r.delay
+	if r.lines > batchFrames {
+		d = min(d, time.Duration(float64(r.gap)*batchFrames/float64(r.lines)))
+	}
+	if r.n > batchBytes {
+		d = min(d, time.Duration(float64(r.gap)*batchBytes/float64(r.n)))
+	}
+	if d < minWait {
+		return 0
+	}
+	return d
+}
+
+// pause is the reader's wait between two reads of a busy channel: until t
+// fires, at most ReadDelay, or at once when Close or Detach begins; the
+// read that follows then ends the reader.
+func (c *Channel) pause(t *time.Timer) {
+	select {
+	case <-t.C:
+	case <-c.quit:
+	case <-c.halt:
+	}
+}
+
+// stop releases the timer.
+func (r *pacedReader) stop() {
+	if r.timer != nil {
+		r.timer.Stop()
+	}
 }

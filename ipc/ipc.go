@@ -48,6 +48,29 @@
 // worker; a slow [ChannelOptions].OnMessage slows only that worker, whose
 // own writes then block, as they would under a slow Node.js parent.
 //
+// # Reading in batches
+//
+// A Node.js worker that reports each request with process.send writes one
+// small frame per request. Read as they come, each costs the master a
+// wakeup of its reader goroutine and two reads of the socket (one that
+// finds the frame, one that finds nothing more). So a Channel reads a busy
+// worker in batches: after a read that brought two frames or more, or after
+// a few quick reads in a row, its reader pauses up to
+// [ChannelOptions].ReadDelay ([DefaultReadDelay], 2 ms; at most
+// [MaxReadDelay], 5 ms) before it reads again, and takes the frames sent
+// meanwhile in one read ([Stats].Reads counts the reads). A frame that
+// arrives while the channel is idle is read at once, so a lone message (a
+// ready, a heartbeat, a relayed message) is never delayed; nor does the
+// reader pause when the master has sent something to the worker since its
+// last read, so a worker that waits for an answer to each message is not
+// slowed. A pause is cut short so that a read takes about 64 frames or
+// 16 KiB at most, and Close and Detach end it at once.
+//
+// The socket stays in Go's network poller, so the reader needs no thread of
+// its own. The poller's thread is still woken by each write of the worker
+// while the master is otherwise idle, which the pauses do not save: they
+// save the reader's part, about half of what a message cost the master.
+//
 // # Goroutines
 //
 // A [Channel] runs exactly two goroutines, a reader and a writer, both ended
