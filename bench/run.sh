@@ -21,7 +21,9 @@
 # BENCH_THREADS (wrk threads, default 1), BENCH_KILLS, BENCH_SCENARIOS (a
 # subset of "1 2 4 5 6 7 8 9"), BENCH_OUT (default docs), BENCH_KEEP=1 keeps
 # the scratch directory, BENCH_PCAP=1 records the TCP resets of the reload
-# scenario (tcpdump) into it.
+# scenario (tcpdump) into it, BENCH_BASE=<git revision> adds shoal built
+# from that revision to scenario 2 ("shoal-base"), to compare the master's
+# CPU before and after a change in one run.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -188,6 +190,18 @@ cpu_ticks() {
 	echo $((${12} + ${13}))
 }
 
+# cpu_ns PID: CPU time of PID's threads in ns (the first field of
+# /proc/PID/task/*/schedstat), precise where cpu_ticks counts 10 ms ticks;
+# a thread that ended since the last call is missed (the masters here
+# keep theirs).
+cpu_ns() {
+	local f s t=0
+	for f in /proc/"$1"/task/*/schedstat; do
+		{ read -r s _ <"$f"; } 2>/dev/null && t=$((t + s))
+	done
+	echo $t
+}
+
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 now_ms() { date +%s%3N; }
@@ -241,15 +255,15 @@ declare -A C_PORT C_MPID C_REQS
 # budget); the line records the foreign load of the run that was kept.
 measure() {
 	local scen=$1 who=$2 mode=$3 round=$4
-	local port=${C_PORT[$who]} mpid=${C_MPID[$who]} try c0 c1 t0 t1 res fl
+	local port=${C_PORT[$who]} mpid=${C_MPID[$who]} try c0 c1 n0 n1 t0 t1 res fl
 	for ((try = 1; ; try++)); do
 		wait_quiet
-		c0=0 c1=0
-		[[ $mpid != 0 ]] && c0=$(cpu_ticks "$mpid")
+		c0=0 c1=0 n0=0 n1=0
+		[[ $mpid != 0 ]] && c0=$(cpu_ticks "$mpid") n0=$(cpu_ns "$mpid")
 		t0=$(now_ms)
 		res=$(wrk_run "$mode" "$DUR" "$port")
 		t1=$(now_ms)
-		[[ $mpid != 0 ]] && c1=$(cpu_ticks "$mpid")
+		[[ $mpid != 0 ]] && c1=$(cpu_ticks "$mpid") n1=$(cpu_ns "$mpid")
 		C_REQS[$who]=$((${C_REQS[$who]:-0} + $(field requests "$res")))
 		sleep 0.3 # let cpuwatch take its sample of the run's end
 		fl=$(foreign_load "$t0" "$t1")
@@ -258,7 +272,7 @@ measure() {
 		fi
 		log "  $scen $who $mode round $round: other processes used $fl CPU meanwhile; measuring again"
 	done
-	echo "$scen contender=$who mode=$mode round=$round workers=$N conns=$CONNS start_ms=$t0 end_ms=$t1 master_ticks=$((c1 - c0)) foreign=$fl tries=$try $res" >>"$RAW"
+	echo "$scen contender=$who mode=$mode round=$round workers=$N conns=$CONNS start_ms=$t0 end_ms=$t1 master_ticks=$((c1 - c0)) master_ns=$((n1 - n0)) foreign=$fl tries=$try $res" >>"$RAW"
 	log "  $scen $who $mode round $round: $(awk '{printf "%.0f req/s", $1 / $2 * 1e6}' <<<"$(field requests "$res") $(field duration_us "$res")")"
 }
 
@@ -271,9 +285,11 @@ start_contender() { # NAME PORT [NOTIFY]
 	local who=$1 port=$2 notify=${3:-0} i
 	MASTER_PID=0
 	case $who in
-	shoal) # shoal, N Node.js workers with reusePort
-		spawn "$who-$port" "$SHOAL" --workers "$N" --port "$port" --host 127.0.0.1 --env BENCH_NOTIFY="$notify" \
-			--metrics-addr "${METRICS_ADDR:-}" --control "" --migrate-req off --stop-timeout 3s --log-format json \
+	shoal | shoal-base) # shoal (or shoal at BENCH_BASE), N Node.js workers with reusePort
+		local bin=$SHOAL maddr=${METRICS_ADDR:-}
+		[[ $who == shoal-base ]] && bin=$SHOAL_BASE maddr=${BASE_METRICS_ADDR:-}
+		spawn "$who-$port" "$bin" --workers "$N" --port "$port" --host 127.0.0.1 --env BENCH_NOTIFY="$notify" \
+			--metrics-addr "$maddr" --control "" --migrate-req off --stop-timeout 3s --log-format json \
 			-- "$NODE" "$APP"
 		MASTER_PID=$LAST_PID
 		wait_listen "$port" "$N"
@@ -350,6 +366,7 @@ rounds() {
 			counted=""
 			case $c in
 			shoal) counted=$(scrape_sum "$METRICS_ADDR" shoal_requests_total) ;;
+			shoal-base) counted=$(scrape_sum "$BASE_METRICS_ADDR" shoal_requests_total) ;;
 			cluster)
 				kill -USR2 "${C_MPID[$c]}"
 				sleep 0.3
@@ -357,6 +374,18 @@ rounds() {
 				;;
 			esac
 			echo "${scen}count contender=$c counted=${counted:-0} answered=${C_REQS[$c]}" >>"$RAW"
+		done
+		# Each master's CPU with no load, the fixed part of what the
+		# rounds measured: the report subtracts it to give what the
+		# messages cost.
+		local idle n0 n1
+		idle=$( ((QUICK)) && echo 2 || echo 4)
+		for c in "${who[@]}"; do
+			[[ ${C_MPID[$c]} == 0 ]] && continue
+			n0=$(cpu_ns "${C_MPID[$c]}")
+			sleep "$idle"
+			n1=$(cpu_ns "${C_MPID[$c]}")
+			echo "${scen}idle contender=$c secs=$idle master_ns=$((n1 - n0))" >>"$RAW"
 		done
 	fi
 	stop_current
@@ -400,6 +429,14 @@ go build -o "$GOSINGLE" ./bench/gosingle
 go build -o "$tmp/restart" ./bench/restart
 go build -o "$tmp/cpuwatch" ./bench/cpuwatch
 go build -o "$tmp/report" ./bench/report
+SHOAL_BASE=""
+if [[ -n ${BENCH_BASE:-} ]]; then
+	log "building shoal at $BENCH_BASE (shoal-base, scenario 2)"
+	mkdir -p "$tmp/base"
+	git archive "$BENCH_BASE" | tar -x -C "$tmp/base" || die "BENCH_BASE=$BENCH_BASE: cannot export that revision"
+	(cd "$tmp/base" && go build -o "$tmp/shoal-base" .) || die "BENCH_BASE=$BENCH_BASE: build failed"
+	SHOAL_BASE=$tmp/shoal-base
+fi
 
 # Foreign-load watch for the whole run.
 "$tmp/cpuwatch" -root $$ >"$tmp/cpu.log" 2>/dev/null &
@@ -415,6 +452,7 @@ meta shoal "$(git describe --always --dirty 2>/dev/null || echo unknown)"
 meta go "$(go version | awk '{print $3}')"
 meta node "$("$NODE" --version)"
 meta wrk "$(wrk -v 2>&1 | head -n 1 | awk '{print $2}')"
+meta base "$(if [[ -n $SHOAL_BASE ]]; then git rev-parse --short "$BENCH_BASE"; fi)"
 meta workers "$N"
 meta conns "$CONNS"
 meta threads "$THREADS"
@@ -434,10 +472,19 @@ scenario_1() {
 
 scenario_2() {
 	log "scenario 2: one notifyRequest message per request"
+	# Its own date and machine, for a report that merges it into another run's.
+	meta s2_date "$(date -u +%Y-%m-%dT%H:%MZ)"
+	meta s2_machine "$(nproc) × $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(uname -sr)"
+	local who=(shoal cluster)
 	new_port
 	METRICS_ADDR=127.0.0.1:$NEW_PORT
-	rounds s2 "keepalive close" 1 shoal cluster
-	METRICS_ADDR=""
+	if [[ -n $SHOAL_BASE ]]; then
+		new_port
+		BASE_METRICS_ADDR=127.0.0.1:$NEW_PORT
+		who+=(shoal-base)
+	fi
+	rounds s2 "keepalive close" 1 "${who[@]}"
+	METRICS_ADDR="" BASE_METRICS_ADDR=""
 }
 
 # --- 4. Go: shoal with N processes against one process with N threads ------

@@ -169,7 +169,10 @@ type cell struct {
 	p50, p99  []float64 // µs
 	errs      int
 	masterPct []float64 // % of one core; nil when there is no master
-	foreign   []float64 // CPUs used by other processes during each run
+	// perK is the master's % of one core per 1,000 requests/s, run by
+	// run: in scenario 2, per 1,000 messages/s.
+	perK    []float64
+	foreign []float64 // CPUs used by other processes during each run
 }
 
 func (c *cell) median() float64 { return median(c.rps) }
@@ -207,8 +210,15 @@ func analyse(d *data) *results {
 		c.p99 = append(c.p99, r.f("p99_us"))
 		c.errs += r.errs()
 		wall := (r.f("end_ms") - r.f("start_ms")) / 1000
-		if (r.s("contender") == "shoal" || strings.HasPrefix(r.s("contender"), "cluster") || r.s("contender") == "shoal-go" || strings.HasPrefix(r.s("contender"), "pm2")) && wall > 0 {
-			c.masterPct = append(c.masterPct, r.f("master_ticks")/100/wall*100)
+		if (strings.HasPrefix(r.s("contender"), "shoal") || strings.HasPrefix(r.s("contender"), "cluster") || strings.HasPrefix(r.s("contender"), "pm2")) && wall > 0 {
+			pct := r.f("master_ticks") / 100 / wall * 100
+			if _, ok := r.kv["master_ns"]; ok {
+				pct = r.f("master_ns") / 1e9 / wall * 100 // to the ns, where ticks are 10 ms
+			}
+			c.masterPct = append(c.masterPct, pct)
+			if rps := r.rps(); rps > 0 {
+				c.perK = append(c.perK, pct/(rps/1000))
+			}
 		}
 		if _, ok := r.kv["foreign"]; ok {
 			c.foreign = append(c.foreign, math.Max(0, r.f("foreign")))
@@ -272,6 +282,23 @@ func targets(d *data, res *results) []target {
 		}
 		ts = append(ts, t)
 	}
+	if res.cells[key("s2", "shoal-base", "keepalive")] != nil {
+		// The master's CPU per 1,000 messages/s against shoal at
+		// BENCH_BASE, round by round, both modes.
+		t := target{name: fmt.Sprintf("2. shoal master's CPU per 1,000 messages/s ≤ 1/5 of shoal at %s", d.meta["base"])}
+		var rs []float64
+		for _, m := range []string{"keepalive", "close"} {
+			rs = append(rs, perKRatios(res, m)...)
+		}
+		if len(rs) == 0 {
+			t.na = true
+		} else {
+			v := median(rs)
+			t.measured = fmt.Sprintf("%.2fx, median of %d runs (all %.2f–%.2f)", v, len(rs), slices.Min(rs), slices.Max(rs))
+			t.met = v <= 0.2
+		}
+		ts = append(ts, t)
+	}
 	ratioTarget("1. new connection per request: shoal ≥ 1.5x Node cluster", "cluster", "close", 1.5)
 	ratioTarget("1. new connection per request: shoal ≥ 0.97x bare processes", "bare", "close", 0.97)
 	ratioTarget("1. keep-alive: shoal ≥ 0.97x bare processes", "bare", "keepalive", 0.97)
@@ -320,6 +347,24 @@ func targets(d *data, res *results) []target {
 	return ts
 }
 
+// perKRatios returns, round by round, shoal's master CPU per 1,000
+// messages/s over shoal-base's in scenario 2.
+func perKRatios(res *results, mode string) []float64 {
+	a, b := res.cells[key("s2", "shoal", mode)], res.cells[key("s2", "shoal-base", mode)]
+	if a == nil || b == nil || len(a.perK) != len(a.rounds) || len(b.perK) != len(b.rounds) {
+		return nil
+	}
+	var rs []float64
+	for i, round := range a.rounds {
+		for j, br := range b.rounds {
+			if br == round && b.perK[j] > 0 {
+				rs = append(rs, a.perK[i]/b.perK[j])
+			}
+		}
+	}
+	return rs
+}
+
 // --- Markdown ------------------------------------------------------------
 
 var names = map[string]string{
@@ -328,6 +373,7 @@ var names = map[string]string{
 	"cluster-reuseport": "Node.js cluster, workers with reusePort",
 	"bare":              "bare Node.js processes with reusePort",
 	"shoal-go":          "shoal, built-in Go worker × {N} processes",
+	"shoal-base":        "shoal at {BASE} (before), Node.js workers with reusePort",
 	"go-single":         "one Go process, GOMAXPROCS={N}",
 }
 
@@ -336,8 +382,11 @@ func name(who, n string) string {
 	if !ok {
 		return who
 	}
-	return strings.ReplaceAll(s, "{N}", n)
+	return strings.ReplaceAll(strings.ReplaceAll(s, "{N}", n), "{BASE}", "`"+baseRev+"`")
 }
+
+// baseRev is the revision of shoal-base (meta base), for its name.
+var baseRev string
 
 func modeName(m string) string {
 	switch m {
@@ -353,6 +402,7 @@ func markdown(d *data, res *results) string {
 	var b strings.Builder
 	m := d.meta
 	n := m["workers"]
+	baseRev = m["base"]
 	p := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 
 	p("# shoal benchmarks\n\n")
@@ -431,7 +481,52 @@ func markdown(d *data, res *results) string {
 			"*shoal*: the worker calls `process.send()`; shoal reads Node's own IPC framing on fd 3 and adds to `shoal_requests_total`. "+
 			"*cluster*: the primary counts in `worker.on('message')`. The count of each master is checked against wrk's "+
 			"(see below the tables).",
-		[]string{"shoal", "cluster"}, "shoal")
+		[]string{"shoal", "cluster", "shoal-base"}, "shoal")
+	if res.cells[key("s2", "shoal", "keepalive")] != nil {
+		if d.meta["s2_date"] != "" && d.meta["s2_date"] != d.meta["date"] {
+			// Merged from a run of this scenario alone (BENCH_SCENARIOS=2).
+			p("This scenario was measured in a run of its own (`BENCH_SCENARIOS=2")
+			if m["base"] != "" {
+				p(" BENCH_BASE=%s", m["base"])
+			}
+			p(" bench/run.sh`) on %s, on %s, with other jobs using %s CPUs on average during its measured runs; "+
+				"its ratios compare contenders within that run only.\n\n", d.meta["s2_date"], dash(d.meta["s2_machine"]), s2Foreign(res))
+		}
+		p("**The master's CPU per 1,000 messages/s** (each request sends one message): the master's share of one core, as in section 3, ")
+		p("divided by the messages per second of the same run, then the median over the rounds. ")
+		p("shoal's channel reader takes a worker's messages as they come while they are few; while a worker sends fast it pauses up to ")
+		p("2 ms before reading again, so that one read takes many messages (`ipc.ChannelOptions.ReadDelay`).\n\n")
+		p("| mode | shoal master | Node cluster primary |")
+		base := res.cells[key("s2", "shoal-base", "keepalive")] != nil
+		if base {
+			p(" shoal at `%s` (before) | shoal ÷ before, per round |", m["base"])
+		}
+		p("\n| --- | ---: | ---: |")
+		if base {
+			p(" ---: | ---: |")
+		}
+		p("\n")
+		for _, mode := range []string{"keepalive", "close"} {
+			cellK := func(w string) string {
+				c := res.cells[key("s2", w, mode)]
+				if c == nil || len(c.perK) == 0 {
+					return "–"
+				}
+				return fmt.Sprintf("%.3f%% (%.2f%% at %s msgs/s)", median(c.perK), median(c.masterPct), thousands(c.median()))
+			}
+			p("| %s | %s | %s |", modeName(mode), cellK("shoal"), cellK("cluster"))
+			if base {
+				r := "–"
+				if rs := perKRatios(res, mode); len(rs) > 0 {
+					r = fmt.Sprintf("%.2fx (%.2f–%.2f)", median(rs), slices.Min(rs), slices.Max(rs))
+				}
+				p(" %s | %s |", cellK("shoal-base"), r)
+			}
+			p("\n")
+		}
+		p("\n")
+		s2Idle(p, d, res, base)
+	}
 	var cnt []string
 	for _, r := range d.recs {
 		if r.kind == "s2count" {
@@ -444,8 +539,20 @@ func markdown(d *data, res *results) string {
 	}
 
 	p("## 3. The master's CPU\n\n")
-	p("CPU time of the master process alone (utime + stime from `/proc/PID/stat`, read before and after each measured run), " +
-		"as a share of one core over the run. Workers are not included. Bare processes have no master.\n\n")
+	ticks := false
+	for _, r := range d.recs {
+		if _, ok := r.kv["master_ticks"]; ok {
+			if _, ok := r.kv["master_ns"]; !ok {
+				ticks = true
+			}
+		}
+	}
+	how := "the time on CPU of its threads, summed from `/proc/PID/task/*/schedstat`, in ns"
+	if ticks {
+		how = "utime + stime from `/proc/PID/stat`"
+	}
+	p("CPU time of the master process alone (%s, read before and after each measured run), "+
+		"as a share of one core over the run. Workers are not included. Bare processes have no master.\n\n", how)
 	p("| scenario | mode | shoal master | Node cluster primary | cluster primary, workers with reusePort |\n| --- | --- | ---: | ---: | ---: |\n")
 	for _, scen := range []string{"s1", "s2"} {
 		for _, mode := range []string{"keepalive", "close"} {
@@ -460,8 +567,12 @@ func markdown(d *data, res *results) string {
 			p("| %s | %s | %s | %s | %s |\n", label, modeName(mode), cellPct("shoal"), cellPct("cluster"), cellPct("cluster-reuseport"))
 		}
 	}
-	p("\nResolution: the kernel counts CPU time in ticks of 10 ms, so over a %s s run one tick is %.2f%% of a core.\n\n",
-		m["duration"], 1/atof(m["duration"]))
+	if ticks { // raw results of an older run.sh
+		p("\nResolution: the kernel counts CPU time in ticks of 10 ms, so over a %s s run one tick is %.2f%% of a core.\n\n",
+			m["duration"], 1/atof(m["duration"]))
+	} else {
+		p("\n")
+	}
 
 	throughput("s4", "4. Go: N processes under shoal, or one process with N threads",
 		fmt.Sprintf("shoal's built-in worker (the hello handler, served by the `worker` package) in %s processes under shoal, "+
@@ -944,4 +1055,77 @@ func niceCeil(v float64) float64 {
 func esc(s string) string {
 	r := strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;", `"`, "&quot;")
 	return r.Replace(s)
+}
+
+// s2Foreign returns the range of the mean CPU that other processes used
+// during the measured runs of scenario 2.
+func s2Foreign(res *results) string {
+	var all []float64
+	for _, w := range []string{"shoal", "cluster", "shoal-base"} {
+		for _, mode := range []string{"keepalive", "close"} {
+			if c := res.cells[key("s2", w, mode)]; c != nil {
+				all = append(all, c.foreign...)
+			}
+		}
+	}
+	if len(all) == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f (%.2f–%.2f)", median(all), slices.Min(all), slices.Max(all))
+}
+
+// s2Idle writes the masters' CPU with no load (s2idle, measured after the
+// rounds of scenario 2) and their CPU per 1,000 messages/s over it: the
+// part that the messages cost.
+func s2Idle(p func(string, ...any), d *data, res *results, base bool) {
+	idle := map[string]float64{} // % of one core
+	for _, r := range d.recs {
+		if r.kind == "s2idle" && r.f("secs") > 0 {
+			idle[r.s("contender")] = r.f("master_ns") / 1e9 / r.f("secs") * 100
+		}
+	}
+	if len(idle) == 0 {
+		return
+	}
+	who := []string{"shoal", "cluster"}
+	if base {
+		who = append(who, "shoal-base")
+	}
+	var parts []string
+	for _, w := range who {
+		if v, ok := idle[w]; ok {
+			parts = append(parts, fmt.Sprintf("%s %.2f%%", short(w), v))
+		}
+	}
+	p("With no load, after the rounds, the masters use %s of one core: timers and the like, a cost that does not grow with the messages. ", strings.Join(parts, ", "))
+	p("Over that, the master's CPU per 1,000 messages/s (medians over the rounds):\n\n")
+	p("| mode | shoal master | Node cluster primary |")
+	if base {
+		p(" shoal at `%s` (before) |", d.meta["base"])
+	}
+	p("\n| --- | ---: | ---: |")
+	if base {
+		p(" ---: |")
+	}
+	p("\n")
+	for _, mode := range []string{"keepalive", "close"} {
+		p("| %s |", modeName(mode))
+		for _, w := range who {
+			c := res.cells[key("s2", w, mode)]
+			v, ok := idle[w]
+			if c == nil || !ok || len(c.masterPct) == 0 {
+				p(" – |")
+				continue
+			}
+			var per []float64
+			for i, pct := range c.masterPct {
+				if rps := c.rps[i]; rps > 0 {
+					per = append(per, (pct-v)/(rps/1000))
+				}
+			}
+			p(" %.3f%% |", median(per))
+		}
+		p("\n")
+	}
+	p("\n")
 }
