@@ -23,7 +23,10 @@
 # the scratch directory, BENCH_PCAP=1 records the TCP resets of the reload
 # scenario (tcpdump) into it, BENCH_BASE=<git revision> adds shoal built
 # from that revision to scenario 2 ("shoal-base"), to compare the master's
-# CPU before and after a change in one run.
+# CPU before and after a change in one run; BENCH_S2_MODES (a subset of
+# "keepalive close paced") and BENCH_PACE_MS (default 2: each connection of
+# the paced mode waits that long after each answer, for about 15,000
+# requests/s) for scenario 2.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -59,6 +62,10 @@ else
 	DUR=${BENCH_DURATION:-3} ROUNDS=${BENCH_ROUNDS:-6} S1_ROUNDS=${BENCH_ROUNDS:-10} WARM=1
 	KILLS=${BENCH_KILLS:-100} RELOAD_DUR=12 BAL_DUR=3 BAL_WORKERS="$N 4" QUIET_WAIT=5 RETRIES=2 BUDGET=720
 fi
+# Scenario 2's modes, and the wait of each connection after each answer in
+# its paced mode: 2 ms makes about 32 / 2.1 ms = 15,000 requests/s.
+S2_MODES=${BENCH_S2_MODES:-keepalive close paced}
+PACE_MS=${BENCH_PACE_MS:-2}
 MAX_FOREIGN=0.1 # CPUs used by other processes during a run before it is run again
 # Restart latency: a kill must meet shoal's immediate restart, not its
 # crash-loop backoff, so each slot dies once, or again after 10 s up
@@ -223,11 +230,16 @@ wait_quiet() {
 # --- load ----------------------------------------------------------------
 
 # wrk_run MODE SECONDS PORT [CONNS]: prints wrk's summary line (bench/report.lua).
+# MODE: keepalive, close (a new connection per request) or paced
+# (keep-alive, each connection waiting PACE_MS after each answer:
+# bench/paced.lua).
 wrk_run() {
 	local mode=$1 secs=$2 port=$3 conns=${4:-$CONNS}
-	local hdr=()
+	local hdr=() lua=$ROOT/bench/report.lua
 	[[ $mode == close ]] && hdr=(-H 'Connection: close')
-	wrk -t"$THREADS" -c"$conns" -d"${secs}s" --latency -s "$ROOT/bench/report.lua" "${hdr[@]}" \
+	[[ $mode == paced ]] && lua=$ROOT/bench/paced.lua
+	BENCH_LUA=$ROOT/bench/report.lua BENCH_DELAY_MS=$PACE_MS \
+		wrk -t"$THREADS" -c"$conns" -d"${secs}s" --latency -s "$lua" "${hdr[@]}" \
 		"http://127.0.0.1:$port/" >"$tmp/wrk.out" 2>&1 || {
 		cat "$tmp/wrk.out" >&2
 		die "wrk failed"
@@ -460,6 +472,7 @@ meta duration "$DUR"
 meta rounds "$ROUNDS"
 meta s1_rounds "$S1_ROUNDS"
 meta warm "$WARM"
+meta pace_ms "$PACE_MS"
 
 # --- 1 + 3. Node.js: shoal, cluster, cluster with reusePort, bare -------------
 
@@ -483,7 +496,7 @@ scenario_2() {
 		BASE_METRICS_ADDR=127.0.0.1:$NEW_PORT
 		who+=(shoal-base)
 	fi
-	rounds s2 "keepalive close" 1 "${who[@]}"
+	rounds s2 "$S2_MODES" 1 "${who[@]}"
 	METRICS_ADDR="" BASE_METRICS_ADDR=""
 }
 

@@ -282,12 +282,12 @@ func targets(d *data, res *results) []target {
 		}
 		ts = append(ts, t)
 	}
-	if res.cells[key("s2", "shoal-base", "keepalive")] != nil {
+	if s2Has(res, "shoal-base") {
 		// The master's CPU per 1,000 messages/s against shoal at
 		// BENCH_BASE, round by round, both modes.
 		t := target{name: fmt.Sprintf("2. shoal master's CPU per 1,000 messages/s ≤ 1/5 of shoal at %s", d.meta["base"])}
 		var rs []float64
-		for _, m := range []string{"keepalive", "close"} {
+		for _, m := range []string{"keepalive", "close", "paced"} {
 			rs = append(rs, perKRatios(res, m)...)
 		}
 		if len(rs) == 0 {
@@ -394,6 +394,8 @@ func modeName(m string) string {
 		return "keep-alive"
 	case "close":
 		return "new connection per request"
+	case "paced":
+		return "keep-alive, paced"
 	}
 	return m
 }
@@ -434,11 +436,12 @@ func markdown(d *data, res *results) string {
 
 	throughput := func(scen, title, intro string, who []string, ref string) {
 		p("## %s\n\n%s\n\n", title, intro)
-		for _, mode := range []string{"keepalive", "close"} {
+		measured := false
+		for _, mode := range []string{"keepalive", "close", "paced"} {
 			if res.cells[key(scen, ref, mode)] == nil {
-				p("Not measured in this run.\n\n")
-				break
+				continue
 			}
+			measured = true
 			p("**%s**\n\n", upperFirst(modeName(mode)))
 			p("| contender | requests/s | min–max | p50 | p99 | %s ÷ this (middle half) | failed |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n", short(ref))
 			for _, w := range who {
@@ -464,6 +467,9 @@ func markdown(d *data, res *results) string {
 			}
 			p("\n")
 		}
+		if !measured {
+			p("Not measured in this run.\n\n")
+		}
 	}
 
 	throughput("s1", "1. Node.js: shoal, the cluster module, bare processes",
@@ -482,7 +488,7 @@ func markdown(d *data, res *results) string {
 			"*cluster*: the primary counts in `worker.on('message')`. The count of each master is checked against wrk's "+
 			"(see below the tables).",
 		[]string{"shoal", "cluster", "shoal-base"}, "shoal")
-	if res.cells[key("s2", "shoal", "keepalive")] != nil {
+	if s2Has(res, "shoal") {
 		if d.meta["s2_date"] != "" && d.meta["s2_date"] != d.meta["date"] {
 			// Merged from a run of this scenario alone (BENCH_SCENARIOS=2).
 			p("This scenario was measured in a run of its own (`BENCH_SCENARIOS=2")
@@ -495,9 +501,15 @@ func markdown(d *data, res *results) string {
 		p("**The master's CPU per 1,000 messages/s** (each request sends one message): the master's share of one core, as in section 3, ")
 		p("divided by the messages per second of the same run, then the median over the rounds. ")
 		p("shoal's channel reader takes a worker's messages as they come while they are few; while a worker sends fast it pauses up to ")
-		p("2 ms before reading again, so that one read takes many messages (`ipc.ChannelOptions.ReadDelay`).\n\n")
+		p("2 ms before reading again, so that one read takes many messages (`ipc.ChannelOptions.ReadDelay`). ")
+		if res.cells[key("s2", "shoal", "paced")] != nil {
+			p("*Keep-alive, paced*: each of the %s connections waits %s ms after each answer before its next request (`bench/paced.lua`), "+
+				"so that every contender serves about the same rate, below the machine's limit: the masters are compared at one message rate. "+
+				"Without it, each contender serves as many requests as the machine allows, and a master's CPU per message depends on the rate.", m["conns"], m["pace_ms"])
+		}
+		p("\n\n")
 		p("| mode | shoal master | Node cluster primary |")
-		base := res.cells[key("s2", "shoal-base", "keepalive")] != nil
+		base := s2Has(res, "shoal-base")
 		if base {
 			p(" shoal at `%s` (before) | shoal ÷ before, per round |", m["base"])
 		}
@@ -506,7 +518,10 @@ func markdown(d *data, res *results) string {
 			p(" ---: | ---: |")
 		}
 		p("\n")
-		for _, mode := range []string{"keepalive", "close"} {
+		for _, mode := range []string{"keepalive", "close", "paced"} {
+			if res.cells[key("s2", "shoal", mode)] == nil {
+				continue
+			}
 			cellK := func(w string) string {
 				c := res.cells[key("s2", w, mode)]
 				if c == nil || len(c.perK) == 0 {
@@ -1108,7 +1123,10 @@ func s2Idle(p func(string, ...any), d *data, res *results, base bool) {
 		p(" ---: |")
 	}
 	p("\n")
-	for _, mode := range []string{"keepalive", "close"} {
+	for _, mode := range []string{"keepalive", "close", "paced"} {
+		if res.cells[key("s2", "shoal", mode)] == nil {
+			continue
+		}
 		p("| %s |", modeName(mode))
 		for _, w := range who {
 			c := res.cells[key("s2", w, mode)]
@@ -1128,4 +1146,14 @@ func s2Idle(p func(string, ...any), d *data, res *results, base bool) {
 		p("\n")
 	}
 	p("\n")
+}
+
+// s2Has reports whether scenario 2 measured who in any mode.
+func s2Has(res *results, who string) bool {
+	for _, mode := range []string{"keepalive", "close", "paced"} {
+		if res.cells[key("s2", who, mode)] != nil {
+			return true
+		}
+	}
+	return false
 }
