@@ -209,6 +209,12 @@ cpu_ns() {
 	echo $t
 }
 
+# cpu_wakes PID: how many times PID's threads went to sleep, to be woken
+# again (voluntary context switches, /proc/PID/task/*/status).
+cpu_wakes() {
+	cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches:/ {n += $2} END {print n + 0}'
+}
+
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 now_ms() { date +%s%3N; }
@@ -267,15 +273,15 @@ declare -A C_PORT C_MPID C_REQS
 # budget); the line records the foreign load of the run that was kept.
 measure() {
 	local scen=$1 who=$2 mode=$3 round=$4
-	local port=${C_PORT[$who]} mpid=${C_MPID[$who]} try c0 c1 n0 n1 t0 t1 res fl
+	local port=${C_PORT[$who]} mpid=${C_MPID[$who]} try c0 c1 n0 n1 w0 w1 t0 t1 res fl
 	for ((try = 1; ; try++)); do
 		wait_quiet
-		c0=0 c1=0 n0=0 n1=0
-		[[ $mpid != 0 ]] && c0=$(cpu_ticks "$mpid") n0=$(cpu_ns "$mpid")
+		c0=0 c1=0 n0=0 n1=0 w0=0 w1=0
+		[[ $mpid != 0 ]] && c0=$(cpu_ticks "$mpid") n0=$(cpu_ns "$mpid") w0=$(cpu_wakes "$mpid")
 		t0=$(now_ms)
 		res=$(wrk_run "$mode" "$DUR" "$port")
 		t1=$(now_ms)
-		[[ $mpid != 0 ]] && c1=$(cpu_ticks "$mpid") n1=$(cpu_ns "$mpid")
+		[[ $mpid != 0 ]] && c1=$(cpu_ticks "$mpid") n1=$(cpu_ns "$mpid") w1=$(cpu_wakes "$mpid")
 		C_REQS[$who]=$((${C_REQS[$who]:-0} + $(field requests "$res")))
 		sleep 0.3 # let cpuwatch take its sample of the run's end
 		fl=$(foreign_load "$t0" "$t1")
@@ -284,7 +290,7 @@ measure() {
 		fi
 		log "  $scen $who $mode round $round: other processes used $fl CPU meanwhile; measuring again"
 	done
-	echo "$scen contender=$who mode=$mode round=$round workers=$N conns=$CONNS start_ms=$t0 end_ms=$t1 master_ticks=$((c1 - c0)) master_ns=$((n1 - n0)) foreign=$fl tries=$try $res" >>"$RAW"
+	echo "$scen contender=$who mode=$mode round=$round workers=$N conns=$CONNS start_ms=$t0 end_ms=$t1 master_ticks=$((c1 - c0)) master_ns=$((n1 - n0)) master_wakes=$((w1 - w0)) foreign=$fl tries=$try $res" >>"$RAW"
 	log "  $scen $who $mode round $round: $(awk '{printf "%.0f req/s", $1 / $2 * 1e6}' <<<"$(field requests "$res") $(field duration_us "$res")")"
 }
 

@@ -66,10 +66,15 @@
 // slowed. A pause is cut short so that a read takes about 64 frames or
 // 16 KiB at most, and Close and Detach end it at once.
 //
-// The socket stays in Go's network poller, so the reader needs no thread of
-// its own. The poller's thread is still woken by each write of the worker
-// while the master is otherwise idle, which the pauses do not save: they
-// save the reader's part, about half of what a message cost the master.
+// The socket stays in Go's network poller throughout, so the reader needs no
+// thread of its own and [Channel.Detach] can stop it between any two
+// frames. What the pauses save is the reader's share of a message's cost:
+// its wakeups and its reads, ten times fewer or better. They do not save the
+// poller's: the poller watches the socket, and each write of the worker
+// wakes the poller's thread while the master is otherwise idle. With
+// Node.js workers that is most of what a message costs the master (see
+// docs/benchmarks.md, scenario 2); a worker that counts requests itself
+// and reports them with [CmdRequests] now and then costs it almost nothing.
 //
 // # Goroutines
 //

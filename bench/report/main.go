@@ -171,7 +171,10 @@ type cell struct {
 	masterPct []float64 // % of one core; nil when there is no master
 	// perK is the master's % of one core per 1,000 requests/s, run by
 	// run: in scenario 2, per 1,000 messages/s.
-	perK    []float64
+	perK []float64
+	// wakes is the master's threads' voluntary context switches per
+	// request, run by run (scenario 2: per message).
+	wakes   []float64
 	foreign []float64 // CPUs used by other processes during each run
 }
 
@@ -218,6 +221,9 @@ func analyse(d *data) *results {
 			c.masterPct = append(c.masterPct, pct)
 			if rps := r.rps(); rps > 0 {
 				c.perK = append(c.perK, pct/(rps/1000))
+				if _, ok := r.kv["master_wakes"]; ok && r.f("requests") > 0 {
+					c.wakes = append(c.wakes, r.f("master_wakes")/r.f("requests"))
+				}
 			}
 		}
 		if _, ok := r.kv["foreign"]; ok {
@@ -541,6 +547,7 @@ func markdown(d *data, res *results) string {
 		}
 		p("\n")
 		s2Idle(p, d, res, base)
+		s2Wakes(p, d, res, base)
 	}
 	var cnt []string
 	for _, r := range d.recs {
@@ -1156,4 +1163,52 @@ func s2Has(res *results, who string) bool {
 		}
 	}
 	return false
+}
+
+// s2Wakes writes how often the masters' threads were woken per message in
+// scenario 2: what a message costs, whatever else shares the machine.
+func s2Wakes(p func(string, ...any), d *data, res *results, base bool) {
+	who := []string{"shoal", "cluster"}
+	if base {
+		who = append(who, "shoal-base")
+	}
+	found := false
+	for _, w := range who {
+		for _, mode := range []string{"keepalive", "close", "paced"} {
+			if c := res.cells[key("s2", w, mode)]; c != nil && len(c.wakes) > 0 {
+				found = true
+			}
+		}
+	}
+	if !found {
+		return
+	}
+	p("**Wakeups of the master per message**: how many times its threads went to sleep and were woken again ")
+	p("(voluntary context switches, `/proc/PID/task/*/status`), divided by the messages of the run; medians over the rounds. ")
+	p("A wakeup costs a few µs of CPU whatever the reader does after it, and unlike CPU time the count hardly moves with the load of other processes.\n\n")
+	p("| mode | shoal master | Node cluster primary |")
+	if base {
+		p(" shoal at `%s` (before) |", d.meta["base"])
+	}
+	p("\n| --- | ---: | ---: |")
+	if base {
+		p(" ---: |")
+	}
+	p("\n")
+	for _, mode := range []string{"keepalive", "close", "paced"} {
+		if res.cells[key("s2", "shoal", mode)] == nil {
+			continue
+		}
+		p("| %s |", modeName(mode))
+		for _, w := range who {
+			c := res.cells[key("s2", w, mode)]
+			if c == nil || len(c.wakes) == 0 {
+				p(" – |")
+				continue
+			}
+			p(" %.2f |", median(c.wakes))
+		}
+		p("\n")
+	}
+	p("\n")
 }
