@@ -9,7 +9,9 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+	"unsafe"
 )
 
 // DefaultQueueLen is the default number of outgoing frames a Channel queues
@@ -525,6 +527,9 @@ func (c *Channel) read() {
 		return
 	}
 	r := &pacedReader{c: c, delay: c.delay}
+	if sc, ok := c.conn.(syscall.Conn); ok {
+		r.raw, _ = sc.SyscallConn()
+	}
 	defer r.stop()
 	d := resumeDecoder(r, c.opts.MaxMessage, c.rest, c.discard)
 	c.rest = nil
@@ -692,15 +697,16 @@ const (
 // there, as it always did.
 type pacedReader struct {
 	c     *Channel
-	delay time.Duration // the longest pause; 0: never pause
-	timer *time.Timer   // for pause; nil until the first
-	n     int           // bytes the last read brought
-	lines int           // frames the last read brought (its line ends)
-	full  bool          // the last read filled the buffer it was given
-	last  time.Time     // when the last read that brought bytes returned
-	gap   time.Duration // from the read before that to the last one
-	quick int           // reads in a row that came less than delay/4 after the one before
-	sent  uint64        // the channel's sends at the last read
+	delay time.Duration   // the longest pause; 0: never pause
+	timer *time.Timer     // for pause; nil until the first
+	n     int             // bytes the last read brought
+	lines int             // frames the last read brought (its line ends)
+	full  bool            // the last read filled the buffer it was given
+	last  time.Time       // when the last read that brought bytes returned
+	gap   time.Duration   // from the read before that to the last one
+	quick int             // reads in a row that came less than delay/4 after the one before
+	sent  uint64          // the channel's sends at the last read
+	raw   syscall.RawConn // the socket's, for read; nil: conn.Read
 }
 
 // Read reads the socket once, after a pause if the worker sends fast (see
@@ -716,7 +722,7 @@ func (r *pacedReader) Read(p []byte) (int, error) {
 	}
 	r.sent = r.c.sends.Load()
 	r.c.reads.Add(1)
-	n, err := r.c.conn.Read(p)
+	n, err := r.read(p)
 	r.n, r.full, r.lines = n, n == len(p), 0
 	if n > 0 {
 		r.c.bytesIn.Add(uint64(n))
@@ -735,6 +741,45 @@ func (r *pacedReader) Read(p []byte) (int, error) {
 }
 
 var newline = []byte{'\n'}
+
+// read reads the socket once, through the network poller as conn.Read
+// does (deadlines, Close and the wait for data are the poller's), but with
+// a raw read(2): a system call that cannot block need not tell the Go
+// scheduler, which, told, wakes its monitor thread when the process was
+// idle, at a cost close to the read's own.
+func (r *pacedReader) read(p []byte) (int, error) {
+	if r.raw == nil {
+		return r.c.conn.Read(p)
+	}
+	var n int
+	var errno syscall.Errno
+	err := r.raw.Read(func(fd uintptr) bool {
+		n, errno = readNonblock(fd, p)
+		return errno != syscall.EAGAIN
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case errno != 0:
+		return 0, os.NewSyscallError("read", errno)
+	case n == 0 && len(p) > 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// readNonblock is read(2) on a descriptor in non-blocking mode.
+func readNonblock(fd uintptr, p []byte) (int, syscall.Errno) {
+	if len(p) == 0 {
+		return 0, 0
+	}
+	for {
+		n, _, errno := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+		if errno != syscall.EINTR {
+			return int(n), errno
+		}
+	}
+}
 
 // wait returns how long to pause before the next read: 0, read at once,
 // unless the worker sends fast: the last read brought two frames or more,

@@ -28,12 +28,19 @@ func paceMain() int {
 		fmt.Fprintf(os.Stderr, "pace: %s=%q is not a rate\n", rateEnv, os.Getenv(rateEnv))
 		return 2
 	}
+	// SHOAL_BENCH_CLUSTER=k: k writes back to back, then a sleep k times
+	// as long, as a Node.js worker that serves k requests in one turn of
+	// its event loop.
+	k, err := strconv.Atoi(os.Getenv("SHOAL_BENCH_CLUSTER"))
+	if err != nil || k < 1 {
+		k = 1
+	}
 	f := os.NewFile(3, "shoal-ipc")
 	frame := []byte(frameNotifyRequest + "\n")
 	// One write a message, evenly spaced: the thread sleeps until the
 	// next one is due (clock_nanosleep, not the Go timer, whose wakeups
 	// come late and would bunch the messages).
-	interval := time.Second / time.Duration(rate)
+	interval := time.Second / time.Duration(rate) * time.Duration(k)
 	var ts unix.Timespec
 	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
 		fmt.Fprintf(os.Stderr, "pace: %v\n", err)
@@ -41,8 +48,10 @@ func paceMain() int {
 	}
 	next, end := ts.Nano(), ts.Nano()+int64(time.Minute)
 	for next < end {
-		if _, err := f.Write(frame); err != nil {
-			return 0 // the master is gone
+		for range k {
+			if _, err := f.Write(frame); err != nil {
+				return 0 // the master is gone
+			}
 		}
 		next += int64(interval)
 		ts = unix.NsecToTimespec(next)
