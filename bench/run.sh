@@ -494,6 +494,8 @@ scenario_2() {
 	# Its own date and machine, for a report that merges it into another run's.
 	meta s2_date "$(date -u +%Y-%m-%dT%H:%MZ)"
 	meta s2_machine "$(nproc) × $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(uname -sr)"
+	meta s2_shoal "$(git describe --always --dirty 2>/dev/null || echo unknown)"
+	meta s2_rounds "$ROUNDS"
 	local who=(shoal cluster)
 	new_port
 	METRICS_ADDR=127.0.0.1:$NEW_PORT

@@ -492,18 +492,9 @@ func markdown(d *data, res *results) string {
 		"The seed's second example: every request sends `{cmd: 'notifyRequest'}` to the master, which counts it. "+
 			"*shoal*: the worker calls `process.send()`; shoal reads Node's own IPC framing on fd 3 and adds to `shoal_requests_total`. "+
 			"*cluster*: the primary counts in `worker.on('message')`. The count of each master is checked against wrk's "+
-			"(see below the tables).",
+			"(see below the tables)."+s2Note(d, res),
 		[]string{"shoal", "cluster", "shoal-base"}, "shoal")
 	if s2Has(res, "shoal") {
-		if d.meta["s2_date"] != "" && d.meta["s2_date"] != d.meta["date"] {
-			// Merged from a run of this scenario alone (BENCH_SCENARIOS=2).
-			p("This scenario was measured in a run of its own (`BENCH_SCENARIOS=2")
-			if m["base"] != "" {
-				p(" BENCH_BASE=%s", m["base"])
-			}
-			p(" bench/run.sh`) on %s, on %s, with other jobs using %s CPUs on average during its measured runs; "+
-				"its ratios compare contenders within that run only.\n\n", d.meta["s2_date"], dash(d.meta["s2_machine"]), s2Foreign(res))
-		}
 		p("**The master's CPU per 1,000 messages/s** (each request sends one message): the master's share of one core, as in section 3, ")
 		p("divided by the messages per second of the same run, then the median over the rounds. ")
 		p("shoal's channel reader takes a worker's messages as they come while they are few; while a worker sends fast it pauses up to ")
@@ -1185,7 +1176,9 @@ func s2Wakes(p func(string, ...any), d *data, res *results, base bool) {
 	}
 	p("**Wakeups of the master per message**: how many times its threads went to sleep and were woken again ")
 	p("(voluntary context switches, `/proc/PID/task/*/status`), divided by the messages of the run; medians over the rounds. ")
-	p("A wakeup costs a few µs of CPU whatever the reader does after it, and unlike CPU time the count hardly moves with the load of other processes.\n\n")
+	p("A wakeup costs a few µs of CPU whatever the reader does after it, and the count moves less than CPU time with the load of other processes. ")
+	p("shoal's master is still woken by most messages: Go's network poller watches each channel's socket, and each write of a worker wakes the poller's thread ")
+	p("while the master is otherwise idle; the pauses spare the reads that used to follow (about one read in ten messages or fewer now).\n\n")
 	p("| mode | shoal master | Node cluster primary |")
 	if base {
 		p(" shoal at `%s` (before) |", d.meta["base"])
@@ -1211,4 +1204,20 @@ func s2Wakes(p func(string, ...any), d *data, res *results, base bool) {
 		p("\n")
 	}
 	p("\n")
+}
+
+// s2Note says where scenario 2 comes from when it was measured in a run of
+// its own and merged into another run's raw results (BENCH_SCENARIOS=2).
+func s2Note(d *data, res *results) string {
+	m := d.meta
+	if m["s2_date"] == "" || m["s2_date"] == m["date"] {
+		return ""
+	}
+	cmd := "BENCH_SCENARIOS=2"
+	if m["base"] != "" {
+		cmd += " BENCH_BASE=" + m["base"]
+	}
+	return fmt.Sprintf(" This scenario was measured in a run of its own (`%s bench/run.sh`) on %s, on %s, with shoal at `%s`, in %s rounds, "+
+		"with other jobs using %s CPUs during its measured runs (median, and range); its ratios compare contenders within that run only.",
+		cmd, m["s2_date"], dash(m["s2_machine"]), dash(m["s2_shoal"]), dash(m["s2_rounds"]), s2Foreign(res))
 }
