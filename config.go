@@ -442,9 +442,9 @@ func (o *workerOutput) UnmarshalText(text []byte) error {
 // raw; otherwise pipes whose lines go to stdout and stderr labelled, or as
 // records in the master's log format (log is the master's logger, on
 // stderr). A failed write is logged.
-func outputPipes(mode workerOutput, format logFormat, log *zerolog.Logger, stdout, stderr io.Writer) func(int) (supervisor.OutputPipe, error) {
+func outputPipes(mode workerOutput, format logFormat, log *zerolog.Logger, stdout, stderr io.Writer) (func(int) (supervisor.OutputPipe, error), func(int, int, supervisor.OutputHandoff) (supervisor.OutputPipe, error)) {
 	if mode == outputRaw {
-		return nil
+		return nil, nil
 	}
 	opts := logpipe.Options{
 		Stdout: stdout, Stderr: stderr,
@@ -456,12 +456,22 @@ func outputPipes(mode workerOutput, format logFormat, log *zerolog.Logger, stdou
 	}
 	out := logpipe.New(opts)
 	return func(slot int) (supervisor.OutputPipe, error) {
-		p, err := out.Open(slot)
-		if err != nil {
-			return nil, err
+			p, err := out.Open(slot)
+			if err != nil {
+				return nil, err
+			}
+			return handPipe{p}, nil
+		}, func(slot, pid int, h supervisor.OutputHandoff) (supervisor.OutputPipe, error) {
+			return handPipe{out.Resume(slot, pid, logpipe.Handoff(h))}, nil
 		}
-		return p, nil
-	}
+}
+
+// handPipe is a logpipe.Pipe that an in-place upgrade can hand over.
+type handPipe struct{ *logpipe.Pipe }
+
+func (p handPipe) Detach() (supervisor.OutputHandoff, error) {
+	h, err := p.Pipe.Detach()
+	return supervisor.OutputHandoff(h), err
 }
 
 // parseConfig reads flags from args and, for flags not given there, from

@@ -18,31 +18,6 @@ import (
 	"github.com/shoal-sh/shoal/supervisor"
 )
 
-// serveControl serves the control socket at path until ctx ends. It fails
-// at once, before any worker starts, when the path is taken by a live
-// master or cannot be created.
-func serveControl(ctx context.Context, path string, m *master) (func(), error) {
-	log := m.log
-	srv, err := control.Listen(path)
-	if err != nil {
-		return nil, err
-	}
-	log.Info().Str("path", srv.Path()).Msg("control socket ready for 'shoal ctl'")
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := srv.Serve(ctx, func(ctx context.Context, req control.Request) control.Response {
-			return handleControl(ctx, req, m)
-		}); err != nil {
-			log.Error().Err(err).Msg("control socket stopped")
-		}
-	}()
-	return func() {
-		srv.Close()
-		<-done
-	}, nil
-}
-
 func handleControl(ctx context.Context, req control.Request, m *master) control.Response {
 	sup, log := m.sup, m.log
 	log.Info().Str("cmd", req.Cmd).Msg("control request")
@@ -86,6 +61,11 @@ func handleControl(ctx context.Context, req control.Request, m *master) control.
 		log.Info().Str("signal", unix.SignalName(sig)).Int("workers", n).Msg("signal sent to workers")
 	case "stop":
 		m.stop()
+	case "upgrade":
+		// Returns only when the upgrade did not happen: on success the
+		// exec closes this connection, and ctl asks the new program.
+		_, err := m.upgrade(ctx)
+		return fail(err)
 	default:
 		return fail(fmt.Errorf("unknown command %q", req.Cmd))
 	}
@@ -99,7 +79,7 @@ func handleControl(ctx context.Context, req control.Request, m *master) control.
 func statusOf(snap supervisor.Snapshot) control.Status {
 	st := control.Status{Desired: snap.Desired, Reloading: snap.Reloading, Stopping: snap.Stopping, Workers: []control.WorkerStatus{},
 		Restarts: snap.Restarts, Reloads: snap.Reloads, ReloadsAborted: snap.ReloadFailures,
-		Master: masterStatus(time.Now())}
+		Master: masterStatus(time.Now()), Version: version, Upgrades: snap.Upgrades}
 	if snap.Steering == "round-robin" {
 		st.Steering = snap.Steering
 	}
@@ -131,6 +111,7 @@ var ctlCommands = []ctlCommand{
 	{"broadcast", "JSON", "send a message to every worker", 1, 0},
 	{"signal", "SIG [SLOT|all]", "send a signal (USR1, HUP, 10) to one worker or to all", 2, 1},
 	{"stop", "", "stop shoal gracefully", 0, 0},
+	{"upgrade", "", "replace the master's program with the one now at its path, in place: no worker restarts; exits 1 with the reason if refused", 0, 0},
 	{"top", "[--once]", "a live view of the workers, refreshed every second: requests/s, CPU, memory, accept queues, deaths; q quits", 0, 0},
 }
 
@@ -277,6 +258,9 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 	if req.Cmd == "top" {
 		return runTop(ctx, *path, *timeout, *once, stdout, stderr)
 	}
+	if req.Cmd == control.CmdUpgrade {
+		return ctlUpgrade(ctx, *path, stdout, stderr)
+	}
 	c, err := control.Dial(*path)
 	if err != nil {
 		fmt.Fprintf(stderr, "shoal ctl: %s\n", control.Printable(err.Error()))
@@ -327,11 +311,11 @@ func findCtlCommand(args []string) (ctlCommand, bool) {
 // ctlRequest builds the request that the command line asks for.
 func ctlRequest(args []string) (control.Request, error) {
 	if len(args) == 0 {
-		return control.Request{}, errors.New("no command: want one of status, reload, scale, send, broadcast, signal, stop, top")
+		return control.Request{}, errors.New("no command: want one of status, reload, scale, send, broadcast, signal, stop, upgrade, top")
 	}
 	c, ok := findCtlCommand(args)
 	if !ok {
-		return control.Request{}, fmt.Errorf("unknown command %q: want one of status, reload, scale, send, broadcast, signal, stop, top", args[0])
+		return control.Request{}, fmt.Errorf("unknown command %q: want one of status, reload, scale, send, broadcast, signal, stop, upgrade, top", args[0])
 	}
 	if got := len(args) - 1; got > c.nargs || got < c.nargs-c.optional {
 		what := "no arguments"

@@ -6,7 +6,6 @@ package main
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -97,32 +96,32 @@ type topSource struct {
 func (s *topSource) fetch(ctx context.Context) (topSample, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.c == nil {
-		c, err := control.Dial(s.path)
-		if err != nil {
-			return topSample{}, err
-		}
-		s.c = c
-	}
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	resp, err := s.c.Do(ctx, control.Request{Cmd: control.CmdStatus})
-	if err != nil {
+	for retried := false; ; retried = true {
+		if s.c == nil {
+			c, err := control.Dial(s.path)
+			if err != nil {
+				return topSample{}, err
+			}
+			s.c = c
+		}
+		st, err := s.c.Status(ctx)
+		if err == nil {
+			return topSample{at: time.Now(), st: st}, nil
+		}
 		s.c.Close()
 		s.c = nil
 		if errors.Is(err, context.DeadlineExceeded) {
 			return topSample{}, fmt.Errorf("status: the master at %s did not answer within %s", s.path, s.timeout)
 		}
-		return topSample{}, fmt.Errorf("status: %w", err)
+		// The master closed the connection (it upgraded itself, or
+		// evicted an idle one): once more, on a new one.
+		if !retried && ctx.Err() == nil {
+			continue
+		}
+		return topSample{}, err
 	}
-	if !resp.OK {
-		return topSample{}, fmt.Errorf("status: the master at %s: %s", s.path, resp.Error)
-	}
-	var st control.Status
-	if err := json.Unmarshal(resp.Result, &st); err != nil {
-		return topSample{}, fmt.Errorf("status: bad answer from the master at %s: %w", s.path, err)
-	}
-	return topSample{at: time.Now(), st: st}, nil
 }
 
 // Close closes the connection, once a request in flight has returned.

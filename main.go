@@ -9,18 +9,21 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"math"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"sync/atomic"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/shoal-sh/shoal/control"
 	"github.com/shoal-sh/shoal/metrics"
 	"github.com/shoal-sh/shoal/reuseport"
 	"github.com/shoal-sh/shoal/supervisor"
@@ -36,14 +39,25 @@ const (
 	exitUsage   = 2 // bad flags, environment or command: nothing was started
 )
 
+// The main goroutine keeps the main thread: the master forks every worker
+// from it (supervisor.Main), so that the workers survive an in-place
+// upgrade.
+func init() { runtime.LockOSThread() }
+
 func main() {
 	if supervisor.IsWorker() {
+		runtime.UnlockOSThread()
 		os.Exit(runHello())
 	}
 	if len(os.Args) > 1 && os.Args[1] == "ctl" {
+		runtime.UnlockOSThread()
 		os.Exit(runCtl(os.Args[2:], os.Stdout, os.Stderr))
 	}
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	if len(os.Args) >= 2 && os.Args[1] == "upgrade-check" {
+		runtime.UnlockOSThread()
+		os.Exit(runUpgradeCheck(os.Args[2:], os.Stdout, os.Stderr))
+	}
+	os.Exit(supervisor.Main(func() int { return run(os.Args[1:], os.Stdout, os.Stderr) }))
 }
 
 // run is the master's main: it parses args and supervises until a signal
@@ -74,9 +88,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "shoal %s\n", version)
 		return exitOK
 	}
+	// After an in-place upgrade: what the master before handed over.
+	inherited, err := supervisor.Inherit()
+	if err != nil {
+		fmt.Fprintf(stderr, "shoal: upgrade: %v\n", err)
+		return exitFailure
+	}
+	cfg.opts.Inherited = inherited
 	log := newLogger(cfg.logFormat, cfg.logLevel, stderr)
 	cfg.opts.Logger = &log
-	cfg.opts.Output = outputPipes(cfg.output, cfg.logFormat, &log, stdout, stderr)
+	cfg.opts.Output, cfg.opts.ResumeOutput = outputPipes(cfg.output, cfg.logFormat, &log, stdout, stderr)
 	cfg.opts.Subreaper = true
 	// sd_notify's READY=1 follows the workers' listening at once, not at
 	// the notifier's next second.
@@ -95,21 +116,44 @@ func run(args []string, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	m := &master{sup: sup, stop: cancel, log: &log}
-	if cfg.metrics != "" {
-		srv, err := metrics.Listen(cfg.metrics, sup, metrics.Options{MinReady: cfg.minReady, Logger: &log})
-		if err != nil {
-			fmt.Fprintf(stderr, "shoal: %v (give another --metrics-addr, or \"\" to turn metrics off)\n", err)
-			return exitUsage
+	m.servers = &servers{ctx: ctx, m: m, log: &log, mopts: metrics.Options{MinReady: cfg.minReady, Logger: &log, Version: version}}
+	defer m.servers.close()
+	if inherited != nil {
+		var st upgradeState
+		json.Unmarshal(inherited.State, &st)
+		// Once the loop answers: until then, the clients of /healthz and
+		// the control socket wait in the sockets' queues.
+		go func() {
+			select {
+			case <-sup.Running():
+			case <-ctx.Done():
+				return
+			}
+			m.servers.mu.Lock()
+			defer m.servers.mu.Unlock()
+			if err := m.servers.adopt(inherited.Files, st.Control); err != nil {
+				log.Error().Err(err).Msg("upgrade")
+			}
+			log.Info().Str("from", st.From).Str("version", version).Uint64("upgrades", inherited.Upgrades).Msg("shoal upgraded in place")
+		}()
+	} else {
+		if cfg.metrics != "" {
+			srv, err := metrics.Listen(cfg.metrics, sup, m.servers.mopts)
+			if err != nil {
+				fmt.Fprintf(stderr, "shoal: %v (give another --metrics-addr, or \"\" to turn metrics off)\n", err)
+				return exitUsage
+			}
+			m.servers.metrics = srv
 		}
-		defer srv.Close()
-	}
-	if cfg.control != "" {
-		stop, err := serveControl(ctx, cfg.control, m)
-		if err != nil {
-			fmt.Fprintf(stderr, "shoal: %v\n", err)
-			return exitUsage
+		if cfg.control != "" {
+			srv, err := control.Listen(cfg.control)
+			if err != nil {
+				fmt.Fprintf(stderr, "shoal: %v\n", err)
+				return exitUsage
+			}
+			log.Info().Str("path", srv.Path()).Msg("control socket ready for 'shoal ctl'")
+			m.servers.serveControl(srv)
 		}
-		defer stop()
 	}
 	if err := setupMigrateReq(cfg.migrateReq, &log); err != nil {
 		fmt.Fprintf(stderr, "shoal: %v\n", err)

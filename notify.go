@@ -17,10 +17,11 @@ import (
 
 // master is what the master's signal handler and control socket act on.
 type master struct {
-	sup    *supervisor.Supervisor
-	stop   func() // a graceful stop
-	log    *zerolog.Logger
-	notify *notifier
+	sup     *supervisor.Supervisor
+	stop    func() // a graceful stop
+	log     *zerolog.Logger
+	notify  *notifier
+	servers *servers
 }
 
 // reload rolls every worker over, telling systemd about it.

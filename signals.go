@@ -23,7 +23,7 @@ var masterSignals = []os.Signal{
 	syscall.SIGHUP,                   // reload
 	syscall.SIGTTIN, syscall.SIGTTOU, // scale
 	syscall.SIGUSR1, // forwarded to every worker
-	syscall.SIGUSR2, // reserved for the master's in-place upgrade
+	syscall.SIGUSR2, // upgrade the master's program in place
 	syscall.SIGPIPE,
 	syscall.SIGABRT, syscall.SIGTRAP, syscall.SIGSTKFLT, syscall.SIGSYS,
 }
@@ -69,7 +69,13 @@ func handleSignals(ctx context.Context, sigs <-chan os.Signal, m *master) {
 				log.Info().Int("workers", n).Msg("SIGUSR1 forwarded to every worker")
 			}
 		case syscall.SIGUSR2:
-			log.Warn().Msg("SIGUSR2 ignored: it is reserved for upgrading the master in place, which this version of shoal does not do")
+			log.Info().Msg("upgrade requested (SIGUSR2)")
+			go func() {
+				// Returns only when the upgrade did not happen.
+				if _, err := m.upgrade(ctx); err != nil {
+					log.Error().Err(err).Msg("upgrade refused: shoal runs on as it was")
+				}
+			}()
 		case syscall.SIGPIPE:
 			// A write to a closed pipe failed; the write says so.
 		default:

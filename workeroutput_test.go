@@ -20,8 +20,8 @@ func TestWorkerOutputFlagAndEnvironment(t *testing.T) {
 		if err != nil || c.output != tc.want {
 			t.Errorf("%v %v: %v, %v; want %v", tc.env, tc.args, c.output, err, tc.want)
 		}
-		if hook := outputPipes(c.output, c.logFormat, nil, nil, nil); (hook == nil) != (tc.want == outputRaw) {
-			t.Errorf("%v %v: Output hook set %v, want one for prefix and json only", tc.env, tc.args, hook != nil)
+		if hook, resume := outputPipes(c.output, c.logFormat, nil, nil, nil); (hook == nil) != (tc.want == outputRaw) || (resume == nil) != (hook == nil) {
+			t.Errorf("%v %v: Output hook set %v, ResumeOutput %v, want both for prefix and json only", tc.env, tc.args, hook != nil, resume != nil)
 		}
 	}
 	_, err := parse(t, env(), "--worker-output", "lines")

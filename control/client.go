@@ -154,6 +154,23 @@ func (c *Client) Do(ctx context.Context, req Request) (Response, error) {
 	return resp, nil
 }
 
+// Status asks for the master's status. A refusal by the master is an error
+// too.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var st Status
+	resp, err := c.Do(ctx, Request{Cmd: CmdStatus})
+	if err != nil {
+		return st, err
+	}
+	if !resp.OK {
+		return st, fmt.Errorf("control: status via %s: %s", c.path, resp.Error)
+	}
+	if err := json.Unmarshal(resp.Result, &st); err != nil {
+		return st, fmt.Errorf("control: status via %s: bad answer: %w", c.path, err)
+	}
+	return st, nil
+}
+
 func (c *Client) do(ctx context.Context, req Request) (Response, error) {
 	if c.broken != nil {
 		return Response{}, fmt.Errorf("connection unusable after an earlier error: %w", c.broken)

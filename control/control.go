@@ -101,10 +101,11 @@ const (
 	CmdBroadcast = "broadcast" // send Request.Msg to every worker
 	CmdSignal    = "signal"    // send Request.Signal to the worker in slot Request.Worker, or to all when it is 0
 	CmdStop      = "stop"      // stop shoal gracefully
+	CmdUpgrade   = "upgrade"   // replace the master's program in place; on success the connection closes with no answer
 )
 
 // cmds lists the commands in the order error messages name them.
-var cmds = []string{CmdStatus, CmdReload, CmdScale, CmdSend, CmdBroadcast, CmdSignal, CmdStop}
+var cmds = []string{CmdStatus, CmdReload, CmdScale, CmdSend, CmdBroadcast, CmdSignal, CmdStop, CmdUpgrade}
 
 // wantCmd ends the error messages about a bad or missing cmd.
 var wantCmd = "want one of " + strings.Join(cmds, ", ")

@@ -140,7 +140,7 @@ func FuzzParseRequest(f *testing.F) {
 			return
 		}
 		switch req.Cmd {
-		case CmdStatus, CmdReload, CmdStop:
+		case CmdStatus, CmdReload, CmdStop, CmdUpgrade:
 			if req.N != 0 || req.Worker != 0 || req.Msg != nil {
 				t.Fatalf("%s with members: %+v", req.Cmd, req)
 			}

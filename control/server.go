@@ -536,7 +536,7 @@ func (s *Server) serveConn(ctx context.Context, c *net.UnixConn, st *connState, 
 		} else if req, perr := ParseRequest(line); perr != nil {
 			resp = Response{Error: perr.Error()}
 		} else {
-			resp = h(ctx, req)
+			resp = h(context.WithValue(ctx, connKey{}, st), req)
 		}
 		ok := s.reply(c, resp)
 		s.end(st)
@@ -585,6 +585,97 @@ func readLine(br *bufio.Reader, max int) ([]byte, error) {
 		}
 		return line, err
 	}
+}
+
+// Detach stops the server without removing its socket file or closing its
+// listening socket, and returns the socket, for a master that replaces its
+// program in place: clients that connect meanwhile wait in the socket's
+// queue, and the new program serves them after [FromFile]. The requests
+// being served are answered first (Detach waits up to 2 seconds for them),
+// except the one whose handler's context is ctx, if any; then every
+// connection is closed for reading, and Serve returns once their handlers
+// have. The caller owns the file.
+func (s *Server) Detach(ctx context.Context) (*os.File, error) {
+	f, err := s.ln.File()
+	if err != nil {
+		return nil, fmt.Errorf("control: detach unix %s: %w", s.path, err)
+	}
+	s.ln.SetUnlinkOnClose(false)
+	own, _ := ctx.Value(connKey{}).(*connState)
+	s.closeOnce.Do(func() {
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+		// The handlers' context stays: an upgrade asked for on one of
+		// these connections is still running.
+		unix.Close(s.w.dirfd)
+		s.ln.Close()
+		for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
+			if !s.busyOtherThan(own) {
+				break
+			}
+		}
+		s.mu.Lock()
+		for c, st := range s.conns {
+			if st != own {
+				c.CloseRead()
+			}
+		}
+		s.mu.Unlock()
+	})
+	return f, nil
+}
+
+// connKey is the context key of a handler's connState.
+type connKey struct{}
+
+// busyOtherThan reports whether a connection other than own is serving a
+// request.
+func (s *Server) busyOtherThan(own *connState) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, st := range s.conns {
+		if st != own && st.busy {
+			return true
+		}
+	}
+	return false
+}
+
+// FromFile returns the server of the control socket at path over f, the
+// listening socket a master's [Server.Detach] left before it replaced its
+// program in place, and takes ownership of f. The path is checked as
+// Listen checks it, and must still name the socket.
+func FromFile(path string, f *os.File) (*Server, error) {
+	defer f.Close()
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("control: listen unix %s: %w", path, err)
+	}
+	uid := os.Getuid()
+	w, err := walkPath(abs, uid, false)
+	if err != nil {
+		return nil, fmt.Errorf("control: listen unix %s: %w", abs, err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstatat(w.dirfd, w.base, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		unix.Close(w.dirfd)
+		return nil, fmt.Errorf("control: listen unix %s: the socket file is gone: %w", abs, err)
+	}
+	l, err := net.FileListener(f)
+	if err != nil {
+		unix.Close(w.dirfd)
+		return nil, fmt.Errorf("control: listen unix %s from fd %d: %w", abs, f.Fd(), err)
+	}
+	ul, ok := l.(*net.UnixListener)
+	if !ok {
+		l.Close()
+		unix.Close(w.dirfd)
+		return nil, fmt.Errorf("control: listen unix %s from fd %d: not a Unix socket", abs, f.Fd())
+	}
+	ul.SetUnlinkOnClose(false) // Close removes the file itself, if it is still this one
+	return &Server{path: abs, ln: ul, uid: uid, w: w, dev: st.Dev, ino: st.Ino, idle: idleTimeout, maxConns: maxConns,
+		conns: make(map[*net.UnixConn]*connState)}, nil
 }
 
 // Close stops the server: it removes the socket file if it is still the

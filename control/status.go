@@ -24,6 +24,8 @@ type Status struct {
 	ReloadsAborted uint64       `json:"reloads_aborted"`    // reloads aborted by a replacement that failed to start or serve
 	Steering       string       `json:"steering,omitempty"` // how the master spreads new connections, when it does; empty: the kernel's SO_REUSEPORT hash
 	Master         MasterStatus `json:"master"`             // the master process itself
+	Version        string       `json:"version,omitempty"`  // the version of the master's program
+	Upgrades       uint64       `json:"upgrades"`           // in-place upgrades of the master's program (shoal ctl upgrade)
 }
 
 // MasterStatus is the master process of a [Status], as /proc shows it. A

@@ -325,6 +325,18 @@ type Handoff struct {
 	Ended bool
 }
 
+// Pause asks the reader to stop at the next frame boundary, ahead of
+// Detach: Done is closed once it has (after a call of OnMessage in
+// progress returns). Send still queues. It is for stopping many channels
+// at once: pause them all, wait for their Done, then Detach each. A paused
+// channel can only be detached or closed.
+func (c *Channel) Pause() {
+	c.detaching.Store(true)
+	if c.conn != nil {
+		c.conn.SetReadDeadline(time.Now())
+	}
+}
+
 // ErrDetached is returned by [Channel.Detach] on a channel that was closed
 // or detached before.
 var ErrDetached = errors.New("ipc: channel already closed or detached")
@@ -357,7 +369,7 @@ func (c *Channel) Detach() (Handoff, error) {
 		// A deadline in the past ends the reader's read and the writer's
 		// write without losing a byte: the reader stops at a frame
 		// boundary, the writer keeps what it did not write.
-		c.conn.SetReadDeadline(time.Now())
+		c.Pause()
 		<-c.done
 		c.mu.Lock()
 		c.closed = true
@@ -387,14 +399,21 @@ func (c *Channel) Detach() (Handoff, error) {
 func ResumeChannel(h Handoff, opts ChannelOptions) *Channel {
 	c := newChannel(h.File, opts)
 	c.rest, c.discard = h.Unread, h.Discard
-	if len(h.Unsent) > 0 {
-		// Queued before, so held beyond the limits rather than dropped.
-		n := int64(len(h.Unsent))
+	// Queued before, so held beyond the limits rather than dropped; frame
+	// by frame, so each is counted once written (the first may be the
+	// tail of one cut by Detach, which the old channel did not count).
+	for rest := h.Unsent; len(rest) > 0; {
+		i := bytes.IndexByte(rest, '\n') + 1
+		if i == 0 || len(c.queue) == cap(c.queue)-1 {
+			i = len(rest)
+		}
+		n := int64(i)
 		c.queued.Add(n)
 		if c.budget != nil {
 			c.budget.used.Add(n)
 		}
-		c.queue <- h.Unsent
+		c.queue <- rest[:i:i]
+		rest = rest[i:]
 	}
 	c.start()
 	return c

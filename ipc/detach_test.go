@@ -130,6 +130,14 @@ func TestDetachKeepsUnsentFrames(t *testing.T) {
 			t.Fatalf("frame %d: got %.60q..., want %.60q...", i, line, want)
 		}
 	}
+	// Each frame is counted once written, by one channel or the other.
+	deadline := time.Now().Add(5 * time.Second)
+	for c.Stats().MessagesOut+sentBefore != total && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	if out := c.Stats().MessagesOut + sentBefore; out != total {
+		t.Errorf("%d frames counted as written (%d before Detach), want %d", out, sentBefore, total)
+	}
 	t.Logf("%d frames written before Detach, %d bytes handed over", sentBefore, len(h.Unsent))
 }
 

@@ -45,6 +45,7 @@ var (
 	descRestarts   = newDesc("restarts_total", "Replacements started after worker deaths.", nil)
 	descGiveUps    = newDesc("give_ups_total", "Times the restart limit made the supervisor give up.", nil)
 	descReloads    = newDesc("reloads_total", "Rolling reloads by result: ok, or aborted by a replacement that failed to start or serve.", []string{"result"})
+	descUpgrades   = newDesc("upgrades_total", "In-place upgrades of the master's program (shoal ctl upgrade, SIGUSR2): the workers and counters carried on.", nil)
 	descReloading  = newDesc("reloading", "1 while a rolling reload runs.", nil)
 	descIPCInMsgs  = newDesc("ipc_received_messages_total", "Good messages read from the slot's workers.", byWorker)
 	descIPCInBytes = newDesc("ipc_received_bytes_total", "Bytes read from the slot's workers.", byWorker)
@@ -65,7 +66,7 @@ var (
 
 	allDescs = []*prometheus.Desc{
 		descRequests, descDesired, descRunning, descListening, descUp, descStarts,
-		descDeaths, descStartTime, descBackoff, descWRestarts, descWReloads, descRestarts, descGiveUps, descReloads, descReloading,
+		descDeaths, descStartTime, descBackoff, descWRestarts, descWReloads, descRestarts, descGiveUps, descReloads, descUpgrades, descReloading,
 		descIPCInMsgs, descIPCInBytes, descIPCOutMsgs, descIPCOutByte, descIPCDropped, descIPCErrors,
 		descSteered, descSteering, descQueue, descBacklog, descUDPQueue, descUDPDrops, descPortSocks, descForeign, descCPU, descRSS,
 	}
@@ -198,6 +199,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter(ch, descGiveUps, float64(snap.GiveUps))
 	counter(ch, descReloads, float64(snap.Reloads), "ok")
 	counter(ch, descReloads, float64(snap.ReloadFailures), "aborted")
+	counter(ch, descUpgrades, float64(snap.Upgrades))
 	reloading := 0.0
 	if snap.Reloading {
 		reloading = 1

@@ -71,7 +71,7 @@ func ipcStats(in, inBytes, out, outBytes, dropped, invalidJSON uint64) ipc.Stats
 func fixedSnapshot() supervisor.Snapshot {
 	started := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	return supervisor.Snapshot{
-		Desired: 3, Port: 8000, Listeners: []supervisor.Listener{{Network: "tcp", Port: 8000}}, Restarts: 4, GiveUps: 0, Reloads: 1, ReloadFailures: 1,
+		Desired: 3, Port: 8000, Listeners: []supervisor.Listener{{Network: "tcp", Port: 8000}}, Restarts: 4, GiveUps: 0, Reloads: 1, ReloadFailures: 1, Upgrades: 2,
 		Workers: []supervisor.WorkerStatus{
 			{ID: 1, PID: 101, State: supervisor.Listening, Started: started, Starts: 3, Restarts: 1, Reloads: 1,
 				Requests: 42, Deaths: map[string]uint64{"signal_SIGKILL": 1, "exit_zero": 1},
@@ -154,6 +154,9 @@ shoal_reloading 0
 # TYPE shoal_reloads_total counter
 shoal_reloads_total{result="aborted"} 1
 shoal_reloads_total{result="ok"} 1
+# HELP shoal_upgrades_total In-place upgrades of the master's program (shoal ctl upgrade, SIGUSR2): the workers and counters carried on.
+# TYPE shoal_upgrades_total counter
+shoal_upgrades_total 2
 # HELP shoal_requests_total Requests the slot's workers reported, across restarts.
 # TYPE shoal_requests_total counter
 shoal_requests_total{worker="1"} 42
@@ -310,8 +313,8 @@ shoal_port_foreign_listen_sockets{listener="tcp:8000"} 0
 		t.Error(err)
 	}
 	// Nothing of slot 2 is left: 20 series for each of the other two
-	// slots, their 2 death series, 8 of the supervisor, 2 of the port.
-	if n, want := testutil.CollectAndCount(c), 2*20+2+8+2; n != want {
+	// slots, their 2 death series, 9 of the supervisor, 2 of the port.
+	if n, want := testutil.CollectAndCount(c), 2*20+2+9+2; n != want {
 		t.Errorf("%d series for 2 slots, want %d", n, want)
 	}
 }

@@ -103,6 +103,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"slices"
 	"sync"
@@ -130,6 +131,13 @@ type Options struct {
 	// Logger receives the log lines of the server of [Listen]; nil
 	// discards them.
 	Logger *zerolog.Logger
+	// Version, if set, is exported by the server of [Listen] as the
+	// label of shoal_build_info, with the Go version.
+	Version string
+	// Listener, if set, is where the server of [Listen] serves, in place
+	// of listening on its address: a listener [Server.Detach] left, in a
+	// master that replaced its program in place.
+	Listener net.Listener
 }
 
 // healthTimeout bounds the snapshot behind /healthz and /readyz.

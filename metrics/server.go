@@ -8,6 +8,8 @@ import (
 	stdlog "log"
 	"net"
 	"net/http"
+	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -114,9 +116,12 @@ type Server struct {
 // Listen logs the address it serves on, and says so when it is every
 // interface. It fails when addr cannot be listened on.
 func Listen(addr string, src Source, opts Options) (*Server, error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("metrics: listen on %q: %w", addr, err)
+	ln := opts.Listener
+	if ln == nil {
+		var err error
+		if ln, err = net.Listen("tcp", addr); err != nil {
+			return nil, fmt.Errorf("metrics: listen on %q: %w", addr, err)
+		}
 	}
 	log := opts.Logger
 	if log == nil {
@@ -133,6 +138,12 @@ func Listen(addr string, src Source, opts Options) (*Server, error) {
 	s.lim = newLimiter(connLimit(nofile(), 0, opts.MaxConns))
 	reg := NewRegistry(src)
 	reg.MustRegister(s.lim.collectors()...)
+	if opts.Version != "" {
+		info := prometheus.NewGauge(prometheus.GaugeOpts{Name: "shoal_build_info", Help: "Always 1: the version of the master's program, and the Go version it was built with.",
+			ConstLabels: prometheus.Labels{"version": opts.Version, "goversion": runtime.Version()}})
+		info.Set(1)
+		reg.MustRegister(info)
+	}
 	h := Handler(src, reg, opts)
 	s.srv = &http.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -233,6 +244,23 @@ func (s *Server) Close() error {
 		<-s.done
 	})
 	return err
+}
+
+// Detach stops the server as Close does but leaves its listening socket
+// open, and returns it, for a master that replaces its program in place:
+// connections that come meanwhile wait in the socket's queue, and the new
+// program serves them with Options.Listener. The caller owns the file.
+func (s *Server) Detach() (*os.File, error) {
+	tl, ok := s.ln.(interface{ File() (*os.File, error) })
+	if !ok {
+		return nil, fmt.Errorf("metrics: detach %s: not a TCP listener", s.ln.Addr())
+	}
+	f, err := tl.File()
+	if err != nil {
+		return nil, fmt.Errorf("metrics: detach %s: %w", s.ln.Addr(), err)
+	}
+	s.Close()
+	return f, nil
 }
 
 // refresh computes the connection limit again from the number of worker

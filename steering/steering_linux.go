@@ -465,6 +465,49 @@ func (s *Steering) Slots() []int {
 	return out
 }
 
+// FDs returns the descriptors of the program and its maps, for a master
+// that replaces its program in place and hands them to the next, which
+// takes them over with [FromFDs]. They stay the Steering's: do not close
+// them.
+func (s *Steering) FDs() []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	return []int{s.prog.FD(), s.socks.FD(), s.rings.FD(), s.active.FD(), s.counts.FD()}
+}
+
+// FromFDs is [New] for the program and maps of a Steering whose FDs this
+// process inherited across exec: the sockets in the map stay selected, the
+// counts go on. It takes ownership of fds. opts.PinPath is not used.
+func FromFDs(opts Options, fds []int) (*Steering, error) {
+	if len(fds) != 5 {
+		return nil, fmt.Errorf("steering: adopt %s: want 5 descriptors (program and 4 maps), got %d", opts.Addr, len(fds))
+	}
+	max := opts.MaxSlots
+	if max == 0 {
+		max = DefaultMaxSlots
+	}
+	s := &Steering{addr: opts.Addr, what: " for " + opts.Addr.String(), maxSlots: max, present: map[int]uint64{}, skipped: map[int]bool{}, adopted: true}
+	prog, err := ebpf.NewProgramFromFD(fds[0])
+	if err != nil {
+		return nil, fmt.Errorf("steering: adopt %s: program from fd %d: %w", opts.Addr, fds[0], err)
+	}
+	s.prog = prog
+	for i, m := range []**ebpf.Map{&s.socks, &s.rings, &s.active, &s.counts} {
+		if *m, err = ebpf.NewMapFromFD(fds[i+1]); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("steering: adopt %s: map from fd %d: %w", opts.Addr, fds[i+1], err)
+		}
+	}
+	if err := s.adopt(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
 // Pinned reports whether the maps are pinned in Options.PinPath, and
 // whether New found them there (adopted) rather than creating them.
 func (s *Steering) Pinned() (pinned, adopted bool) {

@@ -42,3 +42,9 @@ func (s *Steering) Close() error { return nil }
 
 // Unpin does nothing.
 func (s *Steering) Unpin() error { return nil }
+
+// FDs returns nil: steering needs Linux.
+func (s *Steering) FDs() []int { return nil }
+
+// FromFDs fails: steering needs Linux.
+func FromFDs(opts Options, fds []int) (*Steering, error) { return nil, errNotLinux }

@@ -11,12 +11,18 @@ import (
 // reap collects every exited child without blocking. As a subreaper it
 // collects orphans too; otherwise only its own workers.
 func (s *Supervisor) reap() {
-	pids := make([]int, 0, len(s.byPID))
+	pids := make([]int, 0, len(s.byPID)+len(s.helpers))
 	for pid := range s.byPID {
 		pids = append(pids, pid)
 	}
+	for pid := range s.helpers {
+		pids = append(pids, pid)
+	}
 	for _, e := range s.sys.reap(pids, s.opts.Subreaper) {
-		if w := s.byPID[e.pid]; w != nil {
+		if h := s.helpers[e.pid]; h != nil {
+			delete(s.helpers, e.pid)
+			h <- e.status
+		} else if w := s.byPID[e.pid]; w != nil {
 			s.exited(w, e.status)
 		} else if o := s.orphans[e.pid]; o != nil {
 			delete(s.orphans, e.pid)

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"log"
 	"net"
+	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"github.com/shoal-sh/shoal/supervisor"
@@ -103,4 +106,39 @@ func ExampleOptions_maxRestarts() {
 	// worker 1: exit status 3
 	// worker 1: exit status 3
 	// gave up: true
+}
+
+// A master that can replace its own program in place: main forks from the
+// main thread (supervisor.Main, with runtime.LockOSThread in an init
+// function), adopts what the master before it handed over, and upgrades on
+// SIGUSR2 to the program now at its path. Not run: it would exec.
+func ExampleSupervisor_Upgrade() {
+	run := func() int {
+		in, err := supervisor.Inherit() // nil when started afresh
+		if err != nil {
+			log.Print(err)
+			return 1
+		}
+		s, err := supervisor.New(supervisor.Options{Port: 8000, Inherited: in})
+		if err != nil {
+			log.Print(err)
+			return 2
+		}
+		usr2 := make(chan os.Signal, 1)
+		signal.Notify(usr2, syscall.SIGUSR2)
+		go func() {
+			for range usr2 {
+				// Returns only when the upgrade did not happen.
+				_, err := s.Upgrade(context.Background(), supervisor.Upgrade{Path: "/usr/local/bin/myserver", Program: "myserver"})
+				log.Print(err)
+			}
+		}()
+		if err := s.Run(context.Background()); err != nil {
+			return 1
+		}
+		return 0
+	}
+	// In func main, after "myserver upgrade-check" answered with
+	// supervisor.WriteCheck:
+	os.Exit(supervisor.Main(run))
 }

@@ -31,6 +31,16 @@ type fakeSystem struct {
 	failListen error // BindMaster: the next sockets fail to open, while set
 	opened     int   // BindMaster: sockets opened
 	rssOf      map[int]uint64
+	execErr    error             // what exec returns; nil stands for a successful exec
+	execs      []fakeExec        // what was executed in place
+	state      []byte            // the state the last exec was handed
+	onStart    func(p *fakeProc) // called with mu held at the end of each start
+}
+
+// fakeExec is one exec of an in-place upgrade.
+type fakeExec struct {
+	path      string
+	argv, env []string
 }
 
 // fakeProc is one "process": it holds the worker's end of its channel, as a
@@ -47,7 +57,8 @@ type fakeProc struct {
 	holds   []Listener // the sockets it has bound, as listeners
 	files   []*os.File // what it inherited
 	path    string     // what was executed
-	waitsOn []uint64   // BindMaster: the socket inodes it waits on
+	argv    []string
+	waitsOn []uint64 // BindMaster: the socket inodes it waits on
 }
 
 func newFakeSystem() *fakeSystem {
@@ -95,9 +106,30 @@ func (f *fakeSystem) start(path string, argv []string, attr *os.ProcAttr) (proce
 			p.slot, _ = strconv.Atoi(v)
 		}
 	}
-	p.files, p.path = attr.Files, path
+	p.files, p.path, p.argv = attr.Files, path, argv
 	f.procs[p.id] = p
+	if f.onStart != nil {
+		f.onStart(p)
+	}
 	return p, nil
+}
+
+func (f *fakeSystem) adopt(pid int) process {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.procs[pid]
+}
+
+func (f *fakeSystem) exec(path string, argv, env []string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.execs = append(f.execs, fakeExec{path, argv, env})
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, envUpgradeState+"="); ok {
+			f.state, _ = os.ReadFile("/proc/self/fd/" + v)
+		}
+	}
+	return f.execErr
 }
 
 func (p *fakeProc) pid() int { return p.id }

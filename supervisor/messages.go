@@ -16,7 +16,8 @@ import (
 type loopEvent struct {
 	kind loopEventKind
 	w    *worker
-	msg  ipc.Message // for evReady and evRelay, copied off the reader's buffer
+	msg  ipc.Message  // for evReady and evRelay, copied off the reader's buffer
+	ch   *ipc.Channel // for evDisconnect: the channel that ended
 
 	note    sdnotify.Message // for evNotify
 	noteErr error            // for evNotify: why the datagram is bad, if it is
@@ -198,6 +199,9 @@ func (s *Supervisor) handleEvent(e loopEvent) {
 		s.handleNotify(e.note, e.noteErr)
 		return
 	case evDisconnect:
+		if e.ch != w.ch {
+			return // a channel an upgrade detached and that was resumed
+		}
 		s.log.Debug().Int("worker", w.slot.id).Int("pid", w.pid).Msg("worker channel closed")
 		s.emit(Event{Type: EventDisconnect, Worker: w.slot.id, PID: w.pid})
 	case evFirstBeat:

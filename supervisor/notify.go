@@ -11,18 +11,34 @@ import (
 
 // listenNotify opens the socket that workers send systemd notifications to
 // with ReadyNotify, and reads it on a goroutine until Run ends.
-func (s *Supervisor) listenNotify() error {
+func (s *Supervisor) listenNotify(in *Inherited) error {
 	if s.opts.Ready != ReadyNotify {
 		return nil
 	}
-	l, err := sdnotify.Listen(fmt.Sprintf("shoal-%d-%x", os.Getpid(), rand.Uint64()))
+	var l *sdnotify.Listener
+	var err error
+	if in != nil && in.st.Notify != nil {
+		// The socket the workers' NOTIFY_SOCKET names, from the master
+		// before the upgrade.
+		l, err = sdnotify.FromFile(in.st.Notify.Name, os.NewFile(uintptr(in.st.Notify.FD), "notify"))
+	} else {
+		l, err = sdnotify.Listen(fmt.Sprintf("shoal-%d-%x", os.Getpid(), rand.Uint64()))
+	}
 	if err != nil {
 		return fmt.Errorf("supervisor: --ready notify: %w", err)
 	}
+	s.readNotify(l)
+	return nil
+}
+
+// readNotify reads l on a goroutine until it is closed or detached.
+func (s *Supervisor) readNotify(l *sdnotify.Listener) {
 	s.notify = l
+	s.notifyDone = make(chan struct{})
 	s.retiring.Add(1)
 	go func() {
 		defer s.retiring.Done()
+		defer close(s.notifyDone)
 		for {
 			m, err := l.Read()
 			if err != nil && !errors.Is(err, sdnotify.ErrBadDatagram) {
@@ -31,7 +47,6 @@ func (s *Supervisor) listenNotify() error {
 			s.post(loopEvent{kind: evNotify, note: m, noteErr: err})
 		}
 	}()
-	return nil
 }
 
 // handleNotify acts on a notification from pid: READY=1 makes its worker

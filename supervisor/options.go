@@ -239,6 +239,17 @@ type Options struct {
 	// and Stderr, which are then not used. Run waits for every OutputPipe
 	// to end before it returns.
 	Output func(slot int) (OutputPipe, error)
+	// ResumeOutput, with Output, takes over the output of a worker this
+	// program inherited in an in-place upgrade (see Inherited): what the
+	// old master's OutputPipe.Detach left. Without it, or when an
+	// OutputPipe has no Detach method, Upgrade is refused.
+	ResumeOutput func(slot, pid int, h OutputHandoff) (OutputPipe, error)
+
+	// Inherited, from Inherit, makes Run adopt the workers, channels and
+	// sockets of the master this program replaced in place (see
+	// Supervisor.Upgrade) instead of starting workers; the other options
+	// must be the ones that master ran with.
+	Inherited *Inherited
 
 	// Logger receives the supervisor's log lines; nil discards them.
 	Logger *zerolog.Logger
@@ -251,6 +262,22 @@ type Options struct {
 	// worker's channel goroutine: calls for different workers may run at
 	// the same time, and a slow handler delays only its worker's messages.
 	OnMessage func(Message)
+}
+
+// OutputHandoff is an OutputPipe as it crosses an in-place upgrade: the
+// master's read ends of the worker's stdout and stderr, and what was read
+// from each and not yet written (the start of a line). An OutputPipe that
+// can be handed over has a method Detach() (OutputHandoff, error) that
+// stops its copying without closing the pipes.
+type OutputHandoff struct {
+	Stdout, Stderr *os.File
+	Rest           [2][]byte
+	Cont           [2]bool // the next piece written continues a cut line
+}
+
+// outputDetacher is an OutputPipe that can be handed over.
+type outputDetacher interface {
+	Detach() (OutputHandoff, error)
 }
 
 // OutputPipe carries one worker's stdout and stderr to the master's.

@@ -72,6 +72,10 @@ func (s *Supervisor) requestReload(result chan error) {
 		result <- errors.New("supervisor: reload: the supervisor is stopping")
 		return
 	}
+	if s.upgrading {
+		result <- errors.New("supervisor: reload: the master is upgrading itself in place: reload when that is done")
+		return
+	}
 	r := s.reload
 	if r != nil && r.user {
 		r.waiters = append(r.waiters, result)

@@ -116,10 +116,21 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 	}
 	w.proc, w.pid, w.started = proc, proc.pid(), s.now()
 	if out != nil {
-		s.copyOutput(out, w.pid)
+		out.Start(w.pid)
+		s.copyOutput(w, out)
 	}
 	s.byPID[w.pid] = w
-	w.ch = ipc.NewChannel(master, ipc.ChannelOptions{
+	w.ch = ipc.NewChannel(master, s.channelOptions(w))
+	s.watchChannel(w)
+	s.log.Info().Int("worker", sl.id).Int("pid", w.pid).Msg("worker started")
+	s.emit(Event{Type: EventFork, Worker: sl.id, PID: w.pid})
+	return w, nil
+}
+
+// channelOptions are the options of w's channel.
+func (s *Supervisor) channelOptions(w *worker) ipc.ChannelOptions {
+	sl := w.slot
+	return ipc.ChannelOptions{
 		MaxMessage: s.opts.MaxMessage,
 		QueueLen:   s.opts.QueueLen,
 		QueueBytes: max(ipc.DefaultQueueBytes, 2*(s.opts.MaxMessage+1)),
@@ -139,20 +150,21 @@ func (s *Supervisor) spawn(sl *slot) (*worker, error) {
 				s.log.Warn().Int("worker", sl.id).Int("pid", w.pid).Str("reason", reason).Uint64("suppressed", n).Err(err).Msg(what)
 			}
 		},
-	})
+	}
+}
+
+// watchChannel tells the loop when w's channel ends.
+func (s *Supervisor) watchChannel(w *worker) {
 	go func(ch *ipc.Channel) {
 		<-ch.Done()
-		s.post(loopEvent{kind: evDisconnect, w: w})
+		s.post(loopEvent{kind: evDisconnect, w: w, ch: ch})
 	}(w.ch)
-	s.log.Info().Int("worker", sl.id).Int("pid", w.pid).Msg("worker started")
-	s.emit(Event{Type: EventFork, Worker: sl.id, PID: w.pid})
-	return w, nil
 }
 
 // copyOutput starts copying a worker's output. It ends at the pipes' EOF,
 // or when Run returns, with what the pipes hold then; Run waits for it.
-func (s *Supervisor) copyOutput(out OutputPipe, pid int) {
-	out.Start(pid)
+func (s *Supervisor) copyOutput(w *worker, out OutputPipe) {
+	w.out = out
 	s.retiring.Add(1)
 	go func() {
 		defer s.retiring.Done()

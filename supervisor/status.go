@@ -43,6 +43,8 @@ type Snapshot struct {
 	// ReloadFailures counts reloads aborted by a broken replacement.
 	ReloadFailures uint64
 	Reloading      bool           // a reload runs now
+	Upgrades       uint64         // in-place upgrades of the master (Supervisor.Upgrade), across them
+	Upgrading      bool           // an in-place upgrade runs now
 	Workers        []WorkerStatus // by slot
 }
 
@@ -81,7 +83,7 @@ func (s *Supervisor) snapshot() Snapshot {
 	now := s.now()
 	steered := s.steeredCounts()
 	snap := Snapshot{Desired: s.desired(), Port: s.opts.Port, Listeners: s.opts.Listeners, Steering: s.steering.String(), Restarts: s.restarts, GiveUps: s.giveUps, Stopping: s.stopping,
-		Reloads: s.reloads, ReloadFailures: s.reloadErrs, Reloading: s.reload != nil}
+		Reloads: s.reloads, ReloadFailures: s.reloadErrs, Reloading: s.reload != nil, Upgrades: s.upgrades, Upgrading: s.upgrading}
 	for _, id := range s.slotIDs() {
 		sl := s.slots[id]
 		st := WorkerStatus{ID: sl.id, State: Dead, Starts: sl.starts, Restarts: sl.restarts, Reloads: sl.reloads, Requests: sl.requests.Load(), Deaths: maps.Clone(sl.deaths)}

@@ -34,6 +34,7 @@ type Supervisor struct {
 	calls  chan func()    // work for the loop goroutine
 	events chan loopEvent // from the channel readers, for the loop
 	done   chan struct{}  // closed when Run returns
+	loop   chan struct{}  // closed when Run's loop starts
 	ran    atomic.Bool
 
 	retiring sync.WaitGroup // goroutines closing dead workers' channels and copying their output
@@ -63,10 +64,16 @@ type Supervisor struct {
 	failed     *Death // an unclean death that will not be replaced
 	restarts   uint64 // replacements started after a death
 	giveUps    uint64
-	reload     *reload // the rolling reload in progress, or nil
-	advancing  bool    // advanceReload is on the stack
-	reloads    uint64  // reloads finished
-	reloadErrs uint64  // reloads aborted
+	reload     *reload                      // the rolling reload in progress, or nil
+	advancing  bool                         // advanceReload is on the stack
+	reloads    uint64                       // reloads finished
+	reloadErrs uint64                       // reloads aborted
+	upgrading  bool                         // an in-place upgrade runs
+	upgrades   uint64                       // in-place upgrades of this master, this program's included
+	replaced   bool                         // an upgrade\'s exec returned without an error: only a fake system does that
+	helpers    map[int]chan unix.WaitStatus // short-lived programs (an upgrade's check), by pid
+	notifyDone chan struct{}                // closed when the notify reader ends
+	stopAsked  func() bool                  // reports whether Run's context ended
 }
 
 // slot is one worker position, 1..N. It outlives the processes that fill it,
@@ -103,6 +110,7 @@ type worker struct {
 	state     State
 	started   time.Time
 	ch        *ipc.Channel
+	out       OutputPipe       // its output, when it goes through the master (Options.Output)
 	reason    string           // why the master is stopping it
 	stopAt    time.Time        // when it was sent SIGTERM
 	killed    bool             // it was sent SIGKILL
@@ -147,9 +155,11 @@ func New(opts Options) (*Supervisor, error) {
 		calls:   make(chan func()),
 		events:  make(chan loopEvent, 64),
 		done:    make(chan struct{}),
+		loop:    make(chan struct{}),
 		slots:   make(map[int]*slot),
 		byPID:   make(map[int]*worker),
 		orphans: make(map[int]*orphan),
+		helpers: make(map[int]chan unix.WaitStatus),
 		budget:  ipc.NewBudget(0),
 		warns:   ratelog.New[warnKey](0),
 		sys:     &realSystem{},
@@ -175,6 +185,11 @@ func New(opts Options) (*Supervisor, error) {
 	}
 	return s, nil
 }
+
+// Running returns a channel that is closed once Run has started (or
+// adopted) the workers and its loop answers: Snapshot and the other calls
+// are served from then on.
+func (s *Supervisor) Running() <-chan struct{} { return s.loop }
 
 // do runs f on the loop goroutine and waits for it. It reports false when
 // Run is not running.
@@ -232,13 +247,18 @@ func (s *Supervisor) Run(ctx context.Context) error {
 		return err
 	}
 	defer s.sys.close()
-	if err := s.setupSteering(); err != nil {
+	in := s.opts.Inherited
+	if in != nil {
+		if err := s.adoptSteering(in.st); err != nil {
+			return err
+		}
+	} else if err := s.setupSteering(); err != nil {
 		return err
 	}
 	if s.steer != nil {
 		defer s.steer.close()
 	}
-	if err := s.listenNotify(); err != nil {
+	if err := s.listenNotify(in); err != nil {
 		return err
 	}
 	if s.notify != nil {
@@ -251,7 +271,14 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	s.devnull = devnull
 	defer devnull.Close()
 
-	s.begin()
+	if in != nil {
+		s.adopt(in)
+		// Children that ended during the exec sent a SIGCHLD nobody
+		// caught.
+		s.reap()
+	} else {
+		s.begin()
+	}
 
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -260,7 +287,12 @@ func (s *Supervisor) Run(ctx context.Context) error {
 	warnTick := time.NewTicker(s.warns.Interval() / 10)
 	defer warnTick.Stop()
 	ctxDone := ctx.Done()
+	s.stopAsked = func() bool { return ctx.Err() != nil }
+	close(s.loop)
 	for {
+		if s.replaced {
+			return nil
+		}
 		if s.finished() {
 			return s.exitErr
 		}

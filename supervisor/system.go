@@ -62,6 +62,12 @@ type system interface {
 	kill(pid int, sig syscall.Signal) error
 	// parent returns pid's parent, or 0 when it is gone.
 	parent(pid int) int
+	// adopt returns a handle on pid, a child this process inherited
+	// from the program it was before an in-place upgrade.
+	adopt(pid int) process
+	// exec replaces the program of this process with path, from the
+	// thread that forks the workers; it returns only when it failed.
+	exec(path string, argv, env []string) error
 }
 
 // child is a running child process of the master.
@@ -97,13 +103,26 @@ type realSystem struct {
 	done    chan struct{}
 	forks   chan forkReq
 	forked  chan struct{} // closed when the forker's thread ends
+	shared  bool          // forks is Main's: the main thread forks
 }
 
 type forkReq struct {
 	path  string
 	argv  []string
 	attr  *os.ProcAttr
+	env   []string // exec only
+	exec  bool     // execve in place of a fork
 	reply chan forkReply
+}
+
+// do runs q on the calling thread.
+func (q forkReq) do() {
+	if q.exec {
+		q.reply <- forkReply{err: syscall.Exec(q.path, q.argv, q.env)}
+		return
+	}
+	p, err := os.StartProcess(q.path, q.argv, q.attr)
+	q.reply <- forkReply{p, err}
 }
 
 type forkReply struct {
@@ -142,6 +161,12 @@ func (r *realSystem) setup(subreaper bool) error {
 	// exits, not when the process does. Forking from goroutines that Go
 	// may move between short-lived threads would kill workers at random,
 	// so every fork runs on one thread that lives as long as the loop.
+	// With Main, the process's main thread forks, which outlives
+	// everything and survives an in-place upgrade.
+	if main := mainForks.Load(); main != nil {
+		r.forks, r.shared = *main, true
+		return nil
+	}
 	r.forks, r.forked = make(chan forkReq), make(chan struct{})
 	go func() {
 		// Never unlocked: when this goroutine returns, after every worker
@@ -149,8 +174,7 @@ func (r *realSystem) setup(subreaper bool) error {
 		runtime.LockOSThread()
 		defer close(r.forked)
 		for q := range r.forks {
-			p, err := os.StartProcess(q.path, q.argv, q.attr)
-			q.reply <- forkReply{p, err}
+			q.do()
 		}
 	}()
 	return nil
@@ -159,8 +183,10 @@ func (r *realSystem) setup(subreaper bool) error {
 func (r *realSystem) childExited() <-chan struct{} { return r.tick }
 
 func (r *realSystem) close() {
-	close(r.forks)
-	<-r.forked
+	if !r.shared {
+		close(r.forks)
+		<-r.forked
+	}
 	signal.Stop(r.sigchld)
 	close(r.stop)
 	<-r.done
@@ -168,13 +194,24 @@ func (r *realSystem) close() {
 
 func (r *realSystem) start(path string, argv []string, attr *os.ProcAttr) (process, error) {
 	reply := make(chan forkReply, 1)
-	r.forks <- forkReq{path, argv, attr, reply}
+	r.forks <- forkReq{path: path, argv: argv, attr: attr, reply: reply}
 	rep := <-reply
 	if rep.err != nil {
 		return nil, fmt.Errorf("start %s: %w", path, rep.err)
 	}
 	return osProcess{rep.proc}, nil
 }
+
+func (r *realSystem) exec(path string, argv, env []string) error {
+	reply := make(chan forkReply, 1)
+	r.forks <- forkReq{path: path, argv: argv, env: env, exec: true, reply: reply}
+	if err := (<-reply).err; err != nil {
+		return fmt.Errorf("execve %s: %w", path, err)
+	}
+	return nil
+}
+
+func (*realSystem) adopt(pid int) process { return pidProcess(pid) }
 
 func (*realSystem) reap(pids []int, all bool) []exit {
 	var out []exit
@@ -359,3 +396,21 @@ func (o osProcess) signal(sig syscall.Signal) error {
 func (o osProcess) pid() int { return o.p.Pid }
 
 func (o osProcess) release() { o.p.Release() }
+
+// pidProcess is a child inherited across an in-place upgrade, known by its
+// pid alone. Like osProcess, it is safe to signal until reaped.
+type pidProcess int
+
+func (p pidProcess) pid() int { return int(p) }
+
+func (p pidProcess) signal(sig syscall.Signal) error {
+	if err := unix.Kill(-int(p), sig); err == nil {
+		return nil
+	}
+	if err := unix.Kill(int(p), sig); err != nil && err != unix.ESRCH {
+		return err
+	}
+	return nil
+}
+
+func (pidProcess) release() {}

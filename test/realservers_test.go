@@ -176,7 +176,8 @@ func TestWrongPortIsNamed(t *testing.T) {
 
 // TestMasterSignals: SIGQUIT stops gracefully (workers get the stop signal
 // and exit 0, the master exits 0, no goroutine dump); SIGUSR1 reaches every
-// worker once; SIGUSR2, SIGTRAP and SIGABRT are logged and ignored; a
+// worker once; SIGUSR2 upgrades the master in place (to the same program)
+// and keeps every worker; SIGTRAP and SIGABRT are logged and ignored; a
 // closed stderr does not kill the master.
 func TestMasterSignals(t *testing.T) {
 	flags, argv := helperCmd("usr1")
@@ -203,12 +204,16 @@ func TestMasterSignals(t *testing.T) {
 	for _, sig := range []syscall.Signal{syscall.SIGUSR2, syscall.SIGTRAP, syscall.SIGABRT} {
 		m.signal(sig)
 	}
-	m.waitFor(5*time.Second, 1, "SIGUSR2 logged", func(e entry) bool { return strings.HasPrefix(e.str("message"), "SIGUSR2 ignored") })
+	// SIGUSR2 upgrades the master in place, here to the same program.
+	m.waitFor(10*time.Second, 1, "the upgrade of SIGUSR2", msg("shoal upgraded in place"))
 	m.waitFor(5*time.Second, 2, "SIGTRAP and SIGABRT logged", func(e entry) bool {
 		return strings.HasPrefix(e.str("message"), "SIGTRAP ignored") || strings.HasPrefix(e.str("message"), "SIGABRT ignored")
 	})
 	if out, code := ctl(t, sock, "status"); code != 0 {
 		t.Fatalf("the master after SIGUSR2, SIGTRAP and SIGABRT: ctl status exit %d: %s", code, out)
+	}
+	if st := status(t, sock); len(pidsOf(st)) != 3 || len(m.logs.entries(msg("worker started"))) != 3 {
+		t.Errorf("workers after SIGUSR2: %v, %d started; want the same 3", pidsOf(st), len(m.logs.entries(msg("worker started"))))
 	}
 	m.signal(syscall.SIGQUIT)
 	if code := m.wait(15 * time.Second); code != 0 {

@@ -20,6 +20,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -120,6 +121,58 @@ type Pipe struct {
 	started   bool
 	done      chan struct{} // closed when both readers have ended
 	closeOnce sync.Once
+
+	// Detach: the readers stop without closing the pipes and leave the
+	// start of a line here, stdout's then stderr's.
+	detaching atomic.Bool
+	rest      [2][]byte
+	cont      [2]bool
+}
+
+// Handoff is what [Pipe.Detach] leaves of a worker's pipes, for
+// [Output.Resume] in this process or, across exec, in a new master.
+type Handoff struct {
+	// Stdout and Stderr are the master's read ends.
+	Stdout, Stderr *os.File
+	// Rest holds the start of a line read from each and not yet written;
+	// Cont says that the next piece written continues a cut line.
+	Rest [2][]byte
+	Cont [2]bool
+}
+
+// Detach stops copying without closing the pipes and returns their read
+// ends with the start of a line read from each: every whole line read was
+// written. Close then does nothing. Detach fails before Start, and after
+// Close or Detach.
+func (p *Pipe) Detach() (Handoff, error) {
+	err := errors.New("logpipe: detach: the pipes are not being copied")
+	p.closeOnce.Do(func() {
+		if !p.started {
+			p.closeUnstarted()
+			return
+		}
+		err = nil
+		p.detaching.Store(true)
+		p.readOut.SetReadDeadline(aLongTimeAgo)
+		p.readErr.SetReadDeadline(aLongTimeAgo)
+	})
+	<-p.done
+	if err != nil {
+		return Handoff{}, err
+	}
+	p.readOut.SetReadDeadline(time.Time{})
+	p.readErr.SetReadDeadline(time.Time{})
+	return Handoff{Stdout: p.readOut, Stderr: p.readErr, Rest: p.rest, Cont: p.cont}, nil
+}
+
+// Resume goes on copying the pipes of the worker in slot worker, process
+// pid, from where a [Pipe.Detach] left them, and takes ownership of the
+// files. The Pipe returned is started.
+func (o *Output) Resume(worker, pid int, h Handoff) *Pipe {
+	p := &Pipe{out: o, worker: worker, done: make(chan struct{}), readOut: h.Stdout, readErr: h.Stderr, started: true}
+	p.rest, p.cont = h.Rest, h.Cont
+	p.copying(pid)
+	return p
 }
 
 // Open makes the pipes of the worker in slot worker.
@@ -167,10 +220,15 @@ func (p *Pipe) Start(pid int) {
 	p.started = true
 	p.childOut.Close()
 	p.childErr.Close()
+	p.copying(pid)
+}
+
+// copying starts the two copying goroutines.
+func (p *Pipe) copying(pid int) {
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); p.copy(p.readOut, p.out.stdout, pid) }()
-	go func() { defer wg.Done(); p.copy(p.readErr, p.out.stderr, pid) }()
+	go func() { defer wg.Done(); p.copy(p.readOut, p.out.stdout, pid, 0) }()
+	go func() { defer wg.Done(); p.copy(p.readErr, p.out.stderr, pid, 1) }()
 	go func() { wg.Wait(); close(p.done) }()
 }
 
@@ -185,11 +243,7 @@ func (p *Pipe) Done() <-chan struct{} { return p.done }
 func (p *Pipe) Close() {
 	p.closeOnce.Do(func() {
 		if !p.started {
-			p.childOut.Close()
-			p.childErr.Close()
-			p.readOut.Close()
-			p.readErr.Close()
-			close(p.done)
+			p.closeUnstarted()
 			return
 		}
 		// Wakes a reader blocked on an empty pipe; it then drains what
@@ -198,6 +252,15 @@ func (p *Pipe) Close() {
 		p.readErr.SetReadDeadline(aLongTimeAgo)
 	})
 	<-p.done
+}
+
+// closeUnstarted closes the pipes of a Pipe never started.
+func (p *Pipe) closeUnstarted() {
+	p.childOut.Close()
+	p.childErr.Close()
+	p.readOut.Close()
+	p.readErr.Close()
+	close(p.done)
 }
 
 // aLongTimeAgo is a deadline that has passed.
@@ -209,8 +272,7 @@ var errDrained = errors.New("logpipe: drained")
 
 // copy reads r until EOF, or until Close and then what r holds, and
 // writes its lines to s. It closes r.
-func (p *Pipe) copy(r *os.File, s *stream, pid int) {
-	defer r.Close()
+func (p *Pipe) copy(r *os.File, s *stream, pid, i int) {
 	c := &copier{
 		out:    p.out,
 		s:      s,
@@ -218,13 +280,22 @@ func (p *Pipe) copy(r *os.File, s *stream, pid int) {
 		pid:    pid,
 		buf:    make([]byte, MaxLine+1),
 		prefix: []byte("w" + strconv.Itoa(p.worker) + " " + strconv.Itoa(pid) + " "),
+		cont:   p.cont[i],
 	}
+	c.fill = copy(c.buf, p.rest[i])
+	p.rest[i] = nil
 	draining, drained := false, 0
 	for {
 		var n int
 		var err error
 		if !draining {
 			n, err = r.Read(c.buf[c.fill:])
+			if errors.Is(err, os.ErrDeadlineExceeded) && p.detaching.Load() {
+				// Detach: keep the start of a line, and the pipe.
+				c.flush()
+				p.rest[i], p.cont[i] = append([]byte(nil), c.buf[:c.fill]...), c.cont
+				return
+			}
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				// Close: take what the pipe holds, without waiting.
 				draining, err = true, r.SetReadDeadline(time.Time{})
@@ -244,6 +315,7 @@ func (p *Pipe) copy(r *os.File, s *stream, pid int) {
 		}
 	}
 	c.finish()
+	r.Close()
 }
 
 // readNow reads what r holds without waiting: errDrained when it is

@@ -368,3 +368,57 @@ func TestCutAt(t *testing.T) {
 		}
 	}
 }
+
+// A real process writes numbered lines, some longer than MaxLine and some
+// cut across writes, while the master detaches its pipes and resumes them
+// 30 times: every line arrives once, whole, in order, and the last one
+// without a newline too.
+func TestDetachResumeLosesNoLine(t *testing.T) {
+	var stdout, stderr lockedBuffer
+	o := New(Options{Stdout: &stdout, Stderr: &stderr})
+	p, err := o.Open(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const lines = 3000
+	cmd := run(t, p, `i=0; while [ $i -lt `+fmt.Sprint(lines)+` ]; do printf 'line %d ' $i; if [ $((i % 500)) = 7 ]; then head -c 70000 /dev/zero | tr '\0' x; fi; printf 'end\n'; i=$((i+1)); done; printf 'last'`)
+	pid := cmd.Process.Pid
+	for range 30 {
+		time.Sleep(2 * time.Millisecond)
+		h, err := p.Detach()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p.Close() // does nothing after Detach
+		p = o.Resume(2, pid, h)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	waitDone(t, p)
+	got := strings.Split(strings.TrimSuffix(stdout.String(), "\n"), "\n")
+	prefix := fmt.Sprintf("w2 %d ", pid)
+	n := 0
+	var line strings.Builder
+	for _, g := range got {
+		rest, ok := strings.CutPrefix(g, prefix)
+		if !ok || len(rest) < 2 {
+			t.Fatalf("unlabelled line %.80q", g)
+		}
+		if rest[0] == '+' {
+			line.WriteString(rest[2:])
+		} else {
+			if line.Len() > 0 {
+				if want := fmt.Sprintf("line %d ", n); !strings.HasPrefix(line.String(), want) || !strings.HasSuffix(line.String(), "end") {
+					t.Fatalf("line %d: %.60q...%q, want %q...end", n, line.String(), line.String()[max(0, line.Len()-10):], want)
+				}
+				n++
+			}
+			line.Reset()
+			line.WriteString(rest[2:])
+		}
+	}
+	if line.String() != "last" || n != lines {
+		t.Fatalf("%d whole lines then %.40q; want %d then \"last\"", n, line.String(), lines)
+	}
+}

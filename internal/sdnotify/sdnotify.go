@@ -138,3 +138,39 @@ func truncate(s string) string {
 
 // Close closes the listener; a Read in progress returns an error.
 func (l *Listener) Close() error { return l.conn.Close() }
+
+// Pause makes a Read in progress, and every later one, return an error
+// without taking a datagram: a reader stops, and Detach follows.
+func (l *Listener) Pause() { l.conn.SetReadDeadline(time.Now()) }
+
+// Name returns the socket's abstract name, without the '@'.
+func (l *Listener) Name() string { return l.name }
+
+// Detach stops the listener without closing its socket, for a new master
+// that goes on reading it (see FromFile): a Read in progress returns an
+// error, and no datagram is lost. The caller owns the returned file.
+func (l *Listener) Detach() (*os.File, error) {
+	l.Pause()
+	f, err := l.conn.File()
+	l.conn.Close()
+	if err != nil {
+		return nil, fmt.Errorf("sdnotify: detach @%s: %w", l.name, err)
+	}
+	return f, nil
+}
+
+// FromFile returns the listener at the abstract name over f, a socket that
+// Detach left, and takes ownership of f.
+func FromFile(name string, f *os.File) (*Listener, error) {
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, fmt.Errorf("sdnotify: listen @%s from fd %d: %w", name, f.Fd(), err)
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		c.Close()
+		return nil, fmt.Errorf("sdnotify: listen @%s from fd %d: not a Unix socket", name, f.Fd())
+	}
+	return &Listener{conn: uc, name: name}, nil
+}
