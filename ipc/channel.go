@@ -243,10 +243,10 @@ type Channel struct {
 	unsent    []byte // queued, not written: set by the writer
 	ended     bool   // the reader ended on its own (EOF, error) before Detach
 
-	// halt is closed by Detach, to end the reader's wait between two
-	// reads at once (see pause).
+	// halt is closed by Pause or Detach, to end the reader's wait between
+	// two reads at once (see waitToRead).
 	halt  chan struct{}
-	delay time.Duration // the reader's longest pause: ReadDelay
+	delay time.Duration // the reader's longest wait between reads: ReadDelay
 
 	messagesIn, bytesIn, messagesOut, bytesOut atomic.Uint64
 	reads                                      atomic.Uint64 // calls of the socket's Read by the reader
@@ -331,9 +331,18 @@ type Handoff struct {
 // at once: pause them all, wait for their Done, then Detach each. A paused
 // channel can only be detached or closed.
 func (c *Channel) Pause() {
-	c.detaching.Store(true)
+	c.stopReads()
 	if c.conn != nil {
 		c.conn.SetReadDeadline(time.Now())
+	}
+}
+
+// stopReads marks the channel as detaching and, once, ends the reader's
+// wait between two reads of a busy worker (see waitToRead), so that Pause
+// and Detach stop the reader at once rather than up to ReadDelay later.
+func (c *Channel) stopReads() {
+	if !c.detaching.Swap(true) {
+		close(c.halt)
 	}
 }
 
@@ -355,8 +364,7 @@ func (c *Channel) Detach() (Handoff, error) {
 	var h Handoff
 	c.closeOnce.Do(func() {
 		err = nil
-		c.detaching.Store(true)
-		close(c.halt)
+		c.stopReads()
 		if c.conn == nil {
 			c.mu.Lock()
 			c.closed = true
@@ -689,8 +697,8 @@ func readDelay(d time.Duration) time.Duration {
 	return min(d, maxReadDelay)
 }
 
-// maxReadDelay is MaxReadDelay. Tests raise it, to tell a pause from
-// none on a busy machine.
+// maxReadDelay is MaxReadDelay. Tests raise it, to tell a wait from none
+// on a busy machine.
 var maxReadDelay = MaxReadDelay
 
 // Pacing of a busy reader (see pacedReader.wait).
@@ -709,15 +717,15 @@ const (
 )
 
 // pacedReader is what the reader's Decoder reads from: the socket, with
-// the bytes and reads counted, and, while the worker sends fast, a pause
+// the bytes and reads counted, and, while the worker sends fast, a wait
 // before each read, so that the frames sent meanwhile come in one read: one
 // wakeup of the reader for many messages instead of one each. The socket
 // stays in Go's network poller throughout: a read that finds nothing waits
 // there, as it always did.
 type pacedReader struct {
 	c     *Channel
-	delay time.Duration   // the longest pause; 0: never pause
-	timer *time.Timer     // for pause; nil until the first
+	delay time.Duration   // the longest wait; 0: never wait
+	timer *time.Timer     // for waitToRead; nil until the first
 	n     int             // bytes the last read brought
 	lines int             // frames the last read brought (its line ends)
 	full  bool            // the last read filled the buffer it was given
@@ -728,7 +736,7 @@ type pacedReader struct {
 	raw   syscall.RawConn // the socket's, for read; nil: conn.Read
 }
 
-// Read reads the socket once, after a pause if the worker sends fast (see
+// Read reads the socket once, after a wait if the worker sends fast (see
 // wait).
 func (r *pacedReader) Read(p []byte) (int, error) {
 	if d := r.wait(); d > 0 {
@@ -737,7 +745,7 @@ func (r *pacedReader) Read(p []byte) (int, error) {
 		} else {
 			r.timer.Reset(d)
 		}
-		r.c.pause(r.timer)
+		r.c.waitToRead(r.timer)
 	}
 	r.sent = r.c.sends.Load()
 	r.c.reads.Add(1)
@@ -800,14 +808,14 @@ func readNonblock(fd uintptr, p []byte) (int, syscall.Errno) {
 	}
 }
 
-// wait returns how long to pause before the next read: 0, read at once,
+// wait returns how long to wait before the next read: 0, read at once,
 // unless the worker sends fast: the last read brought two frames or more,
 // or it was the last of quickReads reads in a row that each came less than
 // delay/4 after the one before. So when the channel was idle, or a frame
 // comes now and then, the reader reads at once, and a lone frame is never
-// delayed. Nor does it pause when the last read filled its buffer (more is
+// delayed. Nor does it wait when the last read filled its buffer (more is
 // waiting), or when a frame was sent to the worker since the last read: the
-// worker may be waiting for it to answer. The pause is cut short so that a
+// worker may be waiting for it to answer. The wait is cut short so that a
 // read brings about batchFrames frames or batchBytes bytes at most.
 func (r *pacedReader) wait() time.Duration {
 	if r.delay <= 0 || r.full {
@@ -829,10 +837,10 @@ func (r *pacedReader) wait() time.Duration {
 	return d
 }
 
-// pause is the reader's wait between two reads of a busy channel: until t
-// fires, at most ReadDelay, or at once when Close or Detach begins; the
-// read that follows then ends the reader.
-func (c *Channel) pause(t *time.Timer) {
+// waitToRead is the reader's wait between two reads of a busy channel:
+// until t fires, at most ReadDelay, or at once when Close, Pause or Detach
+// begins; the read that follows then ends the reader.
+func (c *Channel) waitToRead(t *time.Timer) {
 	select {
 	case <-t.C:
 	case <-c.quit:

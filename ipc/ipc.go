@@ -51,30 +51,27 @@
 // # Reading in batches
 //
 // A Node.js worker that reports each request with process.send writes one
-// small frame per request. Read as they come, each costs the master a
-// wakeup of its reader goroutine and two reads of the socket (one that
-// finds the frame, one that finds nothing more). So a Channel reads a busy
-// worker in batches: after a read that brought two frames or more, or after
-// a few quick reads in a row, its reader pauses up to
-// [ChannelOptions].ReadDelay ([DefaultReadDelay], 2 ms; at most
-// [MaxReadDelay], 5 ms) before it reads again, and takes the frames sent
-// meanwhile in one read ([Stats].Reads counts the reads). A frame that
-// arrives while the channel is idle is read at once, so a lone message (a
-// ready, a heartbeat, a relayed message) is never delayed; nor does the
-// reader pause when the master has sent something to the worker since its
-// last read, so a worker that waits for an answer to each message is not
-// slowed. A pause is cut short so that a read takes about 64 frames or
-// 16 KiB at most, and Close and Detach end it at once.
+// small frame per request. So a Channel reads a busy worker in batches:
+// after a read that brought two frames or more, or after a few quick reads
+// in a row, its reader waits up to [ChannelOptions].ReadDelay
+// ([DefaultReadDelay], 2 ms; at most [MaxReadDelay], 5 ms) before it reads
+// again, and takes the frames sent meanwhile in one read ([Stats].Reads
+// counts the reads). A frame that arrives while the channel is idle is read
+// at once, so a lone message (a ready, a heartbeat, a relayed message) is
+// never delayed; nor does the reader wait when the master has sent
+// something to the worker since its last read, so a worker that waits for
+// an answer to each message is not slowed. A wait is cut short so that a
+// read takes about 64 frames or 16 KiB at most, and Close, [Channel.Pause]
+// and [Channel.Detach] end it at once.
 //
 // The socket stays in Go's network poller throughout, so the reader needs no
-// thread of its own and [Channel.Detach] can stop it between any two
-// frames. What the pauses save is the reader's share of a message's cost:
-// its wakeups and its reads, ten times fewer or better. They do not save the
-// poller's: the poller watches the socket, and each write of the worker
-// wakes the poller's thread while the master is otherwise idle. With
-// Node.js workers that is most of what a message costs the master (see
-// docs/benchmarks.md, scenario 2); a worker that counts requests itself
-// and reports them with [CmdRequests] now and then costs it almost nothing.
+// thread of its own and Pause can stop it between any two frames. The waits
+// spare the reader's reads, ten times fewer or better for a busy worker,
+// but not the poller's work: the poller watches the socket, and each write
+// of the worker wakes its thread while the master is otherwise idle, which
+// is most of what such a message still costs the master. A worker that
+// counts requests itself and reports them with [CmdRequests] now and then
+// costs it almost nothing.
 //
 // # Goroutines
 //

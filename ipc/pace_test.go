@@ -18,7 +18,7 @@ import (
 )
 
 // The tests of the read delay use a long one, so that on a busy machine a
-// pause is told from none by a wide margin: a frame that is not delayed
+// wait is told from none by a wide margin: a frame that is not delayed
 // comes in well under it, a delayed one after most of it.
 const testDelay = 200 * time.Millisecond
 
@@ -98,7 +98,7 @@ func TestReadDelayOption(t *testing.T) {
 		{time.Hour, MaxReadDelay},
 	} {
 		if got := readDelay(c.in); got != c.want {
-			t.Errorf("ReadDelay %v: the reader pauses up to %v, want %v", c.in, got, c.want)
+			t.Errorf("ReadDelay %v: the reader waits up to %v, want %v", c.in, got, c.want)
 		}
 	}
 	if DefaultReadDelay <= 0 || DefaultReadDelay > MaxReadDelay || MaxReadDelay > 5*time.Millisecond {
@@ -120,7 +120,7 @@ func TestChannelReadDelayLoneFrame(t *testing.T) {
 	defer ch.Close()
 	var lone, second []time.Duration
 	trial := func() {
-		time.Sleep(testDelay + 50*time.Millisecond) // idle: any pause is over
+		time.Sleep(testDelay + 50*time.Millisecond) // idle: any wait is over
 		write(t, worker, stamped(base))
 		lone = append(lone, recvLatency(t, lat))
 		sleep(t, 500*time.Microsecond)
@@ -130,7 +130,7 @@ func TestChannelReadDelayLoneFrame(t *testing.T) {
 	for range 3 {
 		trial()
 	}
-	// A burst in one write, which makes the reader pause, and its end.
+	// A burst in one write, which makes the reader wait, and its end.
 	var burst []byte
 	for range 100 {
 		burst = append(burst, stamped(base)...)
@@ -194,7 +194,7 @@ func paced(t *testing.T, w *os.File, base time.Time, interval, d time.Duration) 
 // takes many frames a read, with the default delay: far fewer wakeups than
 // frames. The latencies are logged, not checked: on a shared machine the
 // scheduler alone can hold a thread for milliseconds (the bound on the
-// pause is TestChannelReadDelayBounded's).
+// wait is TestChannelReadDelayBounded's).
 func TestChannelReadDelayBurst(t *testing.T) {
 	testutil.LeakCheck(t)
 	master, worker := mustPair(t)
@@ -218,8 +218,8 @@ func TestChannelReadDelayBurst(t *testing.T) {
 	}
 }
 
-// A frame that comes while the reader pauses after a burst waits for the
-// end of the pause, and no longer: the pause ends on its own, not when more
+// A frame that comes while the reader waits after a burst waits for the
+// end of the wait, and no longer: the wait ends on its own, not when more
 // frames come.
 func TestChannelReadDelayBounded(t *testing.T) {
 	testutil.LeakCheck(t)
@@ -232,23 +232,23 @@ func TestChannelReadDelayBounded(t *testing.T) {
 	var delayed []time.Duration
 	for range 3 {
 		time.Sleep(testDelay + 50*time.Millisecond) // idle
-		// Two frames in one read: the reader pauses after them.
+		// Two frames in one read: the reader waits after them.
 		write(t, worker, append(stamped(base), stamped(base)...))
 		recvLatency(t, lat)
 		recvLatency(t, lat)
 		time.Sleep(testDelay / 10)
-		write(t, worker, stamped(base)) // during the pause
+		write(t, worker, stamped(base)) // during the wait
 		delayed = append(delayed, recvLatency(t, lat))
 	}
-	t.Logf("a frame sent %v into a pause of %v: delivered after %v", testDelay/10, testDelay, delayed)
+	t.Logf("a frame sent %v into a wait of %v: delivered after %v", testDelay/10, testDelay, delayed)
 	for _, d := range delayed {
 		if d < testDelay/2 {
-			t.Errorf("a frame sent during a pause delivered after %v, want about %v: the reader did not pause", d, testDelay-testDelay/10)
+			t.Errorf("a frame sent during a wait delivered after %v, want about %v: the reader did not wait", d, testDelay-testDelay/10)
 		}
-		// Generous: the pause is testDelay at most, but the machine is
+		// Generous: the wait is testDelay at most, but the machine is
 		// shared; the frame must not wait for anything but the timer.
 		if d > 3*testDelay {
-			t.Errorf("a frame sent during a pause delivered after %v, want at most about %v", d, testDelay)
+			t.Errorf("a frame sent during a wait delivered after %v, want at most about %v", d, testDelay)
 		}
 	}
 	if s := ch.Stats(); s.MessagesIn != 9 {
@@ -257,7 +257,7 @@ func TestChannelReadDelayBounded(t *testing.T) {
 }
 
 // A worker that waits for the master's answer to each frame before it
-// sends the next is not slowed by the read delay: the reader never pauses
+// sends the next is not slowed by the read delay: the reader never waits
 // after it sent something to the worker.
 func TestChannelReadDelayPingPong(t *testing.T) {
 	testutil.LeakCheck(t)
@@ -304,54 +304,65 @@ func TestChannelReadDelayPingPong(t *testing.T) {
 	}
 	t.Logf("%d round trips in 1s: median %v, p99 %v, max %v (read delay %v)",
 		len(rtt), percentile(rtt, 0.5), percentile(rtt, 0.99), percentile(rtt, 1), testDelay)
-	// Paused after each answer, it would make at most 1s / testDelay.
+	// Waiting after each answer, it would make at most 1s / testDelay.
 	if len(rtt) < 50 {
-		t.Errorf("%d round trips in 1s, want at least 50: the reader pauses on a worker that waits for the master", len(rtt))
+		t.Errorf("%d round trips in 1s, want at least 50: the reader waits on a worker that waits for the master", len(rtt))
 	}
 }
 
-// Close and Detach end a pause at once; Detach leaves the frames sent
-// during the pause in the socket, for the resumed channel.
+// Close, Pause and Detach end the reader's wait between two reads at once;
+// Detach leaves the frames sent during the wait in the socket, for the
+// resumed channel.
 func TestChannelReadDelayCloseDetach(t *testing.T) {
 	testutil.LeakCheck(t)
 	longDelay(t)
-	pausing := func() (*Channel, *os.File, <-chan time.Duration, time.Time) {
+	waiting := func() (*Channel, *os.File, <-chan time.Duration, time.Time) {
 		master, worker := mustPair(t)
 		base := time.Now()
 		ch, lat := timedChannel(t, master, base, testDelay, nil)
 		write(t, worker, append(stamped(base), stamped(base)...))
 		recvLatency(t, lat)
 		recvLatency(t, lat)
-		time.Sleep(testDelay / 10) // well into the pause
+		time.Sleep(testDelay / 10) // well into the wait
 		return ch, worker, lat, base
 	}
 
-	ch, worker, _, _ := pausing()
+	ch, worker, _, _ := waiting()
 	start := time.Now()
 	if err := ch.Close(); err != nil {
 		t.Error(err)
 	}
 	if d := time.Since(start); d > testDelay/2 {
-		t.Errorf("Close during a pause took %v: it waited for the pause (%v)", d, testDelay)
+		t.Errorf("Close during a wait between reads took %v: it waited for its end (%v)", d, testDelay)
 	}
 	worker.Close()
 
-	ch, worker, lat, base := pausing()
+	ch, worker, lat, base := waiting()
 	defer worker.Close()
-	write(t, worker, stamped(base)) // during the pause
+	write(t, worker, stamped(base)) // during the wait
+	start = time.Now()
+	ch.Pause()
+	select {
+	case <-ch.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the reader did not stop within 10s of Pause")
+	}
+	if d := time.Since(start); d > testDelay/2 {
+		t.Errorf("Pause during a wait took %v to stop the reader: it waited (%v)", d, testDelay)
+	}
 	start = time.Now()
 	h, err := ch.Detach()
 	if d := time.Since(start); d > testDelay/2 {
-		t.Errorf("Detach during a pause took %v: it waited for the pause (%v)", d, testDelay)
+		t.Errorf("Detach after Pause took %v", d)
 	}
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(lat) != 0 || ch.Stats().MessagesIn != 2 {
-		t.Fatalf("the frame sent during the pause was read before Detach (%d frames)", ch.Stats().MessagesIn)
+		t.Fatalf("the frame sent during the wait was read before Detach (%d frames)", ch.Stats().MessagesIn)
 	}
 	if len(h.Unread) != 0 {
-		t.Errorf("Detach during a pause left %q unread: it stopped inside a frame", h.Unread)
+		t.Errorf("Detach left %q unread: the reader stopped inside a frame", h.Unread)
 	}
 	opts, lat := timedOptions(t, base, testDelay, nil)
 	resumed := ResumeChannel(h, opts)
@@ -362,7 +373,7 @@ func TestChannelReadDelayCloseDetach(t *testing.T) {
 	}
 }
 
-// With pauses, frames still arrive once each and in order, across writes
+// With waits between reads, frames still arrive once each and in order, across writes
 // that cut them anywhere; bad frames are still skipped and counted; and at
 // the worker's end of file every frame is delivered before Done.
 func TestChannelReadDelayOrder(t *testing.T) {
@@ -396,7 +407,7 @@ func TestChannelReadDelayOrder(t *testing.T) {
 	}
 	b := buf.Bytes()
 	// In bursts of writes of odd sizes, with quiet spells between them:
-	// the reader pauses, goes idle, and frames are cut at every place.
+	// the reader waits, goes idle, and frames are cut at every place.
 	for i := 0; len(b) > 0; i++ {
 		n := min(len(b), 1+len(b)%97)
 		write(t, worker, b[:n])

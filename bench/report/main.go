@@ -497,7 +497,7 @@ func markdown(d *data, res *results) string {
 	if s2Has(res, "shoal") {
 		p("**The master's CPU per 1,000 messages/s** (each request sends one message): the master's share of one core, as in section 3, ")
 		p("divided by the messages per second of the same run, then the median over the rounds. ")
-		p("shoal's channel reader takes a worker's messages as they come while they are few; while a worker sends fast it pauses up to ")
+		p("shoal's channel reader takes a worker's messages as they come while they are few; while a worker sends fast it waits up to ")
 		p("2 ms before reading again, so that one read takes many messages (`ipc.ChannelOptions.ReadDelay`). ")
 		if res.cells[key("s2", "shoal", "paced")] != nil {
 			p("*Keep-alive, paced*: each of the %s connections waits %s ms after each answer before its next request (`bench/paced.lua`), "+
@@ -1178,7 +1178,7 @@ func s2Wakes(p func(string, ...any), d *data, res *results, base bool) {
 	p("(voluntary context switches, `/proc/PID/task/*/status`), divided by the messages of the run; medians over the rounds. ")
 	p("A wakeup costs a few µs of CPU whatever the reader does after it, and the count moves less than CPU time with the load of other processes. ")
 	p("shoal's master is still woken by most messages: Go's network poller watches each channel's socket, and each write of a worker wakes the poller's thread ")
-	p("while the master is otherwise idle; the pauses spare the reads that used to follow (about one read in ten messages or fewer now).\n\n")
+	p("while the master is otherwise idle; the waits between reads spare the reads that used to follow (one read for ten messages or more now).\n\n")
 	p("| mode | shoal master | Node cluster primary |")
 	if base {
 		p(" shoal at `%s` (before) |", d.meta["base"])
