@@ -56,8 +56,8 @@ type ChannelOptions struct {
 	// ReadDelay is the longest the reader waits before it reads again
 	// while the worker sends fast: after a read that brought two frames or
 	// more, or the last of a few quick reads in a row. The frames the
-	// worker sends meanwhile gather in the socket, and one wakeup of the
-	// master then takes them all, instead of one wakeup each. The reader
+	// worker sends meanwhile gather in the socket, and one read then
+	// takes them all, instead of one read each. The reader
 	// does not wait when the channel was idle, so a lone frame (a ready,
 	// a heartbeat, a relayed message) is read as soon as it comes, nor
 	// when something was sent to the worker since its last read, so a
