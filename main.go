@@ -19,6 +19,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync/atomic"
+	"time"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
@@ -121,6 +122,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if inherited != nil {
 		var st upgradeState
 		json.Unmarshal(inherited.State, &st)
+		if st.Started != 0 {
+			processStart = time.Unix(0, st.Started)
+		}
 		// Once the loop answers: until then, the clients of /healthz and
 		// the control socket wait in the sockets' queues.
 		go func() {

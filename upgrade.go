@@ -32,6 +32,7 @@ const (
 type upgradeState struct {
 	From    string `json:"from"`    // the version of the master before
 	Control string `json:"control"` // the control socket's path
+	Started int64  `json:"started"` // when the master started, unix nanoseconds: its uptime goes on
 }
 
 // startPath is the path the master was started from, which an upgrade
@@ -116,7 +117,8 @@ func (s *servers) handoff(ctx context.Context) (map[string]*os.File, []byte, err
 		}
 		files[fileControl], s.control = f, nil
 	}
-	b, err := json.Marshal(upgradeState{From: version, Control: s.ctlPath})
+	started := time.Now().Add(-time.Since(processStart)).UnixNano()
+	b, err := json.Marshal(upgradeState{From: version, Control: s.ctlPath, Started: started})
 	return files, b, err
 }
 

@@ -223,6 +223,7 @@ func TestUpgradeInPlaceUnderLoad(t *testing.T) {
 	loads := map[string]*load{"new connection": startLoad(addr, 4, false), "keep-alive": startLoad(addr, 4, true)}
 	time.Sleep(500 * time.Millisecond)
 	mid := mustStatus(t, sock)
+	startBefore := scrape(t, murl+"/metrics")["process_start_time_seconds"]
 	w := watch(sock, murl)
 	time.Sleep(100 * time.Millisecond)
 	begin := time.Now()
@@ -238,6 +239,9 @@ func TestUpgradeInPlaceUnderLoad(t *testing.T) {
 
 	if after.Master.PID != m.pid() || after.Version != nextVersion || after.Upgrades != 1 {
 		t.Errorf("after: master pid %d version %q upgrades %d; want pid %d, %s, 1", after.Master.PID, after.Version, after.Upgrades, m.pid(), nextVersion)
+	}
+	if after.Master.Uptime < mid.Master.Uptime {
+		t.Errorf("the master's uptime went from %vs to %vs: want it to go on", mid.Master.Uptime, after.Master.Uptime)
 	}
 	if got, want := workerPIDs(after), workerPIDs(before); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("worker pids %v after the upgrade, want the same as before: %v", got, want)
@@ -265,6 +269,9 @@ func TestUpgradeInPlaceUnderLoad(t *testing.T) {
 		t.Errorf("shoal_requests_total %v for %d requests answered: reports were counted twice", counted, res.ok)
 	}
 	t.Logf("shoal_requests_total %v for %d requests the clients saw answered", counted, res.ok)
+	if s := samples["process_start_time_seconds"]; s != startBefore {
+		t.Errorf("process_start_time_seconds %v after the upgrade, %v before: the process is the same", s, startBefore)
+	}
 	if samples[`shoal_upgrades_total`] != 1 || samples[`shoal_build_info{goversion="`+goVersion(samples)+`",version="`+nextVersion+`"}`] != 1 {
 		t.Errorf("after the upgrade: shoal_upgrades_total %v, build_info %v", samples["shoal_upgrades_total"], buildInfo(samples))
 	}
