@@ -21,7 +21,12 @@
 # BENCH_THREADS (wrk threads, default 1), BENCH_KILLS, BENCH_SCENARIOS (a
 # subset of "1 2 4 5 6 7 8 9"), BENCH_OUT (default docs), BENCH_KEEP=1 keeps
 # the scratch directory, BENCH_PCAP=1 records the TCP resets of the reload
-# scenario (tcpdump) into it.
+# scenario (tcpdump) into it, BENCH_BASE=<git revision> adds shoal built
+# from that revision to scenario 2 ("shoal-base"), to compare the master's
+# CPU before and after a change in one run; BENCH_S2_MODES (a subset of
+# "keepalive close paced") and BENCH_PACE_MS (default 2: each connection of
+# the paced mode waits that long after each answer, for about 15,000
+# requests/s) for scenario 2.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -57,6 +62,10 @@ else
 	DUR=${BENCH_DURATION:-3} ROUNDS=${BENCH_ROUNDS:-6} S1_ROUNDS=${BENCH_ROUNDS:-10} WARM=1
 	KILLS=${BENCH_KILLS:-100} RELOAD_DUR=12 BAL_DUR=3 BAL_WORKERS="$N 4" QUIET_WAIT=5 RETRIES=2 BUDGET=720
 fi
+# Scenario 2's modes, and the wait of each connection after each answer in
+# its paced mode: 2 ms makes about 32 / 2.1 ms = 15,000 requests/s.
+S2_MODES=${BENCH_S2_MODES:-keepalive close paced}
+PACE_MS=${BENCH_PACE_MS:-2}
 MAX_FOREIGN=0.1 # CPUs used by other processes during a run before it is run again
 # Restart latency: a kill must meet shoal's immediate restart, not its
 # crash-loop backoff, so each slot dies once, or again after 10 s up
@@ -188,6 +197,24 @@ cpu_ticks() {
 	echo $((${12} + ${13}))
 }
 
+# cpu_ns PID: CPU time of PID's threads in ns (the first field of
+# /proc/PID/task/*/schedstat), precise where cpu_ticks counts 10 ms ticks;
+# a thread that ended since the last call is missed (the masters here
+# keep theirs).
+cpu_ns() {
+	local f s t=0
+	for f in /proc/"$1"/task/*/schedstat; do
+		{ read -r s _ <"$f"; } 2>/dev/null && t=$((t + s))
+	done
+	echo $t
+}
+
+# cpu_wakes PID: how many times PID's threads went to sleep, to be woken
+# again (voluntary context switches, /proc/PID/task/*/status).
+cpu_wakes() {
+	cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^voluntary_ctxt_switches:/ {n += $2} END {print n + 0}'
+}
+
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
 now_ms() { date +%s%3N; }
@@ -209,11 +236,16 @@ wait_quiet() {
 # --- load ----------------------------------------------------------------
 
 # wrk_run MODE SECONDS PORT [CONNS]: prints wrk's summary line (bench/report.lua).
+# MODE: keepalive, close (a new connection per request) or paced
+# (keep-alive, each connection waiting PACE_MS after each answer:
+# bench/paced.lua).
 wrk_run() {
 	local mode=$1 secs=$2 port=$3 conns=${4:-$CONNS}
-	local hdr=()
+	local hdr=() lua=$ROOT/bench/report.lua
 	[[ $mode == close ]] && hdr=(-H 'Connection: close')
-	wrk -t"$THREADS" -c"$conns" -d"${secs}s" --latency -s "$ROOT/bench/report.lua" "${hdr[@]}" \
+	[[ $mode == paced ]] && lua=$ROOT/bench/paced.lua
+	BENCH_LUA=$ROOT/bench/report.lua BENCH_DELAY_MS=$PACE_MS \
+		wrk -t"$THREADS" -c"$conns" -d"${secs}s" --latency -s "$lua" "${hdr[@]}" \
 		"http://127.0.0.1:$port/" >"$tmp/wrk.out" 2>&1 || {
 		cat "$tmp/wrk.out" >&2
 		die "wrk failed"
@@ -241,15 +273,15 @@ declare -A C_PORT C_MPID C_REQS
 # budget); the line records the foreign load of the run that was kept.
 measure() {
 	local scen=$1 who=$2 mode=$3 round=$4
-	local port=${C_PORT[$who]} mpid=${C_MPID[$who]} try c0 c1 t0 t1 res fl
+	local port=${C_PORT[$who]} mpid=${C_MPID[$who]} try c0 c1 n0 n1 w0 w1 t0 t1 res fl
 	for ((try = 1; ; try++)); do
 		wait_quiet
-		c0=0 c1=0
-		[[ $mpid != 0 ]] && c0=$(cpu_ticks "$mpid")
+		c0=0 c1=0 n0=0 n1=0 w0=0 w1=0
+		[[ $mpid != 0 ]] && c0=$(cpu_ticks "$mpid") n0=$(cpu_ns "$mpid") w0=$(cpu_wakes "$mpid")
 		t0=$(now_ms)
 		res=$(wrk_run "$mode" "$DUR" "$port")
 		t1=$(now_ms)
-		[[ $mpid != 0 ]] && c1=$(cpu_ticks "$mpid")
+		[[ $mpid != 0 ]] && c1=$(cpu_ticks "$mpid") n1=$(cpu_ns "$mpid") w1=$(cpu_wakes "$mpid")
 		C_REQS[$who]=$((${C_REQS[$who]:-0} + $(field requests "$res")))
 		sleep 0.3 # let cpuwatch take its sample of the run's end
 		fl=$(foreign_load "$t0" "$t1")
@@ -258,7 +290,7 @@ measure() {
 		fi
 		log "  $scen $who $mode round $round: other processes used $fl CPU meanwhile; measuring again"
 	done
-	echo "$scen contender=$who mode=$mode round=$round workers=$N conns=$CONNS start_ms=$t0 end_ms=$t1 master_ticks=$((c1 - c0)) foreign=$fl tries=$try $res" >>"$RAW"
+	echo "$scen contender=$who mode=$mode round=$round workers=$N conns=$CONNS start_ms=$t0 end_ms=$t1 master_ticks=$((c1 - c0)) master_ns=$((n1 - n0)) master_wakes=$((w1 - w0)) foreign=$fl tries=$try $res" >>"$RAW"
 	log "  $scen $who $mode round $round: $(awk '{printf "%.0f req/s", $1 / $2 * 1e6}' <<<"$(field requests "$res") $(field duration_us "$res")")"
 }
 
@@ -271,9 +303,11 @@ start_contender() { # NAME PORT [NOTIFY]
 	local who=$1 port=$2 notify=${3:-0} i
 	MASTER_PID=0
 	case $who in
-	shoal) # shoal, N Node.js workers with reusePort
-		spawn "$who-$port" "$SHOAL" --workers "$N" --port "$port" --host 127.0.0.1 --env BENCH_NOTIFY="$notify" \
-			--metrics-addr "${METRICS_ADDR:-}" --control "" --migrate-req off --stop-timeout 3s --log-format json \
+	shoal | shoal-base) # shoal (or shoal at BENCH_BASE), N Node.js workers with reusePort
+		local bin=$SHOAL maddr=${METRICS_ADDR:-}
+		[[ $who == shoal-base ]] && bin=$SHOAL_BASE maddr=${BASE_METRICS_ADDR:-}
+		spawn "$who-$port" "$bin" --workers "$N" --port "$port" --host 127.0.0.1 --env BENCH_NOTIFY="$notify" \
+			--metrics-addr "$maddr" --control "" --migrate-req off --stop-timeout 3s --log-format json \
 			-- "$NODE" "$APP"
 		MASTER_PID=$LAST_PID
 		wait_listen "$port" "$N"
@@ -350,6 +384,7 @@ rounds() {
 			counted=""
 			case $c in
 			shoal) counted=$(scrape_sum "$METRICS_ADDR" shoal_requests_total) ;;
+			shoal-base) counted=$(scrape_sum "$BASE_METRICS_ADDR" shoal_requests_total) ;;
 			cluster)
 				kill -USR2 "${C_MPID[$c]}"
 				sleep 0.3
@@ -357,6 +392,18 @@ rounds() {
 				;;
 			esac
 			echo "${scen}count contender=$c counted=${counted:-0} answered=${C_REQS[$c]}" >>"$RAW"
+		done
+		# Each master's CPU with no load, the fixed part of what the
+		# rounds measured: the report subtracts it to give what the
+		# messages cost.
+		local idle n0 n1
+		idle=$( ((QUICK)) && echo 2 || echo 4)
+		for c in "${who[@]}"; do
+			[[ ${C_MPID[$c]} == 0 ]] && continue
+			n0=$(cpu_ns "${C_MPID[$c]}")
+			sleep "$idle"
+			n1=$(cpu_ns "${C_MPID[$c]}")
+			echo "${scen}idle contender=$c secs=$idle master_ns=$((n1 - n0))" >>"$RAW"
 		done
 	fi
 	stop_current
@@ -400,6 +447,14 @@ go build -o "$GOSINGLE" ./bench/gosingle
 go build -o "$tmp/restart" ./bench/restart
 go build -o "$tmp/cpuwatch" ./bench/cpuwatch
 go build -o "$tmp/report" ./bench/report
+SHOAL_BASE=""
+if [[ -n ${BENCH_BASE:-} ]]; then
+	log "building shoal at $BENCH_BASE (shoal-base, scenario 2)"
+	mkdir -p "$tmp/base"
+	git archive "$BENCH_BASE" | tar -x -C "$tmp/base" || die "BENCH_BASE=$BENCH_BASE: cannot export that revision"
+	(cd "$tmp/base" && go build -o "$tmp/shoal-base" .) || die "BENCH_BASE=$BENCH_BASE: build failed"
+	SHOAL_BASE=$tmp/shoal-base
+fi
 
 # Foreign-load watch for the whole run.
 "$tmp/cpuwatch" -root $$ >"$tmp/cpu.log" 2>/dev/null &
@@ -415,6 +470,7 @@ meta shoal "$(git describe --always --dirty 2>/dev/null || echo unknown)"
 meta go "$(go version | awk '{print $3}')"
 meta node "$("$NODE" --version)"
 meta wrk "$(wrk -v 2>&1 | head -n 1 | awk '{print $2}')"
+meta base "$(if [[ -n $SHOAL_BASE ]]; then git rev-parse --short "$BENCH_BASE"; fi)"
 meta workers "$N"
 meta conns "$CONNS"
 meta threads "$THREADS"
@@ -422,6 +478,7 @@ meta duration "$DUR"
 meta rounds "$ROUNDS"
 meta s1_rounds "$S1_ROUNDS"
 meta warm "$WARM"
+meta pace_ms "$PACE_MS"
 
 # --- 1 + 3. Node.js: shoal, cluster, cluster with reusePort, bare -------------
 
@@ -434,10 +491,21 @@ scenario_1() {
 
 scenario_2() {
 	log "scenario 2: one notifyRequest message per request"
+	# Its own date and machine, for a report that merges it into another run's.
+	meta s2_date "$(date -u +%Y-%m-%dT%H:%MZ)"
+	meta s2_machine "$(nproc) × $(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo), $(uname -sr)"
+	meta s2_shoal "$(git describe --always --dirty 2>/dev/null || echo unknown)"
+	meta s2_rounds "$ROUNDS"
+	local who=(shoal cluster)
 	new_port
 	METRICS_ADDR=127.0.0.1:$NEW_PORT
-	rounds s2 "keepalive close" 1 shoal cluster
-	METRICS_ADDR=""
+	if [[ -n $SHOAL_BASE ]]; then
+		new_port
+		BASE_METRICS_ADDR=127.0.0.1:$NEW_PORT
+		who+=(shoal-base)
+	fi
+	rounds s2 "$S2_MODES" 1 "${who[@]}"
+	METRICS_ADDR="" BASE_METRICS_ADDR=""
 }
 
 # --- 4. Go: shoal with N processes against one process with N threads ------

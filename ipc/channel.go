@@ -9,7 +9,9 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+	"unsafe"
 )
 
 // DefaultQueueLen is the default number of outgoing frames a Channel queues
@@ -20,6 +22,13 @@ const DefaultQueueLen = 1024
 // Channel holds for its worker: four frames of the default
 // [DefaultMaxMessage] size.
 const DefaultQueueBytes = 4 << 20
+
+// DefaultReadDelay is how long, by default, the reader of a busy channel
+// waits before it reads again (see [ChannelOptions].ReadDelay).
+const DefaultReadDelay = 2 * time.Millisecond
+
+// MaxReadDelay is the longest ReadDelay: a longer one is taken as this.
+const MaxReadDelay = 5 * time.Millisecond
 
 // The writer gathers up to this many frames, or about this many bytes, into
 // one writev.
@@ -44,6 +53,20 @@ type ChannelOptions struct {
 	// that share it, on top of each one's QueueBytes. A master gives one
 	// Budget to every worker's channel.
 	Budget *Budget
+	// ReadDelay is the longest the reader waits before it reads again
+	// while the worker sends fast: after a read that brought two frames or
+	// more, or the last of a few quick reads in a row. The frames the
+	// worker sends meanwhile gather in the socket, and one read then
+	// takes them all, instead of one read each. The reader
+	// does not wait when the channel was idle, so a lone frame (a ready,
+	// a heartbeat, a relayed message) is read as soon as it comes, nor
+	// when something was sent to the worker since its last read, so a
+	// worker that waits for the master's answer is not slowed. A frame
+	// that comes during a burst waits at most ReadDelay. 0 means
+	// DefaultReadDelay, a value over MaxReadDelay means MaxReadDelay, and
+	// a negative value never waits. See the package documentation,
+	// "Reading in batches".
+	ReadDelay time.Duration
 	// OnMessage, if not nil, is called on the channel's reader goroutine for
 	// each good frame that is not Node.js's own (see Message.Internal).
 	// m.Raw and m.Msg are valid only during the call. The next frame is not
@@ -61,6 +84,7 @@ type ChannelOptions struct {
 type Stats struct {
 	MessagesIn  uint64 // good frames read, Node.js's own included
 	BytesIn     uint64 // bytes read
+	Reads       uint64 // reads of the socket by the reader: a busy worker's frames come many to a read
 	MessagesOut uint64 // frames written
 	BytesOut    uint64 // bytes written
 	Dropped     uint64 // outgoing frames dropped, for any reason: the sum of Drops
@@ -219,7 +243,14 @@ type Channel struct {
 	unsent    []byte // queued, not written: set by the writer
 	ended     bool   // the reader ended on its own (EOF, error) before Detach
 
+	// halt is closed by Pause or Detach, to end the reader's wait between
+	// two reads at once (see waitToRead).
+	halt  chan struct{}
+	delay time.Duration // the reader's longest wait between reads: ReadDelay
+
 	messagesIn, bytesIn, messagesOut, bytesOut atomic.Uint64
+	reads                                      atomic.Uint64 // calls of the socket's Read by the reader
+	sends                                      atomic.Uint64 // frames Send queued: see pacedReader.wait
 	dropped                                    [len(drops)]atomic.Uint64
 	errs                                       [len(reasons)]atomic.Uint64
 }
@@ -250,6 +281,8 @@ func newChannel(f *os.File, opts ChannelOptions) *Channel {
 		budget:     opts.Budget,
 		quit:       make(chan struct{}),
 		done:       make(chan struct{}),
+		halt:       make(chan struct{}),
+		delay:      readDelay(opts.ReadDelay),
 	}
 	// net.FileConn makes a pollable, non-blocking copy of the descriptor, so
 	// that Close interrupts a read or a write in progress.
@@ -298,9 +331,18 @@ type Handoff struct {
 // at once: pause them all, wait for their Done, then Detach each. A paused
 // channel can only be detached or closed.
 func (c *Channel) Pause() {
-	c.detaching.Store(true)
+	c.stopReads()
 	if c.conn != nil {
 		c.conn.SetReadDeadline(time.Now())
+	}
+}
+
+// stopReads marks the channel as detaching and, once, ends the reader's
+// wait between two reads of a busy worker (see waitToRead), so that Pause
+// and Detach stop the reader at once rather than up to ReadDelay later.
+func (c *Channel) stopReads() {
+	if !c.detaching.Swap(true) {
+		close(c.halt)
 	}
 }
 
@@ -322,7 +364,7 @@ func (c *Channel) Detach() (Handoff, error) {
 	var h Handoff
 	c.closeOnce.Do(func() {
 		err = nil
-		c.detaching.Store(true)
+		c.stopReads()
 		if c.conn == nil {
 			c.mu.Lock()
 			c.closed = true
@@ -398,6 +440,7 @@ func ResumeChannel(h Handoff, opts ChannelOptions) *Channel {
 func (c *Channel) Send(frame []byte) error {
 	r := c.enqueue(frame)
 	if r == sent {
+		c.sends.Add(1)
 		return nil
 	}
 	c.dropped[r].Add(1)
@@ -453,6 +496,7 @@ func (c *Channel) Stats() Stats {
 	s := Stats{
 		MessagesIn:  c.messagesIn.Load(),
 		BytesIn:     c.bytesIn.Load(),
+		Reads:       c.reads.Load(),
 		MessagesOut: c.messagesOut.Load(),
 		BytesOut:    c.bytesOut.Load(),
 		QueuedBytes: uint64(max(c.queued.Load(), 0)),
@@ -509,7 +553,12 @@ func (c *Channel) read() {
 		c.report(c.openErr)
 		return
 	}
-	d := resumeDecoder(countingReader{c.conn, &c.bytesIn}, c.opts.MaxMessage, c.rest, c.discard)
+	r := &pacedReader{c: c, delay: c.delay}
+	if sc, ok := c.conn.(syscall.Conn); ok {
+		r.raw, _ = sc.SyscallConn()
+	}
+	defer r.stop()
+	d := resumeDecoder(r, c.opts.MaxMessage, c.rest, c.discard)
 	c.rest = nil
 	for {
 		m, err := d.Next()
@@ -637,16 +686,171 @@ func (c *Channel) write() {
 	}
 }
 
-// countingReader counts the bytes read through it.
-type countingReader struct {
-	r io.Reader
-	n *atomic.Uint64
+// readDelay returns the wait of a ChannelOptions.ReadDelay.
+func readDelay(d time.Duration) time.Duration {
+	switch {
+	case d == 0:
+		return DefaultReadDelay
+	case d < 0:
+		return 0
+	}
+	return min(d, maxReadDelay)
 }
 
-func (r countingReader) Read(p []byte) (int, error) {
-	n, err := r.r.Read(p)
+// maxReadDelay is MaxReadDelay. Tests raise it, to tell a wait from none
+// on a busy machine.
+var maxReadDelay = MaxReadDelay
+
+// Pacing of a busy reader (see pacedReader.wait).
+const (
+	// A wait is cut short so that a read brings about batchFrames frames
+	// or batchBytes bytes at most, at the worker's pace: the worker's
+	// socket buffer never fills while the reader waits, and the worker
+	// never blocks for it.
+	batchFrames = 64
+	batchBytes  = 16 << 10
+	// Frames that come one to a read count as fast after quickReads reads
+	// in a row less than a quarter of the delay apart.
+	quickReads = 4
+	// A wait shorter than minWait is not worth a timer.
+	minWait = 100 * time.Microsecond
+)
+
+// pacedReader is what the reader's Decoder reads from: the socket, with
+// the bytes and reads counted, and, while the worker sends fast, a wait
+// before each read, so that the frames sent meanwhile come in one read: one
+// wakeup of the reader for many messages instead of one each. The socket
+// stays in Go's network poller throughout: a read that finds nothing waits
+// there, as it always did.
+type pacedReader struct {
+	c     *Channel
+	delay time.Duration   // the longest wait; 0: never wait
+	timer *time.Timer     // for waitToRead; nil until the first
+	n     int             // bytes the last read brought
+	lines int             // frames the last read brought (its line ends)
+	full  bool            // the last read filled the buffer it was given
+	last  time.Time       // when the last read that brought bytes returned
+	gap   time.Duration   // from the read before that to the last one
+	quick int             // reads in a row that came less than delay/4 after the one before
+	sent  uint64          // the channel's sends at the last read
+	raw   syscall.RawConn // the socket's, for read; nil: conn.Read
+}
+
+// Read reads the socket once, after a wait if the worker sends fast (see
+// wait).
+func (r *pacedReader) Read(p []byte) (int, error) {
+	if d := r.wait(); d > 0 {
+		if r.timer == nil {
+			r.timer = time.NewTimer(d)
+		} else {
+			r.timer.Reset(d)
+		}
+		r.c.waitToRead(r.timer)
+	}
+	r.sent = r.c.sends.Load()
+	r.c.reads.Add(1)
+	n, err := r.read(p)
+	r.n, r.full, r.lines = n, n == len(p), 0
 	if n > 0 {
-		r.n.Add(uint64(n))
+		r.c.bytesIn.Add(uint64(n))
+		if r.delay > 0 {
+			r.lines = bytes.Count(p[:n], newline)
+			now := time.Now()
+			r.gap, r.last = now.Sub(r.last), now
+			if r.gap < r.delay/4 {
+				r.quick++
+			} else {
+				r.quick = 0
+			}
+		}
 	}
 	return n, err
+}
+
+var newline = []byte{'\n'}
+
+// read reads the socket once, through the network poller as conn.Read
+// does (deadlines, Close and the wait for data are the poller's), but with
+// a raw read(2): a system call that cannot block need not tell the Go
+// scheduler, which, told, wakes its monitor thread when the process was
+// idle, at a cost close to the read's own.
+func (r *pacedReader) read(p []byte) (int, error) {
+	if r.raw == nil {
+		return r.c.conn.Read(p)
+	}
+	var n int
+	var errno syscall.Errno
+	err := r.raw.Read(func(fd uintptr) bool {
+		n, errno = readNonblock(fd, p)
+		return errno != syscall.EAGAIN
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case errno != 0:
+		return 0, os.NewSyscallError("read", errno)
+	case n == 0 && len(p) > 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// readNonblock is read(2) on a descriptor in non-blocking mode.
+func readNonblock(fd uintptr, p []byte) (int, syscall.Errno) {
+	if len(p) == 0 {
+		return 0, 0
+	}
+	for {
+		n, _, errno := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+		if errno != syscall.EINTR {
+			return int(n), errno
+		}
+	}
+}
+
+// wait returns how long to wait before the next read: 0, read at once,
+// unless the worker sends fast: the last read brought two frames or more,
+// or it was the last of quickReads reads in a row that each came less than
+// delay/4 after the one before. So when the channel was idle, or a frame
+// comes now and then, the reader reads at once, and a lone frame is never
+// delayed. Nor does it wait when the last read filled its buffer (more is
+// waiting), or when a frame was sent to the worker since the last read: the
+// worker may be waiting for it to answer. The wait is cut short so that a
+// read brings about batchFrames frames or batchBytes bytes at most.
+func (r *pacedReader) wait() time.Duration {
+	if r.delay <= 0 || r.full {
+		return 0
+	}
+	if !(r.lines >= 2 || r.lines == 1 && r.quick >= quickReads) || r.c.sends.Load() != r.sent {
+		return 0
+	}
+	d := r.delay
+	if r.lines > batchFrames {
+		d = min(d, time.Duration(float64(r.gap)*batchFrames/float64(r.lines)))
+	}
+	if r.n > batchBytes {
+		d = min(d, time.Duration(float64(r.gap)*batchBytes/float64(r.n)))
+	}
+	if d < minWait {
+		return 0
+	}
+	return d
+}
+
+// waitToRead is the reader's wait between two reads of a busy channel:
+// until t fires, at most ReadDelay, or at once when Close, Pause or Detach
+// begins; the read that follows then ends the reader.
+func (c *Channel) waitToRead(t *time.Timer) {
+	select {
+	case <-t.C:
+	case <-c.quit:
+	case <-c.halt:
+	}
+}
+
+// stop releases the timer.
+func (r *pacedReader) stop() {
+	if r.timer != nil {
+		r.timer.Stop()
+	}
 }

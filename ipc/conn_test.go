@@ -25,7 +25,9 @@ import (
 const helperEnv = "SHOAL_IPC_TEST_HELPER"
 
 func TestMain(m *testing.M) {
-	if mode := os.Getenv(helperEnv); mode != "" {
+	if mode := os.Getenv(helperEnv); mode == "pace" {
+		os.Exit(paceMain())
+	} else if mode != "" {
 		os.Exit(helperMain(mode))
 	}
 	// No goroutine of a Channel or Conn outlives its Close.

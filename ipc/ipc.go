@@ -48,6 +48,31 @@
 // worker; a slow [ChannelOptions].OnMessage slows only that worker, whose
 // own writes then block, as they would under a slow Node.js parent.
 //
+// # Reading in batches
+//
+// A Node.js worker that reports each request with process.send writes one
+// small frame per request. So a Channel reads a busy worker in batches:
+// after a read that brought two frames or more, or after a few quick reads
+// in a row, its reader waits up to [ChannelOptions].ReadDelay
+// ([DefaultReadDelay], 2 ms; at most [MaxReadDelay], 5 ms) before it reads
+// again, and takes the frames sent meanwhile in one read ([Stats].Reads
+// counts the reads). A frame that arrives while the channel is idle is read
+// at once, so a lone message (a ready, a heartbeat, a relayed message) is
+// never delayed; nor does the reader wait when the master has sent
+// something to the worker since its last read, so a worker that waits for
+// an answer to each message is not slowed. A wait is cut short so that a
+// read takes about 64 frames or 16 KiB at most, and Close, [Channel.Pause]
+// and [Channel.Detach] end it at once.
+//
+// The socket stays in Go's network poller throughout, so the reader needs no
+// thread of its own and Pause can stop it between any two frames. The waits
+// spare the reader's reads, ten times fewer or better for a busy worker,
+// but not the poller's work: the poller watches the socket, and each write
+// of the worker wakes its thread while the master is otherwise idle, which
+// is most of what such a message still costs the master. A worker that
+// counts requests itself and reports them with [CmdRequests] now and then
+// costs it almost nothing.
+//
 // # Goroutines
 //
 // A [Channel] runs exactly two goroutines, a reader and a writer, both ended

@@ -169,7 +169,13 @@ type cell struct {
 	p50, p99  []float64 // µs
 	errs      int
 	masterPct []float64 // % of one core; nil when there is no master
-	foreign   []float64 // CPUs used by other processes during each run
+	// perK is the master's % of one core per 1,000 requests/s, run by
+	// run: in scenario 2, per 1,000 messages/s.
+	perK []float64
+	// wakes is the master's threads' voluntary context switches per
+	// request, run by run (scenario 2: per message).
+	wakes   []float64
+	foreign []float64 // CPUs used by other processes during each run
 }
 
 func (c *cell) median() float64 { return median(c.rps) }
@@ -207,8 +213,18 @@ func analyse(d *data) *results {
 		c.p99 = append(c.p99, r.f("p99_us"))
 		c.errs += r.errs()
 		wall := (r.f("end_ms") - r.f("start_ms")) / 1000
-		if (r.s("contender") == "shoal" || strings.HasPrefix(r.s("contender"), "cluster") || r.s("contender") == "shoal-go" || strings.HasPrefix(r.s("contender"), "pm2")) && wall > 0 {
-			c.masterPct = append(c.masterPct, r.f("master_ticks")/100/wall*100)
+		if (strings.HasPrefix(r.s("contender"), "shoal") || strings.HasPrefix(r.s("contender"), "cluster") || strings.HasPrefix(r.s("contender"), "pm2")) && wall > 0 {
+			pct := r.f("master_ticks") / 100 / wall * 100
+			if _, ok := r.kv["master_ns"]; ok {
+				pct = r.f("master_ns") / 1e9 / wall * 100 // to the ns, where ticks are 10 ms
+			}
+			c.masterPct = append(c.masterPct, pct)
+			if rps := r.rps(); rps > 0 {
+				c.perK = append(c.perK, pct/(rps/1000))
+				if _, ok := r.kv["master_wakes"]; ok && r.f("requests") > 0 {
+					c.wakes = append(c.wakes, r.f("master_wakes")/r.f("requests"))
+				}
+			}
 		}
 		if _, ok := r.kv["foreign"]; ok {
 			c.foreign = append(c.foreign, math.Max(0, r.f("foreign")))
@@ -272,6 +288,23 @@ func targets(d *data, res *results) []target {
 		}
 		ts = append(ts, t)
 	}
+	if s2Has(res, "shoal-base") {
+		// The master's CPU per 1,000 messages/s against shoal at
+		// BENCH_BASE, round by round, both modes.
+		t := target{name: fmt.Sprintf("2. shoal master's CPU per 1,000 messages/s ≤ 1/5 of shoal at %s", d.meta["base"])}
+		var rs []float64
+		for _, m := range []string{"keepalive", "close", "paced"} {
+			rs = append(rs, perKRatios(res, m)...)
+		}
+		if len(rs) == 0 {
+			t.na = true
+		} else {
+			v := median(rs)
+			t.measured = fmt.Sprintf("%.2fx, median of %d runs (all %.2f–%.2f)", v, len(rs), slices.Min(rs), slices.Max(rs))
+			t.met = v <= 0.2
+		}
+		ts = append(ts, t)
+	}
 	ratioTarget("1. new connection per request: shoal ≥ 1.5x Node cluster", "cluster", "close", 1.5)
 	ratioTarget("1. new connection per request: shoal ≥ 0.97x bare processes", "bare", "close", 0.97)
 	ratioTarget("1. keep-alive: shoal ≥ 0.97x bare processes", "bare", "keepalive", 0.97)
@@ -320,6 +353,24 @@ func targets(d *data, res *results) []target {
 	return ts
 }
 
+// perKRatios returns, round by round, shoal's master CPU per 1,000
+// messages/s over shoal-base's in scenario 2.
+func perKRatios(res *results, mode string) []float64 {
+	a, b := res.cells[key("s2", "shoal", mode)], res.cells[key("s2", "shoal-base", mode)]
+	if a == nil || b == nil || len(a.perK) != len(a.rounds) || len(b.perK) != len(b.rounds) {
+		return nil
+	}
+	var rs []float64
+	for i, round := range a.rounds {
+		for j, br := range b.rounds {
+			if br == round && b.perK[j] > 0 {
+				rs = append(rs, a.perK[i]/b.perK[j])
+			}
+		}
+	}
+	return rs
+}
+
 // --- Markdown ------------------------------------------------------------
 
 var names = map[string]string{
@@ -328,6 +379,7 @@ var names = map[string]string{
 	"cluster-reuseport": "Node.js cluster, workers with reusePort",
 	"bare":              "bare Node.js processes with reusePort",
 	"shoal-go":          "shoal, built-in Go worker × {N} processes",
+	"shoal-base":        "shoal at {BASE} (before), Node.js workers with reusePort",
 	"go-single":         "one Go process, GOMAXPROCS={N}",
 }
 
@@ -336,8 +388,11 @@ func name(who, n string) string {
 	if !ok {
 		return who
 	}
-	return strings.ReplaceAll(s, "{N}", n)
+	return strings.ReplaceAll(strings.ReplaceAll(s, "{N}", n), "{BASE}", "`"+baseRev+"`")
 }
+
+// baseRev is the revision of shoal-base (meta base), for its name.
+var baseRev string
 
 func modeName(m string) string {
 	switch m {
@@ -345,6 +400,8 @@ func modeName(m string) string {
 		return "keep-alive"
 	case "close":
 		return "new connection per request"
+	case "paced":
+		return "keep-alive, paced"
 	}
 	return m
 }
@@ -353,6 +410,7 @@ func markdown(d *data, res *results) string {
 	var b strings.Builder
 	m := d.meta
 	n := m["workers"]
+	baseRev = m["base"]
 	p := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 
 	p("# shoal benchmarks\n\n")
@@ -384,11 +442,12 @@ func markdown(d *data, res *results) string {
 
 	throughput := func(scen, title, intro string, who []string, ref string) {
 		p("## %s\n\n%s\n\n", title, intro)
-		for _, mode := range []string{"keepalive", "close"} {
+		measured := false
+		for _, mode := range []string{"keepalive", "close", "paced"} {
 			if res.cells[key(scen, ref, mode)] == nil {
-				p("Not measured in this run.\n\n")
-				break
+				continue
 			}
+			measured = true
 			p("**%s**\n\n", upperFirst(modeName(mode)))
 			p("| contender | requests/s | min–max | p50 | p99 | %s ÷ this (middle half) | failed |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n", short(ref))
 			for _, w := range who {
@@ -414,6 +473,9 @@ func markdown(d *data, res *results) string {
 			}
 			p("\n")
 		}
+		if !measured {
+			p("Not measured in this run.\n\n")
+		}
 	}
 
 	throughput("s1", "1. Node.js: shoal, the cluster module, bare processes",
@@ -430,8 +492,54 @@ func markdown(d *data, res *results) string {
 		"The seed's second example: every request sends `{cmd: 'notifyRequest'}` to the master, which counts it. "+
 			"*shoal*: the worker calls `process.send()`; shoal reads Node's own IPC framing on fd 3 and adds to `shoal_requests_total`. "+
 			"*cluster*: the primary counts in `worker.on('message')`. The count of each master is checked against wrk's "+
-			"(see below the tables).",
-		[]string{"shoal", "cluster"}, "shoal")
+			"(see below the tables)."+s2Note(d, res),
+		[]string{"shoal", "cluster", "shoal-base"}, "shoal")
+	if s2Has(res, "shoal") {
+		p("**The master's CPU per 1,000 messages/s** (each request sends one message): the master's share of one core, as in section 3, ")
+		p("divided by the messages per second of the same run, then the median over the rounds. ")
+		p("shoal's channel reader takes a worker's messages as they come while they are few; while a worker sends fast it waits up to ")
+		p("2 ms before reading again, so that one read takes many messages (`ipc.ChannelOptions.ReadDelay`). ")
+		if res.cells[key("s2", "shoal", "paced")] != nil {
+			p("*Keep-alive, paced*: each of the %s connections waits %s ms after each answer before its next request (`bench/paced.lua`), "+
+				"so that every contender serves about the same rate, below the machine's limit: the masters are compared at one message rate. "+
+				"Without it, each contender serves as many requests as the machine allows, and a master's CPU per message depends on the rate.", m["conns"], m["pace_ms"])
+		}
+		p("\n\n")
+		p("| mode | shoal master | Node cluster primary |")
+		base := s2Has(res, "shoal-base")
+		if base {
+			p(" shoal at `%s` (before) | shoal ÷ before, per round |", m["base"])
+		}
+		p("\n| --- | ---: | ---: |")
+		if base {
+			p(" ---: | ---: |")
+		}
+		p("\n")
+		for _, mode := range []string{"keepalive", "close", "paced"} {
+			if res.cells[key("s2", "shoal", mode)] == nil {
+				continue
+			}
+			cellK := func(w string) string {
+				c := res.cells[key("s2", w, mode)]
+				if c == nil || len(c.perK) == 0 {
+					return "–"
+				}
+				return fmt.Sprintf("%.3f%% (%.2f%% at %s msgs/s)", median(c.perK), median(c.masterPct), thousands(c.median()))
+			}
+			p("| %s | %s | %s |", modeName(mode), cellK("shoal"), cellK("cluster"))
+			if base {
+				r := "–"
+				if rs := perKRatios(res, mode); len(rs) > 0 {
+					r = fmt.Sprintf("%.2fx (%.2f–%.2f)", median(rs), slices.Min(rs), slices.Max(rs))
+				}
+				p(" %s | %s |", cellK("shoal-base"), r)
+			}
+			p("\n")
+		}
+		p("\n")
+		s2Idle(p, d, res, base)
+		s2Wakes(p, d, res, base)
+	}
 	var cnt []string
 	for _, r := range d.recs {
 		if r.kind == "s2count" {
@@ -444,8 +552,20 @@ func markdown(d *data, res *results) string {
 	}
 
 	p("## 3. The master's CPU\n\n")
-	p("CPU time of the master process alone (utime + stime from `/proc/PID/stat`, read before and after each measured run), " +
-		"as a share of one core over the run. Workers are not included. Bare processes have no master.\n\n")
+	ticks := false
+	for _, r := range d.recs {
+		if _, ok := r.kv["master_ticks"]; ok {
+			if _, ok := r.kv["master_ns"]; !ok {
+				ticks = true
+			}
+		}
+	}
+	how := "the time on CPU of its threads, summed from `/proc/PID/task/*/schedstat`, in ns"
+	if ticks {
+		how = "utime + stime from `/proc/PID/stat`"
+	}
+	p("CPU time of the master process alone (%s, read before and after each measured run), "+
+		"as a share of one core over the run. Workers are not included. Bare processes have no master.\n\n", how)
 	p("| scenario | mode | shoal master | Node cluster primary | cluster primary, workers with reusePort |\n| --- | --- | ---: | ---: | ---: |\n")
 	for _, scen := range []string{"s1", "s2"} {
 		for _, mode := range []string{"keepalive", "close"} {
@@ -460,8 +580,12 @@ func markdown(d *data, res *results) string {
 			p("| %s | %s | %s | %s | %s |\n", label, modeName(mode), cellPct("shoal"), cellPct("cluster"), cellPct("cluster-reuseport"))
 		}
 	}
-	p("\nResolution: the kernel counts CPU time in ticks of 10 ms, so over a %s s run one tick is %.2f%% of a core.\n\n",
-		m["duration"], 1/atof(m["duration"]))
+	if ticks { // raw results of an older run.sh
+		p("\nResolution: the kernel counts CPU time in ticks of 10 ms, so over a %s s run one tick is %.2f%% of a core.\n\n",
+			m["duration"], 1/atof(m["duration"]))
+	} else {
+		p("\n")
+	}
 
 	throughput("s4", "4. Go: N processes under shoal, or one process with N threads",
 		fmt.Sprintf("shoal's built-in worker (the hello handler, served by the `worker` package) in %s processes under shoal, "+
@@ -944,4 +1068,156 @@ func niceCeil(v float64) float64 {
 func esc(s string) string {
 	r := strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;", `"`, "&quot;")
 	return r.Replace(s)
+}
+
+// s2Foreign returns the range of the mean CPU that other processes used
+// during the measured runs of scenario 2.
+func s2Foreign(res *results) string {
+	var all []float64
+	for _, w := range []string{"shoal", "cluster", "shoal-base"} {
+		for _, mode := range []string{"keepalive", "close"} {
+			if c := res.cells[key("s2", w, mode)]; c != nil {
+				all = append(all, c.foreign...)
+			}
+		}
+	}
+	if len(all) == 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.2f (%.2f–%.2f)", median(all), slices.Min(all), slices.Max(all))
+}
+
+// s2Idle writes the masters' CPU with no load (s2idle, measured after the
+// rounds of scenario 2) and their CPU per 1,000 messages/s over it: the
+// part that the messages cost.
+func s2Idle(p func(string, ...any), d *data, res *results, base bool) {
+	idle := map[string]float64{} // % of one core
+	for _, r := range d.recs {
+		if r.kind == "s2idle" && r.f("secs") > 0 {
+			idle[r.s("contender")] = r.f("master_ns") / 1e9 / r.f("secs") * 100
+		}
+	}
+	if len(idle) == 0 {
+		return
+	}
+	who := []string{"shoal", "cluster"}
+	if base {
+		who = append(who, "shoal-base")
+	}
+	var parts []string
+	for _, w := range who {
+		if v, ok := idle[w]; ok {
+			parts = append(parts, fmt.Sprintf("%s %.2f%%", short(w), v))
+		}
+	}
+	p("With no load, after the rounds, the masters use %s of one core: timers and the like, a cost that does not grow with the messages. ", strings.Join(parts, ", "))
+	p("Over that, the master's CPU per 1,000 messages/s (medians over the rounds):\n\n")
+	p("| mode | shoal master | Node cluster primary |")
+	if base {
+		p(" shoal at `%s` (before) |", d.meta["base"])
+	}
+	p("\n| --- | ---: | ---: |")
+	if base {
+		p(" ---: |")
+	}
+	p("\n")
+	for _, mode := range []string{"keepalive", "close", "paced"} {
+		if res.cells[key("s2", "shoal", mode)] == nil {
+			continue
+		}
+		p("| %s |", modeName(mode))
+		for _, w := range who {
+			c := res.cells[key("s2", w, mode)]
+			v, ok := idle[w]
+			if c == nil || !ok || len(c.masterPct) == 0 {
+				p(" – |")
+				continue
+			}
+			var per []float64
+			for i, pct := range c.masterPct {
+				if rps := c.rps[i]; rps > 0 {
+					per = append(per, (pct-v)/(rps/1000))
+				}
+			}
+			p(" %.3f%% |", median(per))
+		}
+		p("\n")
+	}
+	p("\n")
+}
+
+// s2Has reports whether scenario 2 measured who in any mode.
+func s2Has(res *results, who string) bool {
+	for _, mode := range []string{"keepalive", "close", "paced"} {
+		if res.cells[key("s2", who, mode)] != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// s2Wakes writes how often the masters' threads were woken per message in
+// scenario 2: what a message costs, whatever else shares the machine.
+func s2Wakes(p func(string, ...any), d *data, res *results, base bool) {
+	who := []string{"shoal", "cluster"}
+	if base {
+		who = append(who, "shoal-base")
+	}
+	found := false
+	for _, w := range who {
+		for _, mode := range []string{"keepalive", "close", "paced"} {
+			if c := res.cells[key("s2", w, mode)]; c != nil && len(c.wakes) > 0 {
+				found = true
+			}
+		}
+	}
+	if !found {
+		return
+	}
+	p("**Wakeups of the master per message**: how many times its threads went to sleep and were woken again ")
+	p("(voluntary context switches, `/proc/PID/task/*/status`), divided by the messages of the run; medians over the rounds. ")
+	p("A wakeup costs a few µs of CPU whatever the reader does after it, and the count moves less than CPU time with the load of other processes. ")
+	p("shoal's master is still woken by most messages: Go's network poller watches each channel's socket, and each write of a worker wakes the poller's thread ")
+	p("while the master is otherwise idle; the waits between reads spare the reads that used to follow (one read for ten messages or more now).\n\n")
+	p("| mode | shoal master | Node cluster primary |")
+	if base {
+		p(" shoal at `%s` (before) |", d.meta["base"])
+	}
+	p("\n| --- | ---: | ---: |")
+	if base {
+		p(" ---: |")
+	}
+	p("\n")
+	for _, mode := range []string{"keepalive", "close", "paced"} {
+		if res.cells[key("s2", "shoal", mode)] == nil {
+			continue
+		}
+		p("| %s |", modeName(mode))
+		for _, w := range who {
+			c := res.cells[key("s2", w, mode)]
+			if c == nil || len(c.wakes) == 0 {
+				p(" – |")
+				continue
+			}
+			p(" %.2f |", median(c.wakes))
+		}
+		p("\n")
+	}
+	p("\n")
+}
+
+// s2Note says where scenario 2 comes from when it was measured in a run of
+// its own and merged into another run's raw results (BENCH_SCENARIOS=2).
+func s2Note(d *data, res *results) string {
+	m := d.meta
+	if m["s2_date"] == "" || m["s2_date"] == m["date"] {
+		return ""
+	}
+	cmd := "BENCH_SCENARIOS=2"
+	if m["base"] != "" {
+		cmd += " BENCH_BASE=" + m["base"]
+	}
+	return fmt.Sprintf(" This scenario was measured in a run of its own (`%s bench/run.sh`) on %s, on %s, with shoal at `%s`, in %s rounds, "+
+		"with other jobs using %s CPUs during its measured runs (median, and range); its ratios compare contenders within that run only.",
+		cmd, m["s2_date"], dash(m["s2_machine"]), dash(m["s2_shoal"]), dash(m["s2_rounds"]), s2Foreign(res))
 }
