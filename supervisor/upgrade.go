@@ -554,10 +554,8 @@ func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.F
 	}
 	// The channels' counters are final now: the state carries them.
 	st := s.state(extra, files)
-	var keep []int
 	for w, h := range hand {
 		fd := int(h.File.Fd())
-		keep = append(keep, fd)
 		for i := range st.Workers {
 			if st.Workers[i].PID == w.pid {
 				st.Workers[i].Channel = handChannel{FD: fd, Unread: h.Unread, Discard: h.Discard, Unsent: h.Unsent, Ended: h.Ended}
@@ -577,7 +575,6 @@ func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.F
 		}
 		outs[w] = h
 		ho := &handOutput{FDs: [2]int{int(h.Stdout.Fd()), int(h.Stderr.Fd())}, Rest: h.Rest, Cont: h.Cont}
-		keep = append(keep, ho.FDs[:]...)
 		for i := range st.Workers {
 			if st.Workers[i].PID == w.pid {
 				st.Workers[i].Output = ho
@@ -590,33 +587,27 @@ func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.F
 		if err == nil {
 			notifyFile = f
 			st.Notify = &handNotify{Name: s.notify.Name(), FD: int(f.Fd())}
-			keep = append(keep, int(f.Fd()))
 		}
 	}
-	for _, sl := range st.Slots {
-		keep = append(keep, sl.Socks...)
-	}
-	for _, g := range st.Groups {
-		keep = append(keep, g.FDs...)
-	}
-	for _, fd := range st.ExtraFDs {
-		keep = append(keep, fd)
-	}
-	var err error
-	if s.stopAsked != nil && s.stopAsked() {
+	// The new program gets duplicates, open across exec; this program's
+	// own descriptors stay close-on-exec and stay its own, so that
+	// nothing is closed twice whatever happens.
+	dups, err := dupState(st)
+	if err == nil && s.stopAsked != nil && s.stopAsked() {
 		// A stop came while the readers stopped: it wins.
 		err = errors.New("shoal was asked to stop meanwhile")
-	} else {
-		err = s.exec(path, argv, st, keep)
+	}
+	if err == nil {
+		err = s.exec(path, argv, st)
 	}
 	if errors.Is(err, errReplaced) {
 		s.replaced = true
 		return err
 	}
-	// Put everything back: the channels read on from where they stopped.
-	for _, fd := range keep {
-		unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+	for _, fd := range dups {
+		unix.Close(fd)
 	}
+	// Put everything back: the channels read on from where they stopped.
 	for _, w := range workers {
 		if h, ok := hand[w]; ok {
 			s.resumeChannel(w, h)
@@ -646,9 +637,60 @@ func (s *Supervisor) handleFrozen(e loopEvent) {
 	}
 }
 
-// exec writes st to a memory file, clears close-on-exec on it and keep,
-// and execs path.
-func (s *Supervisor) exec(path string, argv []string, st *handState, keep []int) error {
+// dupState replaces every descriptor st names with a duplicate that stays
+// open across exec, and returns the duplicates.
+func dupState(st *handState) ([]int, error) {
+	var dups []int
+	var err error
+	dup := func(fd *int) {
+		if err != nil || *fd < 0 {
+			return
+		}
+		var d int
+		if d, err = unix.FcntlInt(uintptr(*fd), unix.F_DUPFD, 3); err != nil {
+			err = fmt.Errorf("keep descriptor %d open across exec: %w", *fd, err)
+			return
+		}
+		dups = append(dups, d)
+		*fd = d
+	}
+	for i := range st.Workers {
+		w := &st.Workers[i]
+		dup(&w.Channel.FD)
+		if w.Output != nil {
+			dup(&w.Output.FDs[0])
+			dup(&w.Output.FDs[1])
+		}
+	}
+	if st.Notify != nil {
+		dup(&st.Notify.FD)
+	}
+	for i := range st.Slots {
+		for j := range st.Slots[i].Socks {
+			dup(&st.Slots[i].Socks[j])
+		}
+	}
+	for i := range st.Groups {
+		for j := range st.Groups[i].FDs {
+			dup(&st.Groups[i].FDs[j])
+		}
+	}
+	for name, fd := range st.ExtraFDs {
+		dup(&fd)
+		st.ExtraFDs[name] = fd
+	}
+	if err != nil {
+		for _, d := range dups {
+			unix.Close(d)
+		}
+		return nil, err
+	}
+	return dups, nil
+}
+
+// exec writes st to a memory file, which stays open across exec, and
+// execs path.
+func (s *Supervisor) exec(path string, argv []string, st *handState) error {
 	b, err := json.Marshal(st)
 	if err != nil {
 		return fmt.Errorf("encode the state: %w", err)
@@ -664,11 +706,6 @@ func (s *Supervisor) exec(path string, argv []string, st *handState, keep []int)
 	}
 	if _, err := mem.Seek(0, io.SeekStart); err != nil {
 		return fmt.Errorf("write the state file: %w", err)
-	}
-	for _, k := range append(keep, fd) {
-		if _, err := unix.FcntlInt(uintptr(k), unix.F_SETFD, 0); err != nil {
-			return fmt.Errorf("keep descriptor %d open across exec: %w", k, err)
-		}
 	}
 	env := make([]string, 0, len(os.Environ())+1)
 	for _, kv := range os.Environ() {
