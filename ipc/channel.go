@@ -26,7 +26,7 @@ const DefaultQueueBytes = 4 << 20
 
 // DefaultReadDelay is how long, by default, the reader of a busy channel
 // waits before it reads again (see [ChannelOptions].ReadDelay).
-const DefaultReadDelay = 2 * time.Millisecond
+const DefaultReadDelay = 4 * time.Millisecond
 
 // MaxReadDelay is the longest ReadDelay: a longer one is taken as this.
 const MaxReadDelay = 5 * time.Millisecond
@@ -936,6 +936,7 @@ func (c *Channel) waitToRead(r *pacedReader) (bool, error) {
 		return false, nil
 	}
 	if d := r.wait(); d > 0 {
+		d = onTick(d, r.delay)
 		if r.timer == nil {
 			r.timer = time.NewTimer(d)
 		} else {
@@ -961,6 +962,26 @@ func (c *Channel) waitToRead(r *pacedReader) (bool, error) {
 	case <-c.halt:
 	}
 	return false, nil
+}
+
+// onTick returns how long to wait, d a full ReadDelay, so that the wait
+// ends on a tick: a multiple of delay since the zero time, when the next
+// one is at least 3/4 of delay away, else a multiple of delay/4 at least
+// that far. So a wait is never shorter than 3/4 of delay nor longer than
+// delay, and a busy channel reads on the ticks from its fourth wait on:
+// every busy channel with the same ReadDelay then reads at the same
+// ticks, however many they are, and one wakeup of the process serves them
+// all. A shorter d (see pacedReader.wait) is returned as it is.
+func onTick(d, delay time.Duration) time.Duration {
+	if delay < 4 || d < delay {
+		return d
+	}
+	now := time.Now()
+	if w := now.Truncate(delay).Add(delay).Sub(now); w >= delay*3/4 {
+		return w
+	}
+	q := delay / 4
+	return now.Add(delay * 3 / 4).Truncate(q).Add(q).Sub(now)
 }
 
 // stop releases the timer.
