@@ -62,7 +62,10 @@
 // something to the worker since its last read, so a worker that waits for
 // an answer to each message is not slowed. A wait is cut short so that a
 // read takes about 64 frames or 16 KiB at most, and Close, [Channel.Pause]
-// and [Channel.Detach] end it at once.
+// and [Channel.Detach] end it at once. The waits end on ticks of
+// ReadDelay shared by all the channels (a wait lasts 3/4 of ReadDelay at
+// least), so that the busy workers are read together, one wakeup of the
+// master for all of them.
 //
 // The master's sockets are not in Go's network poller, which watches a
 // socket for good and wakes a thread at each write of the worker, whether
@@ -70,9 +73,9 @@
 // epoll instance and one goroutine, so one thread, for all the channels of
 // the process) watches a socket only while its reader waits for it: a
 // reader that pauses before its next read leaves the socket unwatched, and
-// the frames the worker writes meanwhile wake nothing at all. So a busy
-// worker's messages cost the master a wakeup or two a read, not one or
-// two each. The poller only wakes the waiting reader (or writer); every
+// the frames the worker writes meanwhile wake nothing at all. So busy
+// workers' messages cost the master a few wakeups a tick, not one or two
+// each. The poller only wakes the waiting reader (or writer); every
 // channel's frames are read and handled on its own reader goroutine. A
 // worker that counts requests itself and reports them with [CmdRequests]
 // now and then costs the master almost nothing.
