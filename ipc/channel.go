@@ -426,12 +426,18 @@ func (c *Channel) Detach() (Handoff, error) {
 		}
 		h = Handoff{Unread: c.rest, Discard: c.discard, Unsent: c.unsent, Ended: c.ended}
 		thePoller.remove(c.pe)
-		// Blocking, as a descriptor passed to a new process expects;
+		// A copy of the descriptor, as net.Conn.File gives, and
+		// blocking, as a descriptor passed to a new process expects;
 		// ResumeChannel makes it non-blocking again.
-		if serr := unix.SetNonblock(c.fd, false); serr != nil {
-			err = fmt.Errorf("ipc: detach worker channel %s: %w", c.name, serr)
+		fd, derr := unix.FcntlInt(uintptr(c.fd), unix.F_DUPFD_CLOEXEC, 0)
+		if derr == nil {
+			derr = unix.SetNonblock(fd, false)
+			h.File = os.NewFile(uintptr(fd), c.name)
 		}
-		h.File = os.NewFile(uintptr(c.fd), c.name)
+		if derr != nil {
+			err = fmt.Errorf("ipc: detach worker channel %s: %w", c.name, derr)
+		}
+		unix.Close(c.fd)
 	})
 	return h, err
 }
