@@ -63,7 +63,9 @@ type ChannelOptions struct {
 	// a heartbeat, a relayed message) is read as soon as it comes, nor
 	// when something was sent to the worker since its last read, so a
 	// worker that waits for the master's answer is not slowed. A frame
-	// that comes during a burst waits at most ReadDelay. 0 means
+	// that comes during a burst waits at most ReadDelay. The waits end on
+	// ticks shared by all channels, so that the busy workers are read
+	// together: a full wait lasts from 3/4 of ReadDelay to ReadDelay. 0 means
 	// DefaultReadDelay, a value over MaxReadDelay means MaxReadDelay, and
 	// a negative value never waits. See the package documentation,
 	// "Reading in batches".
