@@ -5,13 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultQueueLen is the default number of outgoing frames a Channel queues
@@ -25,7 +26,7 @@ const DefaultQueueBytes = 4 << 20
 
 // DefaultReadDelay is how long, by default, the reader of a busy channel
 // waits before it reads again (see [ChannelOptions].ReadDelay).
-const DefaultReadDelay = 2 * time.Millisecond
+const DefaultReadDelay = 4 * time.Millisecond
 
 // MaxReadDelay is the longest ReadDelay: a longer one is taken as this.
 const MaxReadDelay = 5 * time.Millisecond
@@ -62,7 +63,9 @@ type ChannelOptions struct {
 	// a heartbeat, a relayed message) is read as soon as it comes, nor
 	// when something was sent to the worker since its last read, so a
 	// worker that waits for the master's answer is not slowed. A frame
-	// that comes during a burst waits at most ReadDelay. 0 means
+	// that comes during a burst waits at most ReadDelay. The waits end on
+	// ticks shared by all channels, so that the busy workers are read
+	// together: a full wait lasts from 3/4 of ReadDelay to ReadDelay. 0 means
 	// DefaultReadDelay, a value over MaxReadDelay means MaxReadDelay, and
 	// a negative value never waits. See the package documentation,
 	// "Reading in batches".
@@ -213,7 +216,9 @@ func take(v *atomic.Int64, n, limit int64) bool {
 // on another, so that neither a silent nor a flooding worker can hold up the
 // master.
 type Channel struct {
-	conn    net.Conn // nil if the file could not be used; then openErr says why
+	fd      int        // the socket, non-blocking; -1 if the file could not be used: then openErr says why
+	pe      *pollEntry // the socket in the poller, when fd >= 0
+	name    string     // the file's name, for the Handoff's
 	openErr error
 	opts    ChannelOptions
 
@@ -224,7 +229,7 @@ type Channel struct {
 	queued     atomic.Int64
 	queueBytes int64
 	budget     *Budget
-	quit       chan struct{} // closed by Close
+	quit       chan struct{} // closed by Close and Detach: ends the writer, and the reader's waits
 	done       chan struct{} // closed when the reader ends
 	wg         sync.WaitGroup
 
@@ -243,13 +248,13 @@ type Channel struct {
 	unsent    []byte // queued, not written: set by the writer
 	ended     bool   // the reader ended on its own (EOF, error) before Detach
 
-	// halt is closed by Pause or Detach, to end the reader's wait between
-	// two reads at once (see waitToRead).
+	// halt is closed by Pause or Detach, to end the reader's waits at once
+	// (see waitToRead).
 	halt  chan struct{}
 	delay time.Duration // the reader's longest wait between reads: ReadDelay
 
 	messagesIn, bytesIn, messagesOut, bytesOut atomic.Uint64
-	reads                                      atomic.Uint64 // calls of the socket's Read by the reader
+	reads                                      atomic.Uint64 // read(2) calls of the socket by the reader
 	sends                                      atomic.Uint64 // frames Send queued: see pacedReader.wait
 	dropped                                    [len(drops)]atomic.Uint64
 	errs                                       [len(reasons)]atomic.Uint64
@@ -283,17 +288,52 @@ func newChannel(f *os.File, opts ChannelOptions) *Channel {
 		done:       make(chan struct{}),
 		halt:       make(chan struct{}),
 		delay:      readDelay(opts.ReadDelay),
+		fd:         -1,
+		name:       f.Name(),
 	}
-	// net.FileConn makes a pollable, non-blocking copy of the descriptor, so
-	// that Close interrupts a read or a write in progress.
-	conn, err := net.FileConn(f)
+	fd, pe, err := openSocket(f)
 	if err != nil {
 		c.openErr = fmt.Errorf("ipc: open worker channel %s: %w", f.Name(), err)
 	} else {
-		c.conn = conn
+		c.fd, c.pe = fd, pe
 	}
 	f.Close()
 	return c
+}
+
+// openSocket returns a non-blocking, close-on-exec copy of f's descriptor,
+// which must be a socket, added to the channels' poller (not to Go's
+// network poller: see poller).
+func openSocket(f *os.File) (int, *pollEntry, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return -1, nil, err
+	}
+	fd := -1
+	var dupErr error
+	err = rc.Control(func(s uintptr) {
+		fd, dupErr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
+	})
+	if err == nil {
+		err = dupErr
+	}
+	if err != nil {
+		return -1, nil, fmt.Errorf("duplicate descriptor: %w", err)
+	}
+	if _, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil {
+		unix.Close(fd)
+		return -1, nil, fmt.Errorf("not a socket: %w", err)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return -1, nil, fmt.Errorf("set non-blocking: %w", err)
+	}
+	pe, err := thePoller.add(fd)
+	if err != nil {
+		unix.Close(fd)
+		return -1, nil, err
+	}
+	return fd, pe, nil
 }
 
 func (c *Channel) start() {
@@ -332,14 +372,12 @@ type Handoff struct {
 // channel can only be detached or closed.
 func (c *Channel) Pause() {
 	c.stopReads()
-	if c.conn != nil {
-		c.conn.SetReadDeadline(time.Now())
-	}
 }
 
 // stopReads marks the channel as detaching and, once, ends the reader's
-// wait between two reads of a busy worker (see waitToRead), so that Pause
-// and Detach stop the reader at once rather than up to ReadDelay later.
+// wait for its socket or between two reads of a busy worker (see
+// waitToRead), so that Pause and Detach stop the reader at once. The
+// reader reads nothing more: it hands on the frames it holds and stops.
 func (c *Channel) stopReads() {
 	if !c.detaching.Swap(true) {
 		close(c.halt)
@@ -365,7 +403,7 @@ func (c *Channel) Detach() (Handoff, error) {
 	c.closeOnce.Do(func() {
 		err = nil
 		c.stopReads()
-		if c.conn == nil {
+		if c.fd < 0 {
 			c.mu.Lock()
 			c.closed = true
 			c.mu.Unlock()
@@ -374,16 +412,14 @@ func (c *Channel) Detach() (Handoff, error) {
 			err = c.openErr
 			return
 		}
-		// A deadline in the past ends the reader's read and the writer's
-		// write without losing a byte: the reader stops at a frame
-		// boundary, the writer keeps what it did not write.
-		c.Pause()
+		// The reader stops at a frame boundary; then quit ends the
+		// writer's wait for the socket without losing a byte: it keeps
+		// what it did not write.
 		<-c.done
 		c.mu.Lock()
 		c.closed = true
 		c.mu.Unlock()
 		close(c.quit)
-		c.conn.SetWriteDeadline(time.Now())
 		c.wg.Wait()
 		for len(c.queue) > 0 {
 			frame := <-c.queue
@@ -391,19 +427,27 @@ func (c *Channel) Detach() (Handoff, error) {
 			c.release(int64(len(frame)))
 		}
 		h = Handoff{Unread: c.rest, Discard: c.discard, Unsent: c.unsent, Ended: c.ended}
-		f, ferr := c.conn.(interface{ File() (*os.File, error) }).File()
-		if ferr != nil {
-			err = fmt.Errorf("ipc: detach worker channel: %w", ferr)
+		thePoller.remove(c.pe)
+		// A copy of the descriptor, as net.Conn.File gives, and
+		// blocking, as a descriptor passed to a new process expects;
+		// ResumeChannel makes it non-blocking again.
+		fd, derr := unix.FcntlInt(uintptr(c.fd), unix.F_DUPFD_CLOEXEC, 0)
+		if derr == nil {
+			derr = unix.SetNonblock(fd, false)
+			h.File = os.NewFile(uintptr(fd), c.name)
 		}
-		h.File = f
-		c.conn.Close()
+		if derr != nil {
+			err = fmt.Errorf("ipc: detach worker channel %s: %w", c.name, derr)
+		}
+		unix.Close(c.fd)
 	})
 	return h, err
 }
 
 // ResumeChannel is [NewChannel] for a channel that [Channel.Detach] left:
 // it reads on from h.Unread and writes h.Unsent before anything queued
-// later. It takes ownership of h.File.
+// later. It takes ownership of h.File, which may be blocking or not (as
+// one inherited across exec).
 func ResumeChannel(h Handoff, opts ChannelOptions) *Channel {
 	c := newChannel(h.File, opts)
 	c.rest, c.discard = h.Unread, h.Discard
@@ -518,8 +562,8 @@ func (c *Channel) Stats() Stats {
 // closed its end or died, reading failed, or Close was called.
 func (c *Channel) Done() <-chan struct{} { return c.done }
 
-// Close closes the socket, which ends both goroutines even if the writer is
-// blocked on a worker that does not read, and waits for them. Frames still
+// Close ends both goroutines, even if the writer waits on a worker that
+// does not read, waits for them, and closes the socket. Frames still
 // queued are dropped and counted, and their bytes given back to the
 // Budget. Close is idempotent; every call returns the
 // first one's result. It must not be called from OnMessage or OnError, which
@@ -530,12 +574,13 @@ func (c *Channel) Close() error {
 		c.closed = true
 		c.mu.Unlock()
 		close(c.quit)
-		if c.conn != nil {
-			if err := c.conn.Close(); err != nil {
-				c.closeErr = fmt.Errorf("ipc: close worker channel: %w", err)
+		c.wg.Wait()
+		if c.fd >= 0 {
+			thePoller.remove(c.pe)
+			if err := unix.Close(c.fd); err != nil {
+				c.closeErr = fmt.Errorf("ipc: close worker channel %s: %w", c.name, err)
 			}
 		}
-		c.wg.Wait()
 		// Nothing can be queued any more: count what was left.
 		for len(c.queue) > 0 {
 			c.release(int64(len(<-c.queue)))
@@ -545,18 +590,16 @@ func (c *Channel) Close() error {
 	return c.closeErr
 }
 
-// read is the reader goroutine: it decodes frames until the stream ends.
+// read is the reader goroutine: it decodes frames until the stream ends,
+// Close, or Pause or Detach.
 func (c *Channel) read() {
 	defer c.wg.Done()
 	defer close(c.done)
-	if c.conn == nil {
+	if c.fd < 0 {
 		c.report(c.openErr)
 		return
 	}
 	r := &pacedReader{c: c, delay: c.delay}
-	if sc, ok := c.conn.(syscall.Conn); ok {
-		r.raw, _ = sc.SyscallConn()
-	}
 	defer r.stop()
 	d := resumeDecoder(r, c.opts.MaxMessage, c.rest, c.discard)
 	c.rest = nil
@@ -578,9 +621,19 @@ func (c *Channel) read() {
 			c.report(fe)
 			continue
 		}
-		if c.detaching.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
-			c.rest, c.discard = d.pending()
-			return
+		if err == errWouldBlock {
+			// Every whole frame read is handled.
+			ok, werr := c.waitToRead(r)
+			if ok {
+				continue
+			}
+			if werr == nil {
+				if c.detaching.Load() {
+					c.rest, c.discard = d.pending()
+				}
+				return
+			}
+			err = werr
 		}
 		c.ended = true
 		if err != io.EOF && !c.closing() {
@@ -611,12 +664,13 @@ func (c *Channel) closing() bool {
 // dropped.
 func (c *Channel) write() {
 	defer c.wg.Done()
-	if c.conn == nil {
+	if c.fd < 0 {
 		c.broken.Store(true)
 	}
 	batch := make([][]byte, 0, maxBatch)
 	var lens [maxBatch]int
-	var frames [maxBatch][]byte // batch as it was before WriteTo consumed it
+	var frames [maxBatch][]byte // batch as it was before writeBatch consumed it
+	iov := make([]unix.Iovec, 0, maxBatch)
 	for {
 		var frame []byte
 		select {
@@ -646,11 +700,10 @@ func (c *Channel) write() {
 			lens[i] = len(f)
 		}
 		copy(frames[:], batch)
-		bufs := net.Buffers(batch) // WriteTo consumes bufs, and batch with it
-		n, err := bufs.WriteTo(c.conn)
+		n, err := c.writeBatch(batch, iov[:0]) // consumes batch
 		c.bytesOut.Add(uint64(n))
 		written := len(batch)
-		if err != nil && c.detaching.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
+		if err == errStopped && c.detaching.Load() {
 			// Detach: keep what was not written, from the cut on.
 			skip := n
 			for i, l := range lens[:len(batch)] {
@@ -686,6 +739,56 @@ func (c *Channel) write() {
 	}
 }
 
+// errStopped is what writeBatch returns when Close or Detach ends its
+// wait for the socket.
+var errStopped = errors.New("ipc: channel closed")
+
+// writeBatch writes bufs to the socket with writev(2), all of them unless
+// writing fails, and returns how many bytes it wrote. When the socket is
+// full it waits for the poller to say it takes writes again, or for Close
+// or Detach (errStopped). It consumes bufs, and uses iov's room.
+func (c *Channel) writeBatch(bufs [][]byte, iov []unix.Iovec) (int64, error) {
+	var total int64
+	for len(bufs) > 0 {
+		iov = iov[:0]
+		for _, b := range bufs {
+			v := unix.Iovec{Base: &b[0]}
+			v.SetLen(len(b))
+			iov = append(iov, v)
+		}
+		n, _, errno := unix.RawSyscall(unix.SYS_WRITEV, uintptr(c.fd), uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
+		clear(iov)
+		switch errno {
+		case 0:
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			if err := thePoller.arm(c.pe, waitWrite); err != nil {
+				return total, err
+			}
+			select {
+			case <-c.pe.writable:
+				continue
+			case <-c.quit:
+				return total, errStopped
+			}
+		default:
+			return total, os.NewSyscallError("writev", errno)
+		}
+		total += int64(n)
+		for n > 0 {
+			if int(n) < len(bufs[0]) {
+				bufs[0] = bufs[0][n:]
+				break
+			}
+			n -= uintptr(len(bufs[0]))
+			bufs[0] = nil
+			bufs = bufs[1:]
+		}
+	}
+	return total, nil
+}
+
 // readDelay returns the wait of a ChannelOptions.ReadDelay.
 func readDelay(d time.Duration) time.Duration {
 	switch {
@@ -717,85 +820,78 @@ const (
 )
 
 // pacedReader is what the reader's Decoder reads from: the socket, with
-// the bytes and reads counted, and, while the worker sends fast, a wait
-// before each read, so that the frames sent meanwhile come in one read: one
-// wakeup of the reader for many messages instead of one each. The socket
-// stays in Go's network poller throughout: a read that finds nothing waits
-// there, as it always did.
+// the bytes and reads counted. It never blocks: when the socket is empty it
+// returns errWouldBlock, and the Decoder hands it on after the whole frames
+// it holds; the reader then waits (waitToRead). While the worker sends
+// fast, that wait is a pause before the next read, so that the frames sent
+// meanwhile come in one read: one wakeup of the reader for many messages
+// instead of one each.
 type pacedReader struct {
-	c     *Channel
-	delay time.Duration   // the longest wait; 0: never wait
-	timer *time.Timer     // for waitToRead; nil until the first
-	n     int             // bytes the last read brought
-	lines int             // frames the last read brought (its line ends)
-	full  bool            // the last read filled the buffer it was given
-	last  time.Time       // when the last read that brought bytes returned
-	gap   time.Duration   // from the read before that to the last one
-	quick int             // reads in a row that came less than delay/4 after the one before
-	sent  uint64          // the channel's sends at the last read
-	raw   syscall.RawConn // the socket's, for read; nil: conn.Read
+	c       *Channel
+	delay   time.Duration // the longest wait; 0: never wait
+	timer   *time.Timer   // for waitToRead; nil until the first
+	n       int           // bytes the last read brought
+	lines   int           // frames the last read brought (its line ends)
+	full    bool          // the last read filled the buffer it was given
+	drained bool          // the last read found the socket's bytes fewer than its buffer: all there were
+	last    time.Time     // when the last read that brought bytes returned
+	gap     time.Duration // from the read before that to the last one
+	quick   int           // reads in a row that came less than delay/4 after the one before
+	sent    uint64        // the channel's sends at the last read
 }
 
-// Read reads the socket once, after a wait if the worker sends fast (see
-// wait).
+// errWouldBlock is what pacedReader.Read returns when it has nothing to
+// read now. It is an os.ErrDeadlineExceeded, which the Decoder hands on
+// after the whole frames it holds, keeping the start of a frame.
+var errWouldBlock error = wouldBlock{}
+
+type wouldBlock struct{}
+
+func (wouldBlock) Error() string        { return "ipc: nothing to read yet" }
+func (wouldBlock) Is(target error) bool { return target == os.ErrDeadlineExceeded }
+
+// Read reads the socket once, with a non-blocking read(2). It returns
+// errWouldBlock without reading when the last read took all there was (a
+// read that found the socket empty would cost a system call for nothing),
+// or when Pause or Detach has begun.
 func (r *pacedReader) Read(p []byte) (int, error) {
-	if d := r.wait(); d > 0 {
-		if r.timer == nil {
-			r.timer = time.NewTimer(d)
-		} else {
-			r.timer.Reset(d)
-		}
-		r.c.waitToRead(r.timer)
+	if r.drained || r.c.detaching.Load() {
+		return 0, errWouldBlock
 	}
 	r.sent = r.c.sends.Load()
 	r.c.reads.Add(1)
-	n, err := r.read(p)
-	r.n, r.full, r.lines = n, n == len(p), 0
-	if n > 0 {
-		r.c.bytesIn.Add(uint64(n))
-		if r.delay > 0 {
-			r.lines = bytes.Count(p[:n], newline)
-			now := time.Now()
-			r.gap, r.last = now.Sub(r.last), now
-			if r.gap < r.delay/4 {
-				r.quick++
-			} else {
-				r.quick = 0
-			}
-		}
-	}
-	return n, err
-}
-
-var newline = []byte{'\n'}
-
-// read reads the socket once, through the network poller as conn.Read
-// does (deadlines, Close and the wait for data are the poller's), but with
-// a raw read(2): a system call that cannot block need not tell the Go
-// scheduler, which, told, wakes its monitor thread when the process was
-// idle, at a cost close to the read's own.
-func (r *pacedReader) read(p []byte) (int, error) {
-	if r.raw == nil {
-		return r.c.conn.Read(p)
-	}
-	var n int
-	var errno syscall.Errno
-	err := r.raw.Read(func(fd uintptr) bool {
-		n, errno = readNonblock(fd, p)
-		return errno != syscall.EAGAIN
-	})
+	n, errno := readNonblock(uintptr(r.c.fd), p)
 	switch {
-	case err != nil:
-		return 0, err
+	case errno == unix.EAGAIN:
+		r.n, r.full, r.lines = 0, false, 0
+		return 0, errWouldBlock
 	case errno != 0:
 		return 0, os.NewSyscallError("read", errno)
 	case n == 0 && len(p) > 0:
 		return 0, io.EOF
 	}
+	r.n, r.full, r.lines = n, n == len(p), 0
+	r.drained = !r.full
+	r.c.bytesIn.Add(uint64(n))
+	if r.delay > 0 {
+		r.lines = bytes.Count(p[:n], newline)
+		now := time.Now()
+		r.gap, r.last = now.Sub(r.last), now
+		if r.gap < r.delay/4 {
+			r.quick++
+		} else {
+			r.quick = 0
+		}
+	}
 	return n, nil
 }
 
-// readNonblock is read(2) on a descriptor in non-blocking mode.
+var newline = []byte{'\n'}
+
+// readNonblock is read(2) on a descriptor in non-blocking mode. It cannot
+// block, so it need not tell the Go scheduler, which, told, wakes its
+// monitor thread when the process was idle, at a cost close to the read's
+// own.
 func readNonblock(fd uintptr, p []byte) (int, syscall.Errno) {
 	if len(p) == 0 {
 		return 0, 0
@@ -837,15 +933,63 @@ func (r *pacedReader) wait() time.Duration {
 	return d
 }
 
-// waitToRead is the reader's wait between two reads of a busy channel:
-// until t fires, at most ReadDelay, or at once when Close, Pause or Detach
-// begins; the read that follows then ends the reader.
-func (c *Channel) waitToRead(t *time.Timer) {
+// waitToRead is the reader's wait once it has handled every whole frame it
+// read: if the worker sends fast (see pacedReader.wait), a pause of up to
+// ReadDelay with the socket unarmed, so that the worker's writes meanwhile
+// wake nothing, then a read; otherwise, the socket armed in the poller, a
+// wait until it has something to read (or its end). It reports whether to
+// read on: false, with a nil error, when Close, Pause or Detach began.
+func (c *Channel) waitToRead(r *pacedReader) (bool, error) {
+	if c.detaching.Load() {
+		return false, nil
+	}
+	if d := r.wait(); d > 0 {
+		d = onTick(d, r.delay)
+		if r.timer == nil {
+			r.timer = time.NewTimer(d)
+		} else {
+			r.timer.Reset(d)
+		}
+		select {
+		case <-r.timer.C:
+			r.drained = false
+			return true, nil
+		case <-c.quit:
+		case <-c.halt:
+		}
+		return false, nil
+	}
+	if err := thePoller.arm(c.pe, waitRead); err != nil {
+		return false, err
+	}
 	select {
-	case <-t.C:
+	case <-c.pe.ready:
+		r.drained = false
+		return true, nil
 	case <-c.quit:
 	case <-c.halt:
 	}
+	return false, nil
+}
+
+// onTick returns how long to wait, d a full ReadDelay, so that the wait
+// ends on a tick: a multiple of delay since the zero time, when the next
+// one is at least 3/4 of delay away, else a multiple of delay/4 at least
+// that far. So a wait is never shorter than 3/4 of delay nor longer than
+// delay, and a busy channel reads on the ticks from its fourth wait on:
+// every busy channel with the same ReadDelay then reads at the same
+// ticks, however many they are, and one wakeup of the process serves them
+// all. A shorter d (see pacedReader.wait) is returned as it is.
+func onTick(d, delay time.Duration) time.Duration {
+	if delay < 4 || d < delay {
+		return d
+	}
+	now := time.Now()
+	if w := now.Truncate(delay).Add(delay).Sub(now); w >= delay*3/4 {
+		return w
+	}
+	q := delay / 4
+	return now.Add(delay * 3 / 4).Truncate(q).Add(q).Sub(now)
 }
 
 // stop releases the timer.

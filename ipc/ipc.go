@@ -54,7 +54,7 @@
 // small frame per request. So a Channel reads a busy worker in batches:
 // after a read that brought two frames or more, or after a few quick reads
 // in a row, its reader waits up to [ChannelOptions].ReadDelay
-// ([DefaultReadDelay], 2 ms; at most [MaxReadDelay], 5 ms) before it reads
+// ([DefaultReadDelay], 4 ms; at most [MaxReadDelay], 5 ms) before it reads
 // again, and takes the frames sent meanwhile in one read ([Stats].Reads
 // counts the reads). A frame that arrives while the channel is idle is read
 // at once, so a lone message (a ready, a heartbeat, a relayed message) is
@@ -62,21 +62,30 @@
 // something to the worker since its last read, so a worker that waits for
 // an answer to each message is not slowed. A wait is cut short so that a
 // read takes about 64 frames or 16 KiB at most, and Close, [Channel.Pause]
-// and [Channel.Detach] end it at once.
+// and [Channel.Detach] end it at once. The waits end on ticks of
+// ReadDelay shared by all the channels (a wait lasts 3/4 of ReadDelay at
+// least), so that the busy workers are read together, one wakeup of the
+// master for all of them.
 //
-// The socket stays in Go's network poller throughout, so the reader needs no
-// thread of its own and Pause can stop it between any two frames. The waits
-// spare the reader's reads, ten times fewer or better for a busy worker,
-// but not the poller's work: the poller watches the socket, and each write
-// of the worker wakes its thread while the master is otherwise idle, which
-// is most of what such a message still costs the master. A worker that
-// counts requests itself and reports them with [CmdRequests] now and then
-// costs it almost nothing.
+// The master's sockets are not in Go's network poller, which watches a
+// socket for good and wakes a thread at each write of the worker, whether
+// or not a goroutine waits for it. One poller of the package's own (an
+// epoll instance and one goroutine, so one thread, for all the channels of
+// the process) watches a socket only while its reader waits for it: a
+// reader that pauses before its next read leaves the socket unwatched, and
+// the frames the worker writes meanwhile wake nothing at all. So busy
+// workers' messages cost the master a few wakeups a tick, not one or two
+// each. The poller only wakes the waiting reader (or writer); every
+// channel's frames are read and handled on its own reader goroutine. A
+// worker that counts requests itself and reports them with [CmdRequests]
+// now and then costs the master almost nothing.
 //
 // # Goroutines
 //
 // A [Channel] runs exactly two goroutines, a reader and a writer, both ended
-// by [Channel.Close]. A [Conn] runs one reader, started by the first call of
+// by [Channel.Close] or [Channel.Detach]. The channels of a process share
+// one more, their poller, started with the first channel and ended when
+// the last one is closed. A [Conn] runs one reader, started by the first call of
 // [Conn.Handle], [Conn.Messages] or [Conn.Done], and ended when the master's
 // end is gone or by [Conn.Close].
 package ipc
