@@ -498,7 +498,7 @@ func markdown(d *data, res *results) string {
 		p("**The master's CPU per 1,000 messages/s** (each request sends one message): the master's share of one core, as in section 3, ")
 		p("divided by the messages per second of the same run, then the median over the rounds. ")
 		p("shoal's channel reader takes a worker's messages as they come while they are few; while a worker sends fast it waits up to ")
-		p("2 ms before reading again, so that one read takes many messages (`ipc.ChannelOptions.ReadDelay`). ")
+		p("4 ms (on ticks the channels share) before reading again, with the socket unwatched meanwhile, so that one wakeup reads many messages (`ipc.ChannelOptions.ReadDelay`). ")
 		if res.cells[key("s2", "shoal", "paced")] != nil {
 			p("*Keep-alive, paced*: each of the %s connections waits %s ms after each answer before its next request (`bench/paced.lua`), "+
 				"so that every contender serves about the same rate, below the machine's limit: the masters are compared at one message rate. "+
@@ -1177,8 +1177,9 @@ func s2Wakes(p func(string, ...any), d *data, res *results, base bool) {
 	p("**Wakeups of the master per message**: how many times its threads went to sleep and were woken again ")
 	p("(voluntary context switches, `/proc/PID/task/*/status`), divided by the messages of the run; medians over the rounds. ")
 	p("A wakeup costs a few µs of CPU whatever the reader does after it, and the count moves less than CPU time with the load of other processes. ")
-	p("shoal's master is still woken by most messages: Go's network poller watches each channel's socket, and each write of a worker wakes the poller's thread ")
-	p("while the master is otherwise idle; the waits between reads spare the reads that used to follow (one read for ten messages or more now).\n\n")
+	p("shoal's master watches a channel's socket (its own epoll set, armed one-shot) only while the channel is idle: while a worker sends fast, ")
+	p("its writes wake nothing, and one wakeup reads what came during the wait. The master before watched every socket in Go's network poller, ")
+	p("where each write of a worker woke the poller's thread.\n\n")
 	p("| mode | shoal master | Node cluster primary |")
 	if base {
 		p(" shoal at `%s` (before) |", d.meta["base"])
