@@ -94,9 +94,10 @@ func (d *Decoder) Next() (Message, error) {
 		if d.err != nil {
 			err := d.err
 			if errors.Is(err, os.ErrDeadlineExceeded) {
-				// A pause asked for with a read deadline, not the end:
-				// the partial line stays buffered (see pending) and
-				// the next call reads on.
+				// A pause, not the end (a read deadline, or nothing to
+				// read yet on the Channel's non-blocking socket): the
+				// partial line stays buffered (see pending) and the
+				// next call reads on.
 				d.err = nil
 				return Message{}, err
 			}
