@@ -551,16 +551,10 @@ func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.F
 			continue
 		}
 		hand[w] = h
-	}
-	// The channels' counters are final now: the state carries them.
-	st := s.state(extra, files)
-	for w, h := range hand {
-		fd := int(h.File.Fd())
-		for i := range st.Workers {
-			if st.Workers[i].PID == w.pid {
-				st.Workers[i].Channel = handChannel{FD: fd, Unread: h.Unread, Discard: h.Discard, Unsent: h.Unsent, Ended: h.Ended}
-			}
-		}
+		// Its counters are final now: they go with the slot, and the
+		// channel that takes over, here or in the new program, counts
+		// from zero.
+		addStats(&w.slot.ipcBase, w.ch.Stats())
 	}
 	outs := map[*worker]OutputHandoff{}
 	for _, w := range workers {
@@ -574,13 +568,8 @@ func (s *Supervisor) handOver(path string, argv []string, files map[string]*os.F
 			continue
 		}
 		outs[w] = h
-		ho := &handOutput{FDs: [2]int{int(h.Stdout.Fd()), int(h.Stderr.Fd())}, Rest: h.Rest, Cont: h.Cont}
-		for i := range st.Workers {
-			if st.Workers[i].PID == w.pid {
-				st.Workers[i].Output = ho
-			}
-		}
 	}
+	st := s.state(extra, files, hand, outs)
 	var notifyFile *os.File
 	if s.notify != nil {
 		f, err := s.notify.Detach()
@@ -722,9 +711,9 @@ func (s *Supervisor) exec(path string, argv []string, st *handState) error {
 	return errReplaced
 }
 
-// state captures the supervisor's state, on the loop, once the readers
-// have stopped.
-func (s *Supervisor) state(extra []byte, files map[string]*os.File) *handState {
+// state captures the supervisor's state, on the loop, once the workers'
+// channels and output pipes are detached (hand, outs).
+func (s *Supervisor) state(extra []byte, files map[string]*os.File, hand map[*worker]ipc.Handoff, outs map[*worker]OutputHandoff) *handState {
 	now := s.now()
 	st := &handState{
 		Format: StateFormat, Taken: time.Now().UnixNano(), Desired: s.desired(),
@@ -749,7 +738,8 @@ func (s *Supervisor) state(extra []byte, files map[string]*os.File) *handState {
 		sl := s.slots[id]
 		hs := handSlot{ID: sl.id, Failures: sl.failures, Starts: sl.starts, Restarts: sl.restarts, Reloads: sl.reloads, RestartIn: -1,
 			NotifyErrors: sl.notifyErrors, LastDeath: sl.lastDeath, Finished: sl.finished, Removed: sl.removed,
-			Requests: sl.requests.Load(), Deaths: sl.deaths, IPC: sl.ipcBase, SockInodes: sl.sockInodes}
+			Requests: sl.requests.Load(), Deaths: sl.deaths, SockInodes: sl.sockInodes}
+		addStats(&hs.IPC, sl.ipcBase)
 		if !sl.restartAt.IsZero() {
 			hs.RestartIn = max(sl.restartAt.Sub(now), 0)
 		}
@@ -768,14 +758,11 @@ func (s *Supervisor) state(extra []byte, files map[string]*os.File) *handState {
 		for _, a := range w.tcpAddrs {
 			hw.TCPAddrs = append(hw.TCPAddrs, a.String())
 		}
-		// The channel's counters so far go with the slot; the new
-		// channel counts from zero.
-		if w.ch != nil {
-			for i := range st.Slots {
-				if st.Slots[i].ID == w.slot.id {
-					addStats(&st.Slots[i].IPC, w.ch.Stats())
-				}
-			}
+		if h, ok := hand[w]; ok {
+			hw.Channel = handChannel{FD: int(h.File.Fd()), Unread: h.Unread, Discard: h.Discard, Unsent: h.Unsent, Ended: h.Ended}
+		}
+		if h, ok := outs[w]; ok {
+			hw.Output = &handOutput{FDs: [2]int{int(h.Stdout.Fd()), int(h.Stderr.Fd())}, Rest: h.Rest, Cont: h.Cont}
 		}
 		st.Workers = append(st.Workers, hw)
 	}

@@ -258,6 +258,8 @@ func TestMachineUpgradeExecFails(t *testing.T) {
 	checkAnswer(m.sys, exe, goodCheck, 0)
 	m.sys.execErr = unix.ENOEXEC
 	p1 := m.proc(1)
+	m.send(p1, `{"cmd":"heartbeat"}`)
+	m.await("a message counted", func() bool { snap, _ := m.s.snapshotNow(); return snap.Workers[0].IPC.MessagesIn == 1 })
 	p1.peer.Write([]byte(`{"cmd":"notify`))
 	time.Sleep(10 * time.Millisecond)
 	_, err := m.upgrade(exe)
@@ -269,6 +271,10 @@ func TestMachineUpgradeExecFails(t *testing.T) {
 	}
 	p1.peer.Write([]byte("Request\"}\n"))
 	m.await("the cut message", func() bool { return m.s.requested.Load() == 1 })
+	// The slot's message counts go on from the detached channel's.
+	if snap, _ := m.s.snapshotNow(); snap.Workers[0].IPC.MessagesIn != 2 {
+		t.Errorf("slot 1 counts %d messages in after a failed exec, want 2", snap.Workers[0].IPC.MessagesIn)
+	}
 	m.exit(p1, 1)
 	if w := m.s.slots[1].w; w == nil || w.pid == p1.id {
 		t.Fatalf("slot 1 not replaced: %s", m.describe())
