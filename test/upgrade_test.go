@@ -382,14 +382,15 @@ func TestUpgradeRefused(t *testing.T) {
 	}
 }
 
-// TestUpgradeKeepsWorkersTiedToTheMaster: after two upgrades by SIGUSR2 the
-// workers still die with the master (their parent-death signal follows the
-// thread that forked them, which every upgrade keeps), both the first
-// workers and one the upgraded master started.
+// TestUpgradeKeepsWorkersTiedToTheMaster: a worker survives two upgrades
+// by SIGUSR2 (its parent-death signal follows the thread that forked it,
+// which every exec keeps), and after them the workers still die with the
+// master, both the first workers and one the upgraded master started.
 func TestUpgradeKeepsWorkersTiedToTheMaster(t *testing.T) {
 	next := shoalNext(t)
 	m, path, sock := startUpgradable(t, "--workers", "2", "--port", strconv.Itoa(testutil.FreePort(t)), "--host", "127.0.0.1")
 	m.listening(15*time.Second, 2)
+	first := mustStatus(t, sock).Workers[1].PID // worker 2 is never killed
 	for i, bin := range []string{next, shoalBin} {
 		install(t, bin, path, 0o755)
 		m.signal(syscall.SIGUSR2)
@@ -410,6 +411,11 @@ func TestUpgradeKeepsWorkersTiedToTheMaster(t *testing.T) {
 		}
 	}
 	pids := workerPIDs(mustStatus(t, sock))
+	// Forked by the first program, it survived two execs: its parent
+	// thread is the one every exec runs on.
+	if pids[2] != first {
+		t.Errorf("worker 2 is pid %d after two upgrades, was %d: an exec killed its parent thread", pids[2], first)
+	}
 	m.cmd.Process.Kill()
 	for _, pid := range pids {
 		waitGone(t, 5*time.Second, pid)
