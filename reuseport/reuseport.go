@@ -264,3 +264,9 @@ func Inodes(pid int) (map[uint64]struct{}, error) {
 	}
 	return inodes(pid)
 }
+
+// Descendants returns the children, grandchildren... of pid, without pid
+// itself, from /proc (/proc/PID/task/TID/children, or every process's
+// parent where the kernel lacks those files). It is the walk Inodes,
+// Waiting and Holders make; it returns nil on platforms other than Linux.
+func Descendants(pid int) []int { return descendants(pid) }

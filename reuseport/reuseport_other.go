@@ -37,3 +37,5 @@ func Waiting(int) (map[uint64]struct{}, error) { return nil, errNoProc }
 
 // Holders finds nothing on platforms other than Linux.
 func Holders([]uint64) map[uint64][]int { return nil }
+
+func descendants(int) []int { return nil }

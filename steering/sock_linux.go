@@ -76,7 +76,7 @@ func (s *Steering) take(slot, pid int) (int, uint64, error) {
 			want[l.Inode] = true
 		}
 	}
-	procs := append([]int{pid}, descendants(pid)...)
+	procs := append([]int{pid}, reuseport.Descendants(pid)...)
 	var lastErr error
 	seen := make(map[uint64]bool)
 	for i, p := range procs {
@@ -206,34 +206,4 @@ func socketFDs(pid int) ([]sockFD, error) {
 		}
 	}
 	return out, nil
-}
-
-// descendants returns the children, grandchildren... of pid, from
-// /proc/PID/task/TID/children (kernels with CONFIG_PROC_CHILDREN; without
-// it, none are found and only pid itself is searched).
-func descendants(pid int) []int {
-	var out []int
-	seen := map[int]bool{pid: true}
-	queue := []int{pid}
-	for len(queue) > 0 {
-		p := queue[0]
-		queue = queue[1:]
-		dir := "/proc/" + strconv.Itoa(p) + "/task/"
-		tids, _ := os.ReadDir(dir)
-		for _, t := range tids {
-			b, err := os.ReadFile(dir + t.Name() + "/children")
-			if err != nil {
-				continue
-			}
-			for _, f := range bytes.Fields(b) {
-				c, err := strconv.Atoi(string(f))
-				if err == nil && c > 0 && !seen[c] {
-					seen[c] = true
-					out = append(out, c)
-					queue = append(queue, c)
-				}
-			}
-		}
-	}
-	return out
 }

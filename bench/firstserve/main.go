@@ -28,12 +28,13 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/shoal-sh/shoal/reuseport"
 )
 
 func main() {
@@ -100,7 +101,7 @@ func once(addr string, argv []string, poll, timeout time.Duration) (d time.Durat
 	deadline := time.Now().Add(timeout)
 	var worker int
 	for {
-		if kids := children(cmd.Process.Pid); len(kids) == 1 {
+		if kids := reuseport.Descendants(cmd.Process.Pid); len(kids) == 1 {
 			if ok, _ := get(addr, time.Second); ok {
 				worker = kids[0]
 				break
@@ -153,22 +154,4 @@ func get(addr string, timeout time.Duration) (bool, error) {
 		return false, err
 	}
 	return strings.HasPrefix(line, "HTTP/1.1 200"), nil
-}
-
-// children returns the pids of pid's children.
-func children(pid int) []int {
-	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
-	var pids []int
-	for _, t := range tasks {
-		b, err := os.ReadFile(t)
-		if err != nil {
-			continue
-		}
-		for _, f := range strings.Fields(string(b)) {
-			if p, err := strconv.Atoi(f); err == nil {
-				pids = append(pids, p)
-			}
-		}
-	}
-	return pids
 }

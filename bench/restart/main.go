@@ -30,7 +30,6 @@ import (
 	"flag"
 	"fmt"
 	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -67,7 +66,7 @@ func run(master, port, workers, kills int, poll, stable, timeout time.Duration) 
 	// The workers there at the start have never died: their slots restart
 	// at once whatever their uptime. Replacements must be up -stable.
 	original := map[int]bool{}
-	for _, pid := range children(master) {
+	for _, pid := range reuseport.Descendants(master) {
 		original[pid] = true
 	}
 	var lat []time.Duration
@@ -153,30 +152,12 @@ func waitListeners(port, n int, timeout time.Duration) error {
 	}
 }
 
-// children returns the pids of master's children.
-func children(master int) []int {
-	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", master))
-	var pids []int
-	for _, t := range tasks {
-		b, err := os.ReadFile(t)
-		if err != nil {
-			continue
-		}
-		for _, f := range strings.Fields(string(b)) {
-			if p, err := strconv.Atoi(f); err == nil {
-				pids = append(pids, p)
-			}
-		}
-	}
-	return pids
-}
-
-// oldestChild returns the child of master that has run longest, and for
-// how long.
+// oldestChild returns the descendant of master that has run longest, and
+// for how long: a worker (the built-in workers start no children).
 func oldestChild(master int) (pid int, age time.Duration, err error) {
 	var best int
 	var bestStart uint64
-	for _, p := range children(master) {
+	for _, p := range reuseport.Descendants(master) {
 		st, ok := startTicks(p)
 		if ok && (best == 0 || st < bestStart) {
 			best, bestStart = p, st
