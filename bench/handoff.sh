@@ -45,6 +45,7 @@ fi
 CONNS=${BENCH_CONNS:-32}
 BUILD=firstserve
 source "$(dirname "$0")/lib.sh"
+build_shoal
 OUT=${BENCH_OUT:-docs}
 RAW=$tmp/raw.txt
 : >"$RAW"

@@ -1,7 +1,7 @@
-# bench/lib.sh: helpers shared by bench/handoff.sh and bench/steering.sh
-# (copies of bench/run.sh's, which keeps its own). Source it after setting
-# NAME (the script's name, for messages); it sets ROOT, tmp (a scratch
-# directory removed on exit unless BENCH_KEEP=1 or the run failed) and
+# bench/lib.sh: helpers shared by bench/run.sh, bench/handoff.sh and
+# bench/steering.sh. Source it after setting NAME (the script is
+# bench/NAME.sh, for messages); it sets ROOT and tmp (a scratch directory
+# removed on exit unless BENCH_KEEP=1 or the run failed). build_shoal
 # builds SHOAL (unless given) and the tools named in BUILD into $tmp.
 # Every process started with spawn is killed on exit.
 
@@ -10,7 +10,7 @@ ROOT=$PWD
 
 log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
 die() {
-	log "$NAME: $*"
+	log "bench/$NAME.sh: $*"
 	exit 1
 }
 
@@ -38,8 +38,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# spawn NAME CMD...: runs CMD in the background in a session of its own;
-# its output goes to logs/NAME.log.
+# spawn NAME CMD...: runs CMD in the background, in a session and process
+# group of its own (setsid), so that it and its children can be killed
+# whole; its output goes to logs/NAME.log. LAST_PID is its pid.
 spawn() {
 	local name=$1
 	shift
@@ -50,6 +51,8 @@ spawn() {
 }
 
 # stop_current: SIGTERM to each job's process group, SIGKILL after 5 s.
+# shoal's workers live in process groups of their own: shoal stops them on
+# SIGTERM, and their parent-death signal ends them if shoal is killed.
 stop_current() {
 	local p i
 	for p in "${CUR_PIDS[@]}"; do
@@ -67,7 +70,10 @@ stop_current() {
 }
 
 NEXT_PORT=$((20000 + RANDOM % 20000))
-# new_port: sets NEW_PORT to a loopback port no socket uses now.
+# new_port: sets NEW_PORT to a loopback port no socket uses now; a fresh one
+# for each contender, so no run inherits another's TIME_WAIT or queues.
+# (It sets a variable rather than printing: $(new_port) would run in a
+# subshell and hand out the same port twice.)
 new_port() {
 	local p
 	while :; do
@@ -94,6 +100,7 @@ wait_listen() {
 		fi
 		sleep 0.05
 	done
+	ss -ltnp "sport = :$port" >&2 || true
 	die "port $port: want $want LISTEN sockets answering 'hello world', have $(listeners "$port") (logs: $tmp/logs)"
 }
 
@@ -102,12 +109,18 @@ now_ms() { date +%s%3N; }
 # field NAME LINE: the value of NAME=... in a key=value line.
 field() { awk -v k="$1" '{for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) {print substr($i, length(k) + 2); exit}}' <<<"$2"; }
 
-# wrk_run MODE SECONDS PORT CONNS: prints wrk's summary line (bench/report.lua).
+# wrk_run MODE SECONDS PORT [CONNS]: prints wrk's summary line
+# (bench/report.lua). MODE: keepalive, close (a new connection per request)
+# or paced (keep-alive, each connection waiting PACE_MS, default 2, after
+# each answer: bench/paced.lua). CONNS defaults to $CONNS, the threads to
+# $THREADS or BENCH_THREADS (1).
 wrk_run() {
-	local mode=$1 secs=$2 port=$3 conns=$4
-	local hdr=()
+	local mode=$1 secs=$2 port=$3 conns=${4:-$CONNS}
+	local hdr=() lua=$ROOT/bench/report.lua
 	[[ $mode == close ]] && hdr=(-H 'Connection: close')
-	wrk -t"${BENCH_THREADS:-1}" -c"$conns" -d"${secs}s" --latency -s "$ROOT/bench/report.lua" "${hdr[@]}" \
+	[[ $mode == paced ]] && lua=$ROOT/bench/paced.lua
+	BENCH_LUA=$ROOT/bench/report.lua BENCH_DELAY_MS=${PACE_MS:-2} \
+		wrk -t"${THREADS:-${BENCH_THREADS:-1}}" -c"$conns" -d"${secs}s" --latency -s "$lua" "${hdr[@]}" \
 		"http://127.0.0.1:$port/" >"$tmp/wrk.out" 2>&1 || {
 		cat "$tmp/wrk.out" >&2
 		die "wrk failed"
@@ -153,11 +166,17 @@ common_meta() {
 }
 
 for t in wrk curl ss awk; do command -v $t >/dev/null || die "$t is missing"; done
-if [[ -z ${SHOAL:-} ]]; then
-	log "building shoal into $tmp"
-	SHOAL=$tmp/shoal
-	go build -o "$SHOAL" . || die "go build failed"
-fi
-for b in ${BUILD:-}; do
-	go build -o "$tmp/$b" "./bench/$b" || die "go build ./bench/$b failed"
-done
+
+# build_shoal: builds SHOAL (unless given) and the tools named in BUILD
+# into $tmp.
+build_shoal() {
+	if [[ -z ${SHOAL:-} ]]; then
+		log "building shoal into $tmp"
+		SHOAL=$tmp/shoal
+		go build -o "$SHOAL" . || die "go build failed"
+	fi
+	local b
+	for b in ${BUILD:-}; do
+		go build -o "$tmp/$b" "./bench/$b" || die "go build ./bench/$b failed"
+	done
+}

@@ -72,110 +72,16 @@ MAX_FOREIGN=0.1 # CPUs used by other processes during a run before it is run aga
 # (bench/restart); a pool of idle slots keeps that short.
 RESTART_SLOTS=$((KILLS < 25 ? KILLS : 25))
 
-log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
-die() {
-	log "bench/run.sh: $*"
-	exit 1
-}
-
 start_time=$(date +%s)
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/shoal-bench.XXXXXX")
-mkdir -p "$tmp/logs"
+NAME=run
+source "$ROOT/bench/lib.sh"
 RAW=$tmp/raw.txt
 : >"$RAW"
 
-# --- processes -----------------------------------------------------------
+# --- processes and ports: spawn, stop_current, new_port, listeners and
+# wait_listen come from bench/lib.sh ---------------------------------------
 
-ALL_PIDS=() # every job started here (each the leader of its process group)
-CUR_PIDS=() # the jobs of the contender now running
-
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
-	for p in "${ALL_PIDS[@]}"; do
-		kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null || true
-	done
-	wait 2>/dev/null || true
-	if ((rc != 0)) || [[ ${BENCH_KEEP:-} == 1 ]]; then
-		log "scratch directory kept: $tmp"
-	else
-		rm -rf "$tmp"
-	fi
-	exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# spawn NAME CMD...: runs CMD in the background, in a session and process
-# group of its own (setsid), so that it and its children can be killed
-# whole; its output goes to logs/NAME.
-spawn() {
-	local name=$1
-	shift
-	setsid "$@" >>"$tmp/logs/$name.log" 2>&1 </dev/null &
-	local pid=$!
-	ALL_PIDS+=("$pid")
-	CUR_PIDS+=("$pid")
-	LAST_PID=$pid
-}
-
-# stop_current: SIGTERM to each job's process group, SIGKILL after 5 s.
-# shoal's workers live in process groups of their own: shoal stops them on
-# SIGTERM, and their parent-death signal ends them if shoal is killed.
-stop_current() {
-	local p i
-	for p in "${CUR_PIDS[@]}"; do
-		kill -TERM -- "-$p" 2>/dev/null || true
-	done
-	for p in "${CUR_PIDS[@]}"; do
-		for ((i = 0; i < 100; i++)); do
-			kill -0 "$p" 2>/dev/null || break
-			sleep 0.05
-		done
-		kill -KILL -- "-$p" 2>/dev/null || true
-		wait "$p" 2>/dev/null || true
-	done
-	CUR_PIDS=()
-}
-
-# --- ports ---------------------------------------------------------------
-
-NEXT_PORT=$((20000 + RANDOM % 20000))
-# new_port: sets NEW_PORT to a loopback port no socket uses now; a fresh one
-# for each contender, so no run inherits another's TIME_WAIT or queues.
-# (It sets a variable rather than printing: $(new_port) would run in a
-# subshell and hand out the same port twice.)
-new_port() {
-	local p
-	while :; do
-		p=$NEXT_PORT
-		NEXT_PORT=$((NEXT_PORT + 1))
-		((NEXT_PORT > 60000)) && NEXT_PORT=20000
-		if [[ -z $(ss -Htan "sport = :$p" 2>/dev/null) ]]; then
-			NEW_PORT=$p
-			return
-		fi
-	done
-}
-
-listeners() { ss -Hltn "sport = :$1" 2>/dev/null | wc -l; }
-
-# wait_listen PORT COUNT: until exactly COUNT LISTEN sockets are on PORT
-# and it answers hello world.
-wait_listen() {
-	local port=$1 want=$2 i
-	for ((i = 0; i < 400; i++)); do
-		if [[ $(listeners "$port") == "$want" ]] &&
-			[[ $(curl -s --max-time 2 "http://127.0.0.1:$port/") == "hello world" ]]; then
-			return 0
-		fi
-		sleep 0.05
-	done
-	ss -ltnp "sport = :$port" >&2 || true
-	die "port $port: want $want LISTEN sockets answering 'hello world', have $(listeners "$port") (logs: $tmp/logs)"
-}
-
+# wait_port_free PORT: until no socket listens on PORT.
 wait_port_free() {
 	local i
 	for ((i = 0; i < 100; i++)); do
@@ -217,8 +123,6 @@ cpu_wakes() {
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 
-now_ms() { date +%s%3N; }
-
 # wait_quiet: wait (up to QUIET_WAIT s) until processes that are not ours
 # use less than 0.1 CPU, from cpuwatch's samples of the last second. On a
 # shared machine this keeps other people's jobs out of most measurements;
@@ -233,28 +137,7 @@ wait_quiet() {
 	log "  other processes use ${f} CPU; measuring anyway (the report shows it)"
 }
 
-# --- load ----------------------------------------------------------------
-
-# wrk_run MODE SECONDS PORT [CONNS]: prints wrk's summary line (bench/report.lua).
-# MODE: keepalive, close (a new connection per request) or paced
-# (keep-alive, each connection waiting PACE_MS after each answer:
-# bench/paced.lua).
-wrk_run() {
-	local mode=$1 secs=$2 port=$3 conns=${4:-$CONNS}
-	local hdr=() lua=$ROOT/bench/report.lua
-	[[ $mode == close ]] && hdr=(-H 'Connection: close')
-	[[ $mode == paced ]] && lua=$ROOT/bench/paced.lua
-	BENCH_LUA=$ROOT/bench/report.lua BENCH_DELAY_MS=$PACE_MS \
-		wrk -t"$THREADS" -c"$conns" -d"${secs}s" --latency -s "$lua" "${hdr[@]}" \
-		"http://127.0.0.1:$port/" >"$tmp/wrk.out" 2>&1 || {
-		cat "$tmp/wrk.out" >&2
-		die "wrk failed"
-	}
-	grep '^WRK ' "$tmp/wrk.out" | sed 's/^WRK //'
-}
-
-# field NAME LINE: the value of NAME=... in a key=value line.
-field() { awk -v k="$1" '{for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) {print substr($i, length(k) + 2); exit}}' <<<"$2"; }
+# --- load: wrk_run and field come from bench/lib.sh -----------------------
 
 # foreign_load T0 T1: the mean CPU used by processes that are not ours
 # between T0 and T1 (ms), from cpuwatch's samples.
@@ -460,7 +343,6 @@ fi
 "$tmp/cpuwatch" -root $$ >"$tmp/cpu.log" 2>/dev/null &
 ALL_PIDS+=("$!")
 
-meta() { echo "meta $1 $2" >>"$RAW"; }
 meta date "$(date -u +%Y-%m-%dT%H:%MZ)"
 meta mode "$( ((QUICK)) && echo quick || echo full)"
 meta cpus "$(nproc)"

@@ -60,6 +60,7 @@ PARTS=" ${BENCH_PARTS:-balance reload throughput} "
 BUILD=""
 [[ ${BENCH_BPF_STATS:-} == 1 ]] && BUILD=bpfstats
 source "$(dirname "$0")/lib.sh"
+build_shoal
 OUT=${BENCH_OUT:-docs}
 RAW=$tmp/raw.txt
 : >"$RAW"
