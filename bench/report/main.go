@@ -1112,9 +1112,30 @@ func s2Idle(p func(string, ...any), d *data, res *results, base bool) {
 	}
 	p("With no load, after the rounds, the masters use %s of one core: timers and the like, a cost that does not grow with the messages. ", strings.Join(parts, ", "))
 	p("Over that, the master's CPU per 1,000 messages/s (medians over the rounds):\n\n")
+	s2Table(p, res, who, d.meta["base"], func(c *cell, w string) (string, bool) {
+		v, ok := idle[w]
+		if !ok || len(c.masterPct) == 0 {
+			return "", false
+		}
+		var per []float64
+		for i, pct := range c.masterPct {
+			if rps := c.rps[i]; rps > 0 {
+				per = append(per, (pct-v)/(rps/1000))
+			}
+		}
+		return fmt.Sprintf("%.3f%%", median(per)), true
+	})
+}
+
+// s2Table writes a table of scenario 2 with a row per mode that shoal was
+// measured in and a column per contender of who (shoal, cluster, and
+// shoal-base at revision baseRev when who has it); cell makes a cell, or
+// reports false for "–".
+func s2Table(p func(string, ...any), res *results, who []string, baseRev string, cell func(c *cell, w string) (string, bool)) {
+	base := len(who) > 2
 	p("| mode | shoal master | Node cluster primary |")
 	if base {
-		p(" shoal at `%s` (before) |", d.meta["base"])
+		p(" shoal at `%s` (before) |", baseRev)
 	}
 	p("\n| --- | ---: | ---: |")
 	if base {
@@ -1127,19 +1148,14 @@ func s2Idle(p func(string, ...any), d *data, res *results, base bool) {
 		}
 		p("| %s |", modeName(mode))
 		for _, w := range who {
-			c := res.cells[key("s2", w, mode)]
-			v, ok := idle[w]
-			if c == nil || !ok || len(c.masterPct) == 0 {
-				p(" – |")
-				continue
+			text, ok := "", false
+			if c := res.cells[key("s2", w, mode)]; c != nil {
+				text, ok = cell(c, w)
 			}
-			var per []float64
-			for i, pct := range c.masterPct {
-				if rps := c.rps[i]; rps > 0 {
-					per = append(per, (pct-v)/(rps/1000))
-				}
+			if !ok {
+				text = "–"
 			}
-			p(" %.3f%% |", median(per))
+			p(" %s |", text)
 		}
 		p("\n")
 	}
@@ -1180,31 +1196,12 @@ func s2Wakes(p func(string, ...any), d *data, res *results, base bool) {
 	p("shoal's master watches a channel's socket (its own epoll set, armed one-shot) only while the channel is idle: while a worker sends fast, ")
 	p("its writes wake nothing, and one wakeup reads what came during the wait. The master before watched every socket in Go's network poller, ")
 	p("where each write of a worker woke the poller's thread.\n\n")
-	p("| mode | shoal master | Node cluster primary |")
-	if base {
-		p(" shoal at `%s` (before) |", d.meta["base"])
-	}
-	p("\n| --- | ---: | ---: |")
-	if base {
-		p(" ---: |")
-	}
-	p("\n")
-	for _, mode := range []string{"keepalive", "close", "paced"} {
-		if res.cells[key("s2", "shoal", mode)] == nil {
-			continue
+	s2Table(p, res, who, d.meta["base"], func(c *cell, _ string) (string, bool) {
+		if len(c.wakes) == 0 {
+			return "", false
 		}
-		p("| %s |", modeName(mode))
-		for _, w := range who {
-			c := res.cells[key("s2", w, mode)]
-			if c == nil || len(c.wakes) == 0 {
-				p(" – |")
-				continue
-			}
-			p(" %.2f |", median(c.wakes))
-		}
-		p("\n")
-	}
-	p("\n")
+		return fmt.Sprintf("%.2f", median(c.wakes)), true
+	})
 }
 
 // s2Note says where scenario 2 comes from when it was measured in a run of
