@@ -24,6 +24,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/shoal-sh/shoal/internal/testutil"
 	"github.com/shoal-sh/shoal/reuseport"
 	"golang.org/x/sys/unix"
 )
@@ -553,9 +554,7 @@ func child(t *testing.T, addr netip.AddrPort, prefix ...string) *exec.Cmd {
 	}
 	t.Cleanup(func() {
 		stdin.Close()
-		timer := time.AfterFunc(5*time.Second, func() { cmd.Process.Kill() })
-		cmd.Wait()
-		timer.Stop()
+		testutil.Wait(cmd, 5*time.Second)
 	})
 	line := make(chan string, 1)
 	go func() {
