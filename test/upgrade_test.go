@@ -559,7 +559,8 @@ func TestUpgradeKeepsHandOffSocketsAndSteering(t *testing.T) {
 }
 
 // TestUpgradeWithReadyNotify: the socket that workers send READY=1 to is
-// handed over: a worker started after the upgrade serves once it says so.
+// handed over: a worker started after the upgrade serves once it says so,
+// and one started before is still heard.
 func TestUpgradeWithReadyNotify(t *testing.T) {
 	next := shoalNext(t)
 	flags, argv := helperCmd("notify-late")
@@ -576,6 +577,13 @@ func TestUpgradeWithReadyNotify(t *testing.T) {
 	})
 	if n := len(m.logs.entries(msg("notification from a process that is no worker's ignored"))); n != 0 {
 		t.Errorf("%d notifications ignored", n)
+	}
+	// Worker 2, started before the upgrade, still reaches the master on
+	// the socket its NOTIFY_SOCKET names: its STOPPING=1 is heard.
+	m.signal(syscall.SIGTERM)
+	m.waitFor(10*time.Second, 2, "STOPPING=1 of both workers, the adopted one too", msg("worker says it is stopping"))
+	if code := m.wait(15 * time.Second); code != 0 {
+		t.Errorf("exit code %d after SIGTERM, want 0", code)
 	}
 }
 
