@@ -25,8 +25,10 @@ const DefaultQueueLen = 1024
 const DefaultQueueBytes = 4 << 20
 
 // DefaultReadDelay is how long, by default, the reader of a busy channel
-// waits before it reads again (see [ChannelOptions].ReadDelay).
-const DefaultReadDelay = 4 * time.Millisecond
+// waits before it reads again (see [ChannelOptions].ReadDelay): the
+// longest allowed, since the master's CPU for a busy worker's messages
+// goes with the number of waits.
+const DefaultReadDelay = MaxReadDelay
 
 // MaxReadDelay is the longest ReadDelay: a longer one is taken as this.
 const MaxReadDelay = 5 * time.Millisecond
@@ -600,7 +602,6 @@ func (c *Channel) read() {
 		return
 	}
 	r := &pacedReader{c: c, delay: c.delay}
-	defer r.stop()
 	d := resumeDecoder(r, c.opts.MaxMessage, c.rest, c.discard)
 	c.rest = nil
 	for {
@@ -829,7 +830,7 @@ const (
 type pacedReader struct {
 	c       *Channel
 	delay   time.Duration // the longest wait; 0: never wait
-	timer   *time.Timer   // for waitToRead; nil until the first
+	tick    chan struct{} // for waitToRead's waits on theTicker; nil until the first
 	n       int           // bytes the last read brought
 	lines   int           // frames the last read brought (its line ends)
 	full    bool          // the last read filled the buffer it was given
@@ -945,13 +946,18 @@ func (c *Channel) waitToRead(r *pacedReader) (bool, error) {
 	}
 	if d := r.wait(); d > 0 {
 		d = onTick(d, r.delay)
-		if r.timer == nil {
-			r.timer = time.NewTimer(d)
-		} else {
-			r.timer.Reset(d)
+		if r.tick == nil {
+			r.tick = make(chan struct{}, 1)
 		}
 		select {
-		case <-r.timer.C:
+		case <-r.tick: // a token left by a wait that Pause ended
+		default:
+		}
+		if err := theTicker.after(time.Now().Add(d), r.tick); err != nil {
+			return false, err
+		}
+		select {
+		case <-r.tick:
 			r.drained = false
 			return true, nil
 		case <-c.quit:
@@ -990,11 +996,4 @@ func onTick(d, delay time.Duration) time.Duration {
 	}
 	q := delay / 4
 	return now.Add(delay * 3 / 4).Truncate(q).Add(q).Sub(now)
-}
-
-// stop releases the timer.
-func (r *pacedReader) stop() {
-	if r.timer != nil {
-		r.timer.Stop()
-	}
 }

@@ -54,7 +54,7 @@
 // small frame per request. So a Channel reads a busy worker in batches:
 // after a read that brought two frames or more, or after a few quick reads
 // in a row, its reader waits up to [ChannelOptions].ReadDelay
-// ([DefaultReadDelay], 4 ms; at most [MaxReadDelay], 5 ms) before it reads
+// ([DefaultReadDelay] and at most [MaxReadDelay]: 5 ms) before it reads
 // again, and takes the frames sent meanwhile in one read ([Stats].Reads
 // counts the reads). A frame that arrives while the channel is idle is read
 // at once, so a lone message (a ready, a heartbeat, a relayed message) is
@@ -65,7 +65,9 @@
 // and [Channel.Detach] end it at once. The waits end on ticks of
 // ReadDelay shared by all the channels (a wait lasts 3/4 of ReadDelay at
 // least), so that the busy workers are read together, one wakeup of the
-// master for all of them.
+// master for all of them: the waits end on one timerfd in Go's network
+// poller rather than on Go timers, whose expiries the runtime rounds to
+// whole milliseconds (two wakeups a wait, where one does).
 //
 // The master's sockets are not in Go's network poller, which watches a
 // socket for good and wakes a thread at each write of the worker, whether
@@ -84,8 +86,9 @@
 //
 // A [Channel] runs exactly two goroutines, a reader and a writer, both ended
 // by [Channel.Close] or [Channel.Detach]. The channels of a process share
-// one more, their poller, started with the first channel and ended when
-// the last one is closed. A [Conn] runs one reader, started by the first call of
+// two more, their poller, started with the first channel and ended when
+// the last one is closed, and the ticker that ends the waits of busy
+// readers, started with the first wait and ended with the last channel. A [Conn] runs one reader, started by the first call of
 // [Conn.Handle], [Conn.Messages] or [Conn.Done], and ended when the master's
 // end is gone or by [Conn.Close].
 package ipc

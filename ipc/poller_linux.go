@@ -132,7 +132,18 @@ func (p *poller) remove(e *pollEntry) {
 	p.mu.Unlock()
 	if last {
 		p.wake()
+		theTicker.stop()
 	}
+}
+
+// empty reports whether no socket is in the poller.
+func (p *poller) empty() bool {
+	if p.init() != nil {
+		return true
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.entries) == 0
 }
 
 // wake makes the loop's epoll_wait return.
