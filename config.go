@@ -37,6 +37,7 @@ type config struct {
 	logFormat  logFormat
 	logLevel   logLevel
 	output     workerOutput
+	procs      int // the master's GOMAXPROCS; 0 for Go's default
 	version    bool
 
 	// Raw inputs that finish turns into opts.
@@ -527,6 +528,7 @@ func defaultConfig() config {
 	c.logFormat, c.logLevel = logAuto, logLevel(zerolog.InfoLevel)
 	c.metrics = ":9441"
 	c.migrateReq = migrateAuto
+	c.procs = 1
 	return c
 }
 
@@ -588,6 +590,8 @@ func (c *config) flags() (*flag.FlagSet, map[string]string) {
 		`how a worker counts as serving: "listen" (the kernel shows its LISTEN socket on the port) or "message" (it sends {"cmd":"shoal:ready"})`)
 	def("ipc-max-message", intFlag{&c.opts.MaxMessage, 64, 1 << 30, "a size in bytes, 64 or more"},
 		"largest message a worker may send, in bytes; longer ones are skipped and counted")
+	def("master-procs", intFlag{&c.procs, 0, 1 << 16, "a whole number, 0 (Go's default) or more"},
+		"CPUs the master's own Go code may run on at once (its GOMAXPROCS; the workers' environment is theirs): 1 costs the least CPU per message of a busy worker; 0 for Go's default, one per CPU")
 	def("metrics-addr", &stringFlag{&c.metrics},
 		`address of the master's /metrics, /healthz and /readyz; "" turns them off`)
 	def("min-ready", intFlag{&c.minReady, 0, 1 << 16, "a whole number, 0 (all workers) or more"},

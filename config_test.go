@@ -44,7 +44,7 @@ func TestDefaultsAreTheSupervisors(t *testing.T) {
 		t.Errorf("defaults differ from the supervisor's: %+v", o)
 	}
 	if o.Restart != supervisor.RestartAlways || o.Ready != supervisor.ReadyListen || !slices.Equal(o.Listeners, []supervisor.Listener{{Network: "tcp", Port: 8000}}) || o.StopSignal != syscall.SIGTERM || o.Workers != 0 ||
-		c.logFormat != logAuto || zerolog.Level(c.logLevel) != zerolog.InfoLevel || c.migrateReq != migrateAuto {
+		c.logFormat != logAuto || zerolog.Level(c.logLevel) != zerolog.InfoLevel || c.migrateReq != migrateAuto || c.procs != 1 {
 		t.Errorf("defaults: %+v", c)
 	}
 }
@@ -82,6 +82,8 @@ func TestBadValuesOneLine(t *testing.T) {
 		{[]string{"SHOAL_RESTART=nope"}, nil, `SHOAL_RESTART="nope": restart policy "nope": want always, on-failure or never`},
 		{nil, []string{"--workers", "0"}, "want a whole number of workers, 1 or more"},
 		{nil, []string{"--stop-timeout", "soon"}, "want a duration"},
+		{nil, []string{"--master-procs", "-1"}, "want a whole number, 0 (Go's default) or more"},
+		{[]string{"SHOAL_MASTER_PROCS=all"}, nil, `SHOAL_MASTER_PROCS="all"`},
 		{nil, []string{"--env", "=x"}, "--env: an entry has an empty name"},
 		{nil, []string{"--port", "0"}, "the built-in worker needs a port"},
 		{nil, []string{"--user", "no-such-user-xyz"}, `--user "no-such-user-xyz": no such user`},

@@ -89,6 +89,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "shoal %s\n", version)
 		return exitOK
 	}
+	if cfg.procs > 0 {
+		// The master's work comes in short bursts on many goroutines
+		// (a tick of the workers' channels, an event of the loop): on one
+		// P they run one after the other on the thread that woke,
+		// instead of waking a second thread to share them.
+		runtime.GOMAXPROCS(cfg.procs)
+	}
 	// After an in-place upgrade: what the master before handed over.
 	inherited, err := supervisor.Inherit()
 	if err != nil {
