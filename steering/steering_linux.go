@@ -438,17 +438,48 @@ func (s *Steering) Counts() (map[int]uint64, error) {
 	if s.closed {
 		return nil, fmt.Errorf("steering: counts of %s: steering is closed", s.addr)
 	}
+	counts, err := s.readCounts()
+	if err != nil {
+		return nil, fmt.Errorf("steering: counts of %s: %w", s.addr, err)
+	}
 	out := make(map[int]uint64)
-	for slot := 0; slot < s.maxSlots; slot++ {
-		var n uint64
-		if err := s.counts.Lookup(uint32(slot), &n); err != nil {
-			return nil, fmt.Errorf("steering: counts of %s: read slot %d: %w", s.addr, slot, err)
-		}
+	for slot, n := range counts {
 		if _, ok := s.present[slot]; ok || n != 0 {
 			out[slot] = n
 		}
 	}
 	return out, nil
+}
+
+// readCounts reads the whole counts map, in one system call where the
+// kernel has batch operations (5.6+; every snapshot of the master reads
+// it, a metrics scrape, shoal ctl status, a second's check), else one per
+// slot.
+func (s *Steering) readCounts() ([]uint64, error) {
+	keys := make([]uint32, s.maxSlots)
+	vals := make([]uint64, s.maxSlots)
+	var cursor ebpf.MapBatchCursor
+	n, err := s.counts.BatchLookup(&cursor, keys, vals, nil)
+	if err == nil || errors.Is(err, ebpf.ErrKeyNotExist) {
+		// An array map has every key: the batch holds them all.
+		if n == s.maxSlots {
+			out := make([]uint64, s.maxSlots)
+			for i, k := range keys {
+				if int(k) < len(out) {
+					out[k] = vals[i]
+				}
+			}
+			return out, nil
+		}
+	} else if !errors.Is(err, ebpf.ErrNotSupported) {
+		return nil, err
+	}
+	for slot := range vals {
+		if err := s.counts.Lookup(uint32(slot), &vals[slot]); err != nil {
+			return nil, fmt.Errorf("read slot %d: %w", slot, err)
+		}
+	}
+	return vals, nil
 }
 
 // Slots returns the slots that hold a socket, in order. After New adopted
