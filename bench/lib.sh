@@ -111,7 +111,7 @@ field() { awk -v k="$1" '{for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) {
 
 # wrk_run MODE SECONDS PORT [CONNS]: prints wrk's summary line
 # (bench/report.lua). MODE: keepalive, close (a new connection per request)
-# or paced (keep-alive, each connection waiting PACE_MS, default 2, after
+# or paced (keep-alive, each connection waiting PACE_MS, default 1.5, after
 # each answer: bench/paced.lua). CONNS defaults to $CONNS, the threads to
 # $THREADS or BENCH_THREADS (1).
 wrk_run() {
@@ -119,7 +119,7 @@ wrk_run() {
 	local hdr=() lua=$ROOT/bench/report.lua
 	[[ $mode == close ]] && hdr=(-H 'Connection: close')
 	[[ $mode == paced ]] && lua=$ROOT/bench/paced.lua
-	BENCH_LUA=$ROOT/bench/report.lua BENCH_DELAY_MS=${PACE_MS:-2} \
+	BENCH_LUA=$ROOT/bench/report.lua BENCH_DELAY_MS=${PACE_MS:-1.5} \
 		wrk -t"${THREADS:-${BENCH_THREADS:-1}}" -c"$conns" -d"${secs}s" --latency -s "$lua" "${hdr[@]}" \
 		"http://127.0.0.1:$port/" >"$tmp/wrk.out" 2>&1 || {
 		cat "$tmp/wrk.out" >&2

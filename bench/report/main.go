@@ -498,9 +498,9 @@ func markdown(d *data, res *results) string {
 		p("**The master's CPU per 1,000 messages/s** (each request sends one message): the master's share of one core, as in section 3, ")
 		p("divided by the messages per second of the same run, then the median over the rounds. ")
 		p("shoal's channel reader takes a worker's messages as they come while they are few; while a worker sends fast it waits up to ")
-		p("4 ms (on ticks the channels share) before reading again, with the socket unwatched meanwhile, so that one wakeup reads many messages (`ipc.ChannelOptions.ReadDelay`). ")
+		p("5 ms (on ticks the channels share) before reading again, with the socket unwatched meanwhile, so that one wakeup reads many messages (`ipc.ChannelOptions.ReadDelay`). ")
 		if res.cells[key("s2", "shoal", "paced")] != nil {
-			p("*Keep-alive, paced*: each of the %s connections waits %s ms after each answer before its next request (`bench/paced.lua`), "+
+			p("*Keep-alive, paced*: each of the %s connections waits %s ms on average after each answer before its next request (`bench/paced.lua`), "+
 				"so that every contender serves about the same rate, below the machine's limit: the masters are compared at one message rate. "+
 				"Without it, each contender serves as many requests as the machine allows, and a master's CPU per message depends on the rate.", m["conns"], m["pace_ms"])
 		}
