@@ -74,12 +74,14 @@ func threads(t *testing.T) int {
 	return len(ents)
 }
 
-// pollerLoops returns how many poller goroutines run.
-func pollerLoops() int {
+// running returns how many goroutines run fn ("ipc.(*poller).loop").
+func running(fn string) int {
 	buf := make([]byte, 1<<20)
 	buf = buf[:runtime.Stack(buf, true)]
-	return strings.Count(string(buf), "ipc.(*poller).loop(")
+	return strings.Count(string(buf), fn+"(")
 }
+
+func pollerLoops() int { return running("ipc.(*poller).loop") }
 
 // 64 channels whose readers all wait for their workers take one poller
 // goroutine and no thread each; the poller's goroutine ends with the last

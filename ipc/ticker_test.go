@@ -3,8 +3,6 @@ package ipc
 import (
 	"math/rand/v2"
 	"os"
-	"runtime"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -12,12 +10,7 @@ import (
 	"github.com/shoal-sh/shoal/internal/testutil"
 )
 
-// tickerLoops returns how many ticker goroutines run.
-func tickerLoops() int {
-	buf := make([]byte, 1<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	return strings.Count(string(buf), "ipc.(*ticker).loop(")
-}
+func tickerLoops() int { return running("ipc.(*ticker).loop") }
 
 // Every wait ends, never before its time (less tickSlack), and waits that
 // end at one time end on one expiry of the timerfd. With no channel open,
