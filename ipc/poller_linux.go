@@ -2,6 +2,7 @@ package ipc
 
 import (
 	"fmt"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"unsafe"
@@ -245,6 +246,11 @@ func (p *poller) loop() {
 				p.fire(e, events[i].Events)
 			}
 		}
+		// Let the goroutines just woken run before epoll_wait: a
+		// blocking system call keeps this thread's P, and with one P (the
+		// shoal master's) they would wait for the runtime's monitor to
+		// take it back, up to milliseconds.
+		runtime.Gosched()
 	}
 }
 
