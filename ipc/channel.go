@@ -66,8 +66,8 @@ type ChannelOptions struct {
 	// when something was sent to the worker since its last read, so a
 	// worker that waits for the master's answer is not slowed. A frame
 	// that comes during a burst waits at most ReadDelay. The waits end on
-	// ticks shared by all channels, so that the busy workers are read
-	// together: a full wait lasts from 3/4 of ReadDelay to ReadDelay. 0 means
+	// ticks shared by all channels, every ReadDelay, so that the busy
+	// workers are read together. 0 means
 	// DefaultReadDelay, a value over MaxReadDelay means MaxReadDelay, and
 	// a negative value never waits. See the package documentation,
 	// "Reading in batches".
@@ -602,6 +602,7 @@ func (c *Channel) read() {
 		return
 	}
 	r := &pacedReader{c: c, delay: c.delay}
+	defer r.stop()
 	d := resumeDecoder(r, c.opts.MaxMessage, c.rest, c.discard)
 	c.rest = nil
 	for {
@@ -831,6 +832,7 @@ type pacedReader struct {
 	c       *Channel
 	delay   time.Duration // the longest wait; 0: never wait
 	tick    chan struct{} // for waitToRead's waits on theTicker; nil until the first
+	timer   *time.Timer   // for its waits when theTicker fails; nil until then
 	n       int           // bytes the last read brought
 	lines   int           // frames the last read brought (its line ends)
 	full    bool          // the last read filled the buffer it was given
@@ -949,15 +951,22 @@ func (c *Channel) waitToRead(r *pacedReader) (bool, error) {
 		if r.tick == nil {
 			r.tick = make(chan struct{}, 1)
 		}
-		select {
-		case <-r.tick: // a token left by a wait that Pause ended
-		default:
+		tick, expired := r.tick, (<-chan time.Time)(nil)
+		if theTicker.after(time.Now().Add(d), r.tick) != nil {
+			// No timerfd (out of descriptors, say): a Go timer ends this
+			// wait, a little less precisely.
+			if r.timer == nil {
+				r.timer = time.NewTimer(d)
+			} else {
+				r.timer.Reset(d)
+			}
+			tick, expired = nil, r.timer.C
 		}
-		if err := theTicker.after(time.Now().Add(d), r.tick); err != nil {
-			return false, err
-		}
 		select {
-		case <-r.tick:
+		case <-tick:
+			r.drained = false
+			return true, nil
+		case <-expired:
 			r.drained = false
 			return true, nil
 		case <-c.quit:
@@ -979,21 +988,24 @@ func (c *Channel) waitToRead(r *pacedReader) (bool, error) {
 }
 
 // onTick returns how long to wait, d a full ReadDelay, so that the wait
-// ends on a tick: a multiple of delay since the zero time, when the next
-// one is at least 3/4 of delay away, else a multiple of delay/4 at least
-// that far. So a wait is never shorter than 3/4 of delay nor longer than
-// delay, and a busy channel reads on the ticks from its fourth wait on:
-// every busy channel with the same ReadDelay then reads at the same
-// ticks, however many they are, and one wakeup of the process serves them
-// all. A shorter d (see pacedReader.wait) is returned as it is.
+// ends on the next tick: a multiple of delay since the zero time. Every
+// busy channel with the same ReadDelay then reads at the same ticks,
+// however many they are, and one expiry of the ticker serves them all. A
+// wait that begins between two ticks (the first of a burst, or after a
+// late wakeup) is shorter than delay, and ends with the others' at the
+// tick: it costs no wakeup of its own. A shorter d (see pacedReader.wait)
+// is returned as it is.
 func onTick(d, delay time.Duration) time.Duration {
-	if delay < 4 || d < delay {
+	if delay <= 0 || d < delay {
 		return d
 	}
 	now := time.Now()
-	if w := now.Truncate(delay).Add(delay).Sub(now); w >= delay*3/4 {
-		return w
+	return now.Truncate(delay).Add(delay).Sub(now)
+}
+
+// stop releases the timer, if the reader had one.
+func (r *pacedReader) stop() {
+	if r.timer != nil {
+		r.timer.Stop()
 	}
-	q := delay / 4
-	return now.Add(delay * 3 / 4).Truncate(q).Add(q).Sub(now)
 }

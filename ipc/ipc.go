@@ -63,11 +63,11 @@
 // an answer to each message is not slowed. A wait is cut short so that a
 // read takes about 64 frames or 16 KiB at most, and Close, [Channel.Pause]
 // and [Channel.Detach] end it at once. The waits end on ticks of
-// ReadDelay shared by all the channels (a wait lasts 3/4 of ReadDelay at
-// least), so that the busy workers are read together, one wakeup of the
-// master for all of them: the waits end on one timerfd in Go's network
-// poller rather than on Go timers, whose expiries the runtime rounds to
-// whole milliseconds (two wakeups a wait, where one does).
+// ReadDelay shared by all the channels, so that the busy workers are read
+// together, one wakeup of the master for all of them: the ticks are the
+// expiries of one timerfd in Go's network poller rather than Go timers,
+// whose expiries the runtime rounds to whole milliseconds (two wakeups a
+// wait, where one does).
 //
 // The master's sockets are not in Go's network poller, which watches a
 // socket for good and wakes a thread at each write of the worker, whether

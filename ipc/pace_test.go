@@ -28,6 +28,14 @@ func longDelay(t *testing.T) {
 	t.Cleanup(func() { maxReadDelay = MaxReadDelay })
 }
 
+// justAfterTick sleeps until a twentieth of delay after the next tick of
+// busy readers with that ReadDelay (see onTick), so that a wait that
+// begins now lasts most of delay.
+func justAfterTick(delay time.Duration) {
+	now := time.Now()
+	time.Sleep(now.Truncate(delay).Add(delay + delay/20).Sub(now))
+}
+
 // stamped returns a frame carrying the time since base: {"t":<ns>}.
 func stamped(base time.Time) []byte {
 	return []byte(`{"t":` + strconv.FormatInt(int64(time.Since(base)), 10) + "}\n")
@@ -232,6 +240,7 @@ func TestChannelReadDelayBounded(t *testing.T) {
 	var delayed []time.Duration
 	for range 3 {
 		time.Sleep(testDelay + 50*time.Millisecond) // idle
+		justAfterTick(testDelay)
 		// Two frames in one read: the reader waits after them.
 		write(t, worker, append(stamped(base), stamped(base)...))
 		recvLatency(t, lat)
@@ -320,6 +329,7 @@ func TestChannelReadDelayCloseDetach(t *testing.T) {
 		master, worker := mustPair(t)
 		base := time.Now()
 		ch, lat := timedChannel(t, master, base, testDelay, nil)
+		justAfterTick(testDelay)
 		write(t, worker, append(stamped(base), stamped(base)...))
 		recvLatency(t, lat)
 		recvLatency(t, lat)

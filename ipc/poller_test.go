@@ -31,7 +31,9 @@ func TestChannelWaitWakesNothing(t *testing.T) {
 	})
 	defer c.Close()
 	frame := frameNotifyRequest + "\n"
-	// Two frames in one write: the channel is busy, the reader waits.
+	// Two frames in one write: the channel is busy, the reader waits, for
+	// most of testDelay.
+	justAfterTick(testDelay)
 	worker.Write([]byte(frame + frame))
 	deadline := time.Now().Add(5 * time.Second)
 	for got.Load() < 2 && time.Now().Before(deadline) {

@@ -23,15 +23,14 @@ import (
 // end on the same expiry, since they end on shared ticks (see onTick).
 
 // ticker ends the waits of busy readers: after sends a token on a channel
-// at a given time.
+// at a given time. When it cannot (no timerfd, or one the runtime's poller
+// refused), after says so and the reader waits on a Go timer instead.
 type ticker struct {
-	once    sync.Once
-	initErr error
-	fd      int
-	conn    syscall.RawConn // the timerfd, in Go's network poller
-	file    *os.File        // kept, so that the timerfd is never closed
-
 	mu      sync.Mutex
+	fd      int
+	conn    syscall.RawConn // the timerfd, in Go's network poller; nil until the first wait
+	file    *os.File        // kept, so that the timerfd is never closed
+	broken  error           // the timerfd failed: after fails from then on
 	waits   []tickWait
 	armed   time.Time // when the timerfd expires next; zero: not set
 	running bool      // the loop goroutine runs
@@ -54,33 +53,46 @@ const tickSlack = 50 * time.Microsecond
 // tell that the waits of busy channels end together.
 var tickExpiries atomic.Uint64
 
-func (t *ticker) init() error {
-	t.once.Do(func() {
-		fd, err := unix.TimerfdCreate(unix.CLOCK_MONOTONIC, unix.TFD_NONBLOCK|unix.TFD_CLOEXEC)
-		if err != nil {
-			t.initErr = fmt.Errorf("ipc: create timerfd: %w", err)
-			return
-		}
-		f := os.NewFile(uintptr(fd), "ipc-ticker")
-		conn, err := f.SyscallConn()
-		if err != nil {
-			f.Close()
-			t.initErr = fmt.Errorf("ipc: timerfd: %w", err)
-			return
-		}
-		t.fd, t.file, t.conn = fd, f, conn
-	})
-	return t.initErr
+// open makes the timerfd and puts it in Go's network poller; t.mu is held.
+// A failure (out of descriptors, say) is returned, and the next wait tries
+// again.
+func (t *ticker) open() error {
+	if t.broken != nil {
+		return t.broken
+	}
+	if t.conn != nil {
+		return nil
+	}
+	fd, err := unix.TimerfdCreate(unix.CLOCK_MONOTONIC, unix.TFD_NONBLOCK|unix.TFD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("ipc: create timerfd: %w", err)
+	}
+	f := os.NewFile(uintptr(fd), "ipc-ticker")
+	// os.NewFile leaves out of the runtime's poller a descriptor it could
+	// not add (fs.epoll.max_user_watches reached): such a file has no
+	// deadlines, and a wait on it would fail at once.
+	if err := f.SetReadDeadline(time.Time{}); err != nil {
+		f.Close()
+		return fmt.Errorf("ipc: timerfd not in the runtime's poller: %w", err)
+	}
+	conn, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("ipc: timerfd: %w", err)
+	}
+	t.fd, t.file, t.conn = fd, f, conn
+	return nil
 }
 
 // after sends a token on c at at, or up to tickSlack before it; c should
-// have room for one, as after never blocks on it.
+// have room for one, as after never blocks on it. When it returns an
+// error, no token will come.
 func (t *ticker) after(at time.Time, c chan<- struct{}) error {
-	if err := t.init(); err != nil {
-		return err
-	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if err := t.open(); err != nil {
+		return err
+	}
 	if t.armed.IsZero() || at.Before(t.armed) {
 		if err := t.set(at); err != nil {
 			return err
@@ -128,12 +140,21 @@ func (t *ticker) loop() {
 			return errno != unix.EAGAIN
 		})
 		if err != nil {
-			// The runtime's poller refused the timerfd (it cannot
-			// here): sleep instead, a little less precisely.
+			// The runtime's poller failed the timerfd (open checked that
+			// it took it, so it cannot here): end every wait now, and
+			// the readers wait on Go timers from then on.
 			t.mu.Lock()
-			at := t.armed
+			t.broken = fmt.Errorf("ipc: wait on timerfd: %w", err)
+			for _, w := range t.waits {
+				select {
+				case w.c <- struct{}{}:
+				default:
+				}
+			}
+			clear(t.waits)
+			t.waits, t.running, t.armed = t.waits[:0], false, time.Time{}
 			t.mu.Unlock()
-			time.Sleep(max(time.Until(at), time.Millisecond))
+			return
 		}
 		tickExpiries.Add(1)
 		now := time.Now()
