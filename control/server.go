@@ -114,6 +114,7 @@ type Server struct {
 // Server.mu.
 type connState struct {
 	busy      bool      // a request is being served
+	served    bool      // a request was answered on it
 	idleSince time.Time // when it last became idle
 	evicted   bool      // closed to make room for a new connection
 }
@@ -509,7 +510,7 @@ func (s *Server) begin(st *connState) bool {
 // end marks st idle again.
 func (s *Server) end(st *connState) {
 	s.mu.Lock()
-	st.busy = false
+	st.busy, st.served = false, true
 	st.idleSince = time.Now()
 	s.mu.Unlock()
 }
@@ -592,10 +593,11 @@ func readLine(br *bufio.Reader, max int) ([]byte, error) {
 // listening socket, and returns the socket, for a master that replaces its
 // program in place: clients that connect meanwhile wait in the socket's
 // queue, and the new program serves them after [FromFile]. The requests
-// being served are answered first (Detach waits up to 2 seconds for them),
-// except the one whose handler's context is ctx, if any; then every
-// connection is closed for reading, and Serve returns once their handlers
-// have. The caller owns the file.
+// being served are answered first, and so is the first request of every
+// connection accepted (Detach waits up to 2 seconds for them), except the
+// one whose handler's context is ctx, if any; then every connection is
+// closed for reading (a request already sent is still read and answered),
+// and Serve returns once their handlers have. The caller owns the file.
 func (s *Server) Detach(ctx context.Context) (*os.File, error) {
 	f, err := s.ln.File()
 	if err != nil {
@@ -612,7 +614,7 @@ func (s *Server) Detach(ctx context.Context) (*os.File, error) {
 		unix.Close(s.w.dirfd)
 		s.ln.Close()
 		for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
-			if !s.busyOtherThan(own) {
+			if !s.owedOtherThan(own) {
 				break
 			}
 		}
@@ -630,13 +632,14 @@ func (s *Server) Detach(ctx context.Context) (*os.File, error) {
 // connKey is the context key of a handler's connState.
 type connKey struct{}
 
-// busyOtherThan reports whether a connection other than own is serving a
-// request.
-func (s *Server) busyOtherThan(own *connState) bool {
+// owedOtherThan reports whether a connection other than own is serving a
+// request, or has not had its first one answered: a client that connected
+// sends its request at once, and may have sent it already.
+func (s *Server) owedOtherThan(own *connState) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, st := range s.conns {
-		if st != own && st.busy {
+		if st != own && (st.busy || !st.served) {
 			return true
 		}
 	}

@@ -929,3 +929,66 @@ func copyExecutable(t *testing.T, dst string) {
 		t.Fatal(err)
 	}
 }
+
+// Detach answers the first request of a connection it accepted before it
+// began, sent after; an idle connection that was served is closed; the
+// socket Detach returns still takes clients, for the next program.
+func TestDetachAnswersAcceptedConnections(t *testing.T) {
+	testutil.LeakCheck(t)
+	path := sockPath(t)
+	srv := mustListen(t, path)
+	done := serve(t, context.Background(), srv, func(ctx context.Context, req Request) Response {
+		return Response{OK: true}
+	})
+	idle := dialRaw(t, path)
+	idle.write(`{"cmd":"status"}` + "\n")
+	idle.response()
+	quiet := dialRaw(t, path)
+	testutil.Eventually(t, 5*time.Second, "both connections accepted", func() bool {
+		srv.mu.Lock()
+		defer srv.mu.Unlock()
+		return len(srv.conns) == 2
+	})
+	type result struct {
+		f   *os.File
+		err error
+	}
+	detached := make(chan result, 1)
+	go func() {
+		f, err := srv.Detach(context.Background())
+		detached <- result{f, err}
+	}()
+	time.Sleep(100 * time.Millisecond) // Detach is under way
+	quiet.write(`{"cmd":"status"}` + "\n")
+	if resp := quiet.response(); !resp.OK {
+		t.Errorf("the request of a connection accepted before Detach, sent after it began: %+v", resp)
+	}
+	var r result
+	select {
+	case r = <-detached:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Detach did not return within 5s")
+	}
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	defer r.f.Close()
+	idle.eof()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Serve did not return within 5s of Detach")
+	}
+	ln, err := net.FileListener(r.f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c := dialRaw(t, path) // waits in the queue of the socket Detach kept
+	acc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	acc.Close()
+	c.c.Close()
+}

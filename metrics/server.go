@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -79,11 +80,13 @@ func connLimit(nofile uint64, workers, maxConns int) int {
 
 // Server serves [Handler] on one TCP listener; see [Listen].
 type Server struct {
-	ln      net.Listener // the bound listener
-	srv     *http.Server
-	lim     *limiter
-	src     Source
-	maxConn int
+	ln        net.Listener   // the bound listener
+	lln       *limitListener // ln as Serve accepts from it
+	srv       *http.Server
+	lim       *limiter
+	src       Source
+	maxConn   int
+	detaching atomic.Bool // Detach closed the listener: Serve's error is expected
 
 	stop chan struct{} // closed by Close
 	done chan struct{} // closed when the serving and refreshing goroutines ended
@@ -180,11 +183,12 @@ func Listen(addr string, src Source, opts Options) (*Server, error) {
 	text, all := describe(ln.Addr())
 	log.Info().Str("addr", where).Bool("all_interfaces", all).Msg(text)
 
+	s.lln = &limitListener{Listener: ln, lim: s.lim}
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		if err := s.srv.Serve(&limitListener{Listener: ln, lim: s.lim}); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := s.srv.Serve(s.lln); err != nil && !errors.Is(err, http.ErrServerClosed) && !s.detaching.Load() {
 			log.Error().Err(err).Str("addr", where).Msg("metrics server stopped")
 		}
 	}()
@@ -246,10 +250,14 @@ func (s *Server) Close() error {
 	return err
 }
 
-// Detach stops the server as Close does but leaves its listening socket
-// open, and returns it, for a master that replaces its program in place:
-// connections that come meanwhile wait in the socket's queue, and the new
-// program serves them with Options.Listener. The caller owns the file.
+// Detach stops the server but leaves its listening socket open, and
+// returns it, for a master that replaces its program in place: connections
+// that come meanwhile wait in the socket's queue, and the new program
+// serves them with Options.Listener. Every connection already accepted has
+// its request answered, even one whose request was not read yet (Close
+// would close it unanswered), within 2 seconds; idle keep-alive
+// connections are closed, as at any server's shutdown. The caller owns the
+// file.
 func (s *Server) Detach() (*os.File, error) {
 	tl, ok := s.ln.(interface{ File() (*os.File, error) })
 	if !ok {
@@ -259,9 +267,21 @@ func (s *Server) Detach() (*os.File, error) {
 	if err != nil {
 		return nil, fmt.Errorf("metrics: detach %s: %w", s.ln.Addr(), err)
 	}
+	// Not http.Server.Shutdown at once: it drops a request that it reads
+	// after it began. Stop accepting, answer what was accepted, closing
+	// each connection after its answer, then shut down.
+	s.detaching.Store(true)
+	s.srv.SetKeepAlivesEnabled(false)
+	s.lln.Close()
+	for deadline := time.Now().Add(detachWait); s.lim.count() > 0 && time.Now().Before(deadline); {
+		time.Sleep(2 * time.Millisecond)
+	}
 	s.Close()
 	return f, nil
 }
+
+// detachWait is how long Detach waits for the accepted connections.
+const detachWait = 2 * time.Second
 
 // refresh computes the connection limit again from the number of worker
 // slots and RLIMIT_NOFILE, and closes the connections over it that wait.
@@ -324,8 +344,15 @@ func (c *trackedConn) Close() error {
 	return c.Conn.Close()
 }
 
-// open returns the number of connections open.
+// open returns the number of connections open; l.mu is held.
 func (l *limiter) open() int { return len(l.tracked) }
+
+// count returns the number of connections open.
+func (l *limiter) count() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.open()
+}
 
 // wait blocks while every connection the limit allows has a request in
 // progress. It fails once the listener is closed.

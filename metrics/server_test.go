@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,6 +20,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/rs/zerolog"
 
+	"github.com/shoal-sh/shoal/internal/testutil"
 	"github.com/shoal-sh/shoal/supervisor"
 )
 
@@ -466,4 +468,67 @@ func grep(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// A connection the server accepted before Detach whose request comes after
+// Detach began is answered, and closed after its answer; an idle
+// keep-alive connection is closed; the listening socket Detach returns
+// still takes connections, for the next program.
+func TestDetachAnswersAcceptedConnections(t *testing.T) {
+	s, err := Listen("127.0.0.1:0", running(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	idle := dial(t, s)
+	if code, _, err := request(idle, "/healthz"); err != nil || code != 200 {
+		t.Fatalf("/healthz: %d, %v", code, err)
+	}
+	quiet := dial(t, s)
+	testutil.Eventually(t, 5*time.Second, "both connections accepted", func() bool {
+		s.lim.mu.Lock()
+		defer s.lim.mu.Unlock()
+		return len(s.lim.tracked) == 2
+	})
+	type result struct {
+		f   *os.File
+		err error
+	}
+	detached := make(chan result, 1)
+	go func() {
+		f, err := s.Detach()
+		detached <- result{f, err}
+	}()
+	time.Sleep(100 * time.Millisecond) // Detach is under way
+	code, body, err := request(quiet, "/healthz")
+	if err != nil || code != 200 {
+		t.Fatalf("the request of a connection accepted before Detach, sent after it began: %d %q, %v; want 200", code, body, err)
+	}
+	if !closedByServer(quiet, 5*time.Second) {
+		t.Error("the connection stayed open after its answer")
+	}
+	if !closedByServer(idle, 5*time.Second) {
+		t.Error("the idle keep-alive connection stayed open")
+	}
+	var r result
+	select {
+	case r = <-detached:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Detach did not return within 5s")
+	}
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	defer r.f.Close()
+	ln, err := net.FileListener(r.f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c := dial(t, s) // waits in the queue of the socket Detach kept
+	acc, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	acc.Close()
+	c.Close()
 }
