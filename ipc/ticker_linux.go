@@ -129,6 +129,29 @@ func (t *ticker) set(at time.Time) error {
 	return nil
 }
 
+// fire ends the waits due by due (every one if due is zero), forgets them
+// and the timerfd's setting, and returns when the earliest wait left is
+// due (zero if none is left); t.mu is held.
+func (t *ticker) fire(due time.Time) (next time.Time) {
+	keep := t.waits[:0]
+	for _, w := range t.waits {
+		if due.IsZero() || !w.at.After(due) {
+			select {
+			case w.c <- struct{}{}:
+			default:
+			}
+			continue
+		}
+		keep = append(keep, w)
+		if next.IsZero() || w.at.Before(next) {
+			next = w.at
+		}
+	}
+	clear(t.waits[len(keep):])
+	t.waits, t.armed = keep, time.Time{}
+	return next
+}
+
 // loop is the ticker's goroutine: at each expiry of the timerfd it ends
 // the waits that are due and sets the timerfd for the next one. It ends
 // when no wait is left and no channel either (see stop).
@@ -145,39 +168,14 @@ func (t *ticker) loop() {
 			// the readers wait on Go timers from then on.
 			t.mu.Lock()
 			t.broken = fmt.Errorf("ipc: wait on timerfd: %w", err)
-			for _, w := range t.waits {
-				select {
-				case w.c <- struct{}{}:
-				default:
-				}
-			}
-			clear(t.waits)
-			t.waits, t.running, t.armed = t.waits[:0], false, time.Time{}
+			t.fire(time.Time{}) // every wait
+			t.running = false
 			t.mu.Unlock()
 			return
 		}
 		tickExpiries.Add(1)
-		now := time.Now()
-		due := now.Add(tickSlack)
 		t.mu.Lock()
-		var next time.Time
-		keep := t.waits[:0]
-		for _, w := range t.waits {
-			if !w.at.After(due) {
-				select {
-				case w.c <- struct{}{}:
-				default:
-				}
-				continue
-			}
-			keep = append(keep, w)
-			if next.IsZero() || w.at.Before(next) {
-				next = w.at
-			}
-		}
-		clear(t.waits[len(keep):])
-		t.waits = keep
-		t.armed = time.Time{}
+		next := t.fire(time.Now().Add(tickSlack))
 		if next.IsZero() {
 			// The readers that were just woken wait again, if they do,
 			// with after, which sets the timerfd.
