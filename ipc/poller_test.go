@@ -187,17 +187,19 @@ func fillSocket(t *testing.T, c *Channel, worker *os.File, payload []byte) (sent
 // Close or Detach end its wait at once.
 func TestChannelWriterWaits(t *testing.T) {
 	payload := bytes.Repeat([]byte("y"), 1000)
-	smallBuf := func(f *os.File) {
-		unix.SetsockoptInt(int(f.Fd()), unix.SOL_SOCKET, unix.SO_SNDBUF, 4096)
-	}
-	t.Run("worker reads", func(t *testing.T) {
+	// waiting returns a channel whose writer waits for its full socket,
+	// the worker's end (closed at the end of t), and the frames sent.
+	waiting := func(t *testing.T) (*Channel, *os.File, [][]byte) {
 		testutil.LeakCheck(t)
 		master, worker := pollablePair(t)
-		defer worker.Close()
-		smallBuf(master)
+		t.Cleanup(func() { worker.Close() })
+		unix.SetsockoptInt(int(master.Fd()), unix.SOL_SOCKET, unix.SO_SNDBUF, 4096)
 		c := NewChannel(master, ChannelOptions{})
+		return c, worker, fillSocket(t, c, worker, payload)
+	}
+	t.Run("worker reads", func(t *testing.T) {
+		c, worker, sent := waiting(t)
 		defer c.Close()
-		sent := fillSocket(t, c, worker, payload)
 		r := bufio.NewReader(worker)
 		worker.SetReadDeadline(time.Now().Add(10 * time.Second))
 		for i, want := range sent {
@@ -211,12 +213,7 @@ func TestChannelWriterWaits(t *testing.T) {
 		}
 	})
 	t.Run("close", func(t *testing.T) {
-		testutil.LeakCheck(t)
-		master, worker := pollablePair(t)
-		defer worker.Close()
-		smallBuf(master)
-		c := NewChannel(master, ChannelOptions{})
-		sent := fillSocket(t, c, worker, payload)
+		c, _, sent := waiting(t)
 		closed := make(chan struct{})
 		go func() {
 			c.Close()
@@ -229,12 +226,7 @@ func TestChannelWriterWaits(t *testing.T) {
 		}
 	})
 	t.Run("detach", func(t *testing.T) {
-		testutil.LeakCheck(t)
-		master, worker := pollablePair(t)
-		defer worker.Close()
-		smallBuf(master)
-		c := NewChannel(master, ChannelOptions{})
-		sent := fillSocket(t, c, worker, payload)
+		c, worker, sent := waiting(t)
 		var h Handoff
 		var err error
 		detached := make(chan struct{})
