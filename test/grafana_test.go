@@ -228,7 +228,7 @@ func TestGrafanaDashboardQueries(t *testing.T) {
 	promBin := peer.Require(t, "prometheus")
 
 	port, mport := testutil.FreePort(t), testutil.FreePort(t)
-	uport := freeUDPPort(t)
+	uport := testutil.FreeUDPPort(t)
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	m := startShoal(t, nil, "--workers", "2", "--port", fmt.Sprintf("tcp:%d,udp:%d", port, uport), "--host", "127.0.0.1",
 		"--metrics-addr", "127.0.0.1:"+strconv.Itoa(mport), "--control", sock, "--stop-timeout", "5s")
@@ -353,15 +353,4 @@ func TestGrafanaDashboardQueries(t *testing.T) {
 			}
 		}
 	}
-}
-
-// freeUDPPort returns a UDP port on 127.0.0.1 that was free a moment ago.
-func freeUDPPort(t *testing.T) int {
-	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("find a free UDP port: %v", err)
-	}
-	defer pc.Close()
-	return pc.LocalAddr().(*net.UDPAddr).Port
 }

@@ -10,22 +10,67 @@ import (
 	"net"
 	"os/exec"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
 	"go.uber.org/goleak"
 )
 
-// FreePort returns a TCP port that was free on 127.0.0.1 a moment ago. It
-// fails tb when no port can be had.
+// FreePort returns a TCP port that was free on 127.0.0.1 a moment ago
+// and that no earlier FreePort or FreeUDPPort call of this process
+// returned: the kernel may hand a port it just gave out back at once, and
+// a test that asks for two ports (one to serve, one for metrics) must get
+// two. It fails tb when no port can be had.
 func FreePort(tb testing.TB) int {
 	tb.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatalf("find a free port on 127.0.0.1: %v", err)
+	return freshPort(tb, "tcp", func() (int, error) {
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		defer ln.Close()
+		return ln.Addr().(*net.TCPAddr).Port, nil
+	})
+}
+
+// FreeUDPPort is FreePort for a UDP port on 127.0.0.1.
+func FreeUDPPort(tb testing.TB) int {
+	tb.Helper()
+	return freshPort(tb, "udp", func() (int, error) {
+		pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		defer pc.Close()
+		return pc.LocalAddr().(*net.UDPAddr).Port, nil
+	})
+}
+
+// givenPorts holds every port FreePort and FreeUDPPort returned, whatever
+// the protocol: a server may bind the same number for both.
+var givenPorts = struct {
+	sync.Mutex
+	m map[int]bool
+}{m: map[int]bool{}}
+
+// freshPort calls bind until it returns a port not given before.
+func freshPort(tb testing.TB, network string, bind func() (int, error)) int {
+	tb.Helper()
+	givenPorts.Lock()
+	defer givenPorts.Unlock()
+	for range 1000 {
+		port, err := bind()
+		if err != nil {
+			tb.Fatalf("find a free %s port on 127.0.0.1: %v", network, err)
+		}
+		if !givenPorts.m[port] {
+			givenPorts.m[port] = true
+			return port
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	tb.Fatalf("find a free %s port on 127.0.0.1: 1000 tries all gave ports handed out before (%d given)", network, len(givenPorts.m))
+	return 0
 }
 
 // Recv receives from ch until a value satisfies match and returns it,

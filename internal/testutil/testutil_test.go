@@ -64,6 +64,26 @@ func TestFreePort(t *testing.T) {
 	ln.Close()
 }
 
+// TestFreePortNeverRepeats asks for more ports than a test process
+// does. The kernel picks each at random from its ephemeral range, so 500
+// of them repeat one another several times over (about 9 times in the
+// usual range of 28,000); FreePort must never return a port twice, TCP or
+// UDP, or a test that asks for a server port and a metrics port may get
+// one port for both.
+func TestFreePortNeverRepeats(t *testing.T) {
+	seen := map[int]int{}
+	for i := range 500 {
+		port := FreePort(t)
+		if i%2 == 1 {
+			port = FreeUDPPort(t)
+		}
+		if j, ok := seen[port]; ok {
+			t.Fatalf("call %d returned port %d, as call %d did", i, port, j)
+		}
+		seen[port] = i
+	}
+}
+
 func TestRecv(t *testing.T) {
 	ch := make(chan int, 3)
 	ch <- 1
