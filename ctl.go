@@ -286,7 +286,7 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 		return runTop(ctx, *path, *timeout, *once, stdout, stderr)
 	}
 	if req.Cmd == control.CmdUpgrade {
-		return ctlUpgrade(ctx, *path, stdout, stderr)
+		return ctlUpgrade(ctx, *path, *asJSON, stdout, stderr)
 	}
 	c, err := control.Dial(*path)
 	if err != nil {

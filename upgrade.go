@@ -196,8 +196,9 @@ func runUpgradeCheck(args []string, stdout, stderr io.Writer) int {
 // ctlUpgrade is 'shoal ctl upgrade': it asks the master to upgrade, and
 // once the master's connection closes (the exec closed it), waits for the
 // new program to answer on the same socket with the same pid and one
-// upgrade more.
-func ctlUpgrade(ctx context.Context, path string, stdout, stderr io.Writer) int {
+// upgrade more. With asJSON, the outcome is one control.Response line on
+// stdout: the master's refusal as it answered it, or an upgradeResult.
+func ctlUpgrade(ctx context.Context, path string, asJSON bool, stdout, stderr io.Writer) int {
 	before, err := ctlStatus(ctx, path)
 	if err != nil {
 		fmt.Fprintf(stderr, "shoal ctl: upgrade: %s\n", control.Printable(err.Error()))
@@ -212,6 +213,10 @@ func ctlUpgrade(ctx context.Context, path string, stdout, stderr io.Writer) int 
 	c.Close()
 	if err == nil {
 		if !resp.OK {
+			if asJSON {
+				b, _ := json.Marshal(resp)
+				fmt.Fprintln(stdout, string(b))
+			}
 			fmt.Fprintf(stderr, "shoal ctl: upgrade: %s\n", control.Printable(resp.Error))
 			return exitFailure
 		}
@@ -226,7 +231,14 @@ func ctlUpgrade(ctx context.Context, path string, stdout, stderr io.Writer) int 
 	for {
 		st, err := ctlStatus(wait, path)
 		if err == nil && st.Master.PID == before.Master.PID && st.Upgrades > before.Upgrades {
-			fmt.Fprintf(stdout, "upgraded in place: shoal %s -> %s, master pid %d, %d workers kept\n", before.Version, st.Version, st.Master.PID, running(st))
+			r := upgradeResult{From: before.Version, To: st.Version, PID: st.Master.PID, WorkersKept: running(st), Upgrades: st.Upgrades}
+			if asJSON {
+				b, _ := json.Marshal(r)
+				b, _ = json.Marshal(control.Response{OK: true, Result: b})
+				fmt.Fprintln(stdout, string(b))
+			} else {
+				fmt.Fprintf(stdout, "upgraded in place: shoal %s -> %s, master pid %d, %d workers kept\n", r.From, r.To, r.PID, r.WorkersKept)
+			}
 			return exitOK
 		}
 		if err == nil {
@@ -241,6 +253,17 @@ func ctlUpgrade(ctx context.Context, path string, stdout, stderr io.Writer) int 
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// upgradeResult is the result of 'shoal ctl --json upgrade' once the new
+// program answers: the version before and after, the master's pid (the
+// same), the workers it kept running and its upgrades so far.
+type upgradeResult struct {
+	From        string `json:"from"`
+	To          string `json:"to"`
+	PID         int    `json:"pid"`
+	WorkersKept int    `json:"workers_kept"`
+	Upgrades    uint64 `json:"upgrades"`
 }
 
 func running(st control.Status) int {

@@ -2,6 +2,7 @@ package test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -280,6 +281,27 @@ func TestUpgradeInPlaceUnderLoad(t *testing.T) {
 	fds0, gr0 := 0, 0.0
 	bins := []string{shoalBin, next}
 	for i := range 5 {
+		if i == 2 {
+			// A script's view: one JSON line, on stdout alone.
+			install(t, bins[i%2], path, 0o755)
+			stdout, stderr, code := ctlSplit(t, "--control", sock, "--json", "upgrade")
+			var r struct {
+				OK     bool `json:"ok"`
+				Result struct {
+					From, To    string
+					PID         int
+					WorkersKept int `json:"workers_kept"`
+					Upgrades    int
+				}
+			}
+			if err := json.Unmarshal([]byte(stdout), &r); err != nil || code != 0 {
+				t.Fatalf("shoal ctl --json upgrade: exit %d, stdout %q, stderr %q: want one JSON line (%v)", code, stdout, stderr, err)
+			}
+			if !r.OK || r.Result.From != nextVersion || r.Result.To != "dev" || r.Result.PID != m.pid() || r.Result.WorkersKept != 4 || r.Result.Upgrades != 4 {
+				t.Errorf("shoal ctl --json upgrade: %s; want ok, from %s to dev, pid %d, 4 workers kept, 4 upgrades", stdout, nextVersion, m.pid())
+			}
+			continue
+		}
 		upgradeTo(t, sock, bins[i%2], path)
 		if i == 0 {
 			time.Sleep(200 * time.Millisecond)
@@ -372,6 +394,13 @@ func TestUpgradeRefused(t *testing.T) {
 	os.Remove(path)
 	if out, code := ctl(t, sock, "upgrade"); code != 1 || !strings.Contains(out, "no such file") {
 		t.Errorf("missing program: exit %d, %q; want exit 1 saying no such file", code, out)
+	}
+	var refused struct {
+		OK    bool   `json:"ok"`
+		Error string `json:"error"`
+	}
+	if out, _, code := ctlSplit(t, "--control", sock, "--json", "upgrade"); code != 1 || json.Unmarshal([]byte(out), &refused) != nil || refused.OK || !strings.Contains(refused.Error, "no such file") {
+		t.Errorf("missing program, --json: exit %d, stdout %q; want exit 1 and {\"ok\":false,\"error\":...no such file...}", code, out)
 	}
 	// SIGUSR2 with a refused program: a log line, nothing else.
 	install(t, "/bin/true", path, 0o755)
