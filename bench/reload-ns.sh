@@ -12,6 +12,12 @@
 # Prints one line: RL mode=... migrate=... bind=... steering=... reloads=... requests=... err_...
 set -euo pipefail
 
+# Reloads run from 1 s after the load starts until 2 s before it ends.
+if ((SECS < 4)); then
+	echo "reload-ns.sh: SECS=$SECS is too short: reloads run from 1 s into the load until 2 s before its end, so it needs at least 4 (set BENCH_RELOAD_SECS=4 or more)" >&2
+	exit 2
+fi
+
 mkdir -p "$DIR"
 ip link set lo up
 sysctl -qw net.ipv4.tcp_migrate_req="$MIGRATE" # this namespace's own value only
@@ -58,7 +64,8 @@ wait $wrkpid
 
 sorted=$(printf '%s\n' "${durs[@]}" | sort -n)
 n=${#durs[@]}
-p50=$(sed -n "$(((n + 1) / 2))p" <<<"$sorted")
+p50=0
+((n > 0)) && p50=$(sed -n "$(((n + 1) / 2))p" <<<"$sorted")
 nstat -az >"$DIR/nstat.txt"
 ns=$(awk '$1 ~ /^(TcpExtListenOverflows|TcpExtListenDrops|TcpExtTCPMigrateReqSuccess|TcpExtTCPMigrateReqFailure|TcpEstabResets|TcpOutRsts)$/ {sub(/^TcpExt/, "", $1); printf "%s=%s ", $1, $2}' "$DIR/nstat.txt")
 echo "RL mode=$MODE migrate=$MIGRATE bind=$BIND steering=$STEERING workers=$workers conns=$CONNS secs=$SECS reloads=$n reload_fail=$fails reload_ms_p50=${p50:-0} $(grep '^WRK ' "$DIR/wrk.out" | sed 's/^WRK //') $ns"
