@@ -7,9 +7,13 @@ package testutil
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
+	"os"
 	"os/exec"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -19,32 +23,44 @@ import (
 
 // FreePort returns a TCP port that was free on 127.0.0.1 a moment ago
 // and that no earlier FreePort or FreeUDPPort call of this process
-// returned: the kernel may hand a port it just gave out back at once, and
-// a test that asks for two ports (one to serve, one for metrics) must get
-// two. It fails tb when no port can be had.
+// returned. It fails tb when no port can be had.
+//
+// The port is a random one below the kernel's ephemeral range
+// (net.ipv4.ip_local_port_range) when there is room: the kernel gives
+// ports of that range to every bind to port 0 and every connect, those of
+// the tests of other packages running at the same time included, and may
+// give a port it just gave out back at once. A test that asks for two
+// ports, one to serve and one for metrics, gets two, and another process
+// does not take them before the test binds them.
 func FreePort(tb testing.TB) int {
 	tb.Helper()
-	return freshPort(tb, "tcp", func() (int, error) {
-		ln, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			return 0, err
-		}
-		defer ln.Close()
-		return ln.Addr().(*net.TCPAddr).Port, nil
-	})
+	return freshPort(tb, "tcp", ephemeralLow(), bindTCP)
 }
 
 // FreeUDPPort is FreePort for a UDP port on 127.0.0.1.
 func FreeUDPPort(tb testing.TB) int {
 	tb.Helper()
-	return freshPort(tb, "udp", func() (int, error) {
-		pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-		if err != nil {
-			return 0, err
-		}
-		defer pc.Close()
-		return pc.LocalAddr().(*net.UDPAddr).Port, nil
-	})
+	return freshPort(tb, "udp", ephemeralLow(), bindUDP)
+}
+
+// bindTCP listens on 127.0.0.1:port, closes, and returns the port.
+func bindTCP(port int) (int, error) {
+	ln, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// bindUDP binds UDP 127.0.0.1:port, closes, and returns the port.
+func bindUDP(port int) (int, error) {
+	pc, err := net.ListenPacket("udp4", fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		return 0, err
+	}
+	defer pc.Close()
+	return pc.LocalAddr().(*net.UDPAddr).Port, nil
 }
 
 // givenPorts holds every port FreePort and FreeUDPPort returned, whatever
@@ -54,13 +70,30 @@ var givenPorts = struct {
 	m map[int]bool
 }{m: map[int]bool{}}
 
-// freshPort calls bind until it returns a port not given before.
-func freshPort(tb testing.TB, network string, bind func() (int, error)) int {
+// lowestPort is the lowest port freshPort picks itself.
+const lowestPort = 10000
+
+// freshPort returns a port that bind could bind and that was not given
+// before: a random one from lowestPort up to below, the start of the
+// ephemeral range, else one the kernel picks (bind with port 0).
+func freshPort(tb testing.TB, network string, below int, bind func(port int) (int, error)) int {
 	tb.Helper()
 	givenPorts.Lock()
 	defer givenPorts.Unlock()
+	if below-lowestPort >= 1000 {
+		for range 100 {
+			port := lowestPort + rand.IntN(below-lowestPort)
+			if givenPorts.m[port] {
+				continue
+			}
+			if _, err := bind(port); err == nil {
+				givenPorts.m[port] = true
+				return port
+			}
+		}
+	}
 	for range 1000 {
-		port, err := bind()
+		port, err := bind(0)
 		if err != nil {
 			tb.Fatalf("find a free %s port on 127.0.0.1: %v", network, err)
 		}
@@ -71,6 +104,21 @@ func freshPort(tb testing.TB, network string, bind func() (int, error)) int {
 	}
 	tb.Fatalf("find a free %s port on 127.0.0.1: 1000 tries all gave ports handed out before (%d given)", network, len(givenPorts.m))
 	return 0
+}
+
+// ephemeralLow returns the lowest port of the kernel's ephemeral range,
+// or 0 when it cannot be read.
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return 0
+	}
+	low, _ := strconv.Atoi(f[0])
+	return low
 }
 
 // Recv receives from ch until a value satisfies match and returns it,

@@ -65,22 +65,38 @@ func TestFreePort(t *testing.T) {
 }
 
 // TestFreePortNeverRepeats asks for more ports than a test process
-// does. The kernel picks each at random from its ephemeral range, so 500
-// of them repeat one another several times over (about 9 times in the
-// usual range of 28,000); FreePort must never return a port twice, TCP or
-// UDP, or a test that asks for a server port and a metrics port may get
-// one port for both.
+// does, with the kernel's own picks too: they are random in its ephemeral
+// range, and 500 of them repeat one another several times over (about 9
+// times in the usual range of 28,000). FreePort must never return a port
+// twice, TCP or UDP, or a test that asks for a server port and a metrics
+// port may get one port for both; and it picks below the ephemeral range,
+// where other processes' binds to port 0 and connects do not go.
 func TestFreePortNeverRepeats(t *testing.T) {
+	low := ephemeralLow()
+	if low-lowestPort < 1000 {
+		t.Fatalf("ephemeral range from %d: want the usual 32768 and room below it", low)
+	}
 	seen := map[int]int{}
+	check := func(i, port int) {
+		t.Helper()
+		if j, ok := seen[port]; ok {
+			t.Fatalf("call %d returned port %d, as call %d did", i, port, j)
+		}
+		seen[port] = i
+	}
 	for i := range 500 {
 		port := FreePort(t)
 		if i%2 == 1 {
 			port = FreeUDPPort(t)
 		}
-		if j, ok := seen[port]; ok {
-			t.Fatalf("call %d returned port %d, as call %d did", i, port, j)
+		if port < lowestPort || port >= low {
+			t.Errorf("call %d returned port %d, not in [%d, %d)", i, port, lowestPort, low)
 		}
-		seen[port] = i
+		check(i, port)
+	}
+	// With no room below the ephemeral range, the kernel's picks.
+	for i := 500; i < 1000; i++ {
+		check(i, freshPort(t, "tcp", 0, bindTCP))
 	}
 }
 
