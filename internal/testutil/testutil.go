@@ -21,9 +21,9 @@ import (
 	"go.uber.org/goleak"
 )
 
-// FreePort returns a TCP port that was free on 127.0.0.1 a moment ago
-// and that no earlier FreePort or FreeUDPPort call of this process
-// returned. It fails tb when no port can be had.
+// FreePort returns a port that was free a moment ago for TCP and for UDP
+// on every address, IPv4 and IPv6, and that no earlier call of this
+// process returned. It fails tb when no port can be had.
 //
 // The port is a random one below the kernel's ephemeral range
 // (net.ipv4.ip_local_port_range) when there is room: the kernel gives
@@ -31,40 +31,22 @@ import (
 // the tests of other packages running at the same time included, and may
 // give a port it just gave out back at once. A test that asks for two
 // ports, one to serve and one for metrics, gets two, and another process
-// does not take them before the test binds them.
+// does not take them before the test binds them. The port is free on
+// every address because a server started without a host binds them all,
+// and free for UDP because some tests serve both on one number.
 func FreePort(tb testing.TB) int {
 	tb.Helper()
-	return freshPort(tb, "tcp", ephemeralLow(), bindTCP)
+	return freshPort(tb, ephemeralLow())
 }
 
-// FreeUDPPort is FreePort for a UDP port on 127.0.0.1.
+// FreeUDPPort is FreePort, for a test that serves UDP: every port
+// FreePort returns is free for both.
 func FreeUDPPort(tb testing.TB) int {
 	tb.Helper()
-	return freshPort(tb, "udp", ephemeralLow(), bindUDP)
+	return freshPort(tb, ephemeralLow())
 }
 
-// bindTCP listens on 127.0.0.1:port, closes, and returns the port.
-func bindTCP(port int) (int, error) {
-	ln, err := net.Listen("tcp4", fmt.Sprintf("127.0.0.1:%d", port))
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
-// bindUDP binds UDP 127.0.0.1:port, closes, and returns the port.
-func bindUDP(port int) (int, error) {
-	pc, err := net.ListenPacket("udp4", fmt.Sprintf("127.0.0.1:%d", port))
-	if err != nil {
-		return 0, err
-	}
-	defer pc.Close()
-	return pc.LocalAddr().(*net.UDPAddr).Port, nil
-}
-
-// givenPorts holds every port FreePort and FreeUDPPort returned, whatever
-// the protocol: a server may bind the same number for both.
+// givenPorts holds every port FreePort and FreeUDPPort returned.
 var givenPorts = struct {
 	sync.Mutex
 	m map[int]bool
@@ -73,10 +55,10 @@ var givenPorts = struct {
 // lowestPort is the lowest port freshPort picks itself.
 const lowestPort = 10000
 
-// freshPort returns a port that bind could bind and that was not given
+// freshPort returns a port that usable accepts and that was not given
 // before: a random one from lowestPort up to below, the start of the
-// ephemeral range, else one the kernel picks (bind with port 0).
-func freshPort(tb testing.TB, network string, below int, bind func(port int) (int, error)) int {
+// ephemeral range, else one the kernel picks (bind to port 0).
+func freshPort(tb testing.TB, below int) int {
 	tb.Helper()
 	givenPorts.Lock()
 	defer givenPorts.Unlock()
@@ -86,24 +68,44 @@ func freshPort(tb testing.TB, network string, below int, bind func(port int) (in
 			if givenPorts.m[port] {
 				continue
 			}
-			if _, err := bind(port); err == nil {
+			if _, err := usable(port); err == nil {
 				givenPorts.m[port] = true
 				return port
 			}
 		}
 	}
+	var last error
 	for range 1000 {
-		port, err := bind(0)
+		port, err := usable(0)
 		if err != nil {
-			tb.Fatalf("find a free %s port on 127.0.0.1: %v", network, err)
+			last = err
+			continue
 		}
 		if !givenPorts.m[port] {
 			givenPorts.m[port] = true
 			return port
 		}
 	}
-	tb.Fatalf("find a free %s port on 127.0.0.1: 1000 tries all gave ports handed out before (%d given)", network, len(givenPorts.m))
+	tb.Fatalf("find a free port: 1000 tries gave ports handed out before (%d given) or failed; the last error: %v", len(givenPorts.m), last)
 	return 0
+}
+
+// usable binds port, or with 0 one the kernel picks, for TCP and then for
+// UDP on every address (the IPv6 wildcard, which takes IPv4 too), closes
+// both and returns the port.
+func usable(port int) (int, error) {
+	ln, err := net.Listen("tcp", fmt.Sprintf(":%d", port))
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	port = ln.Addr().(*net.TCPAddr).Port
+	pc, err := net.ListenPacket("udp", fmt.Sprintf(":%d", port))
+	if err != nil {
+		return 0, err
+	}
+	pc.Close()
+	return port, nil
 }
 
 // ephemeralLow returns the lowest port of the kernel's ephemeral range,
