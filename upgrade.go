@@ -196,8 +196,10 @@ func runUpgradeCheck(args []string, stdout, stderr io.Writer) int {
 // ctlUpgrade is 'shoal ctl upgrade': it asks the master to upgrade, and
 // once the master's connection closes (the exec closed it), waits for the
 // new program to answer on the same socket with the same pid and one
-// upgrade more. With asJSON, the outcome is one control.Response line on
-// stdout: the master's refusal as it answered it, or an upgradeResult.
+// upgrade more. With asJSON, the outcome of the request is one
+// control.Response line on stdout: an upgradeResult, or the reason it
+// failed (also on stderr). A master that cannot be reached is reported on
+// stderr alone, as by every command.
 func ctlUpgrade(ctx context.Context, path string, asJSON bool, stdout, stderr io.Writer) int {
 	before, err := ctlStatus(ctx, path)
 	if err != nil {
@@ -209,19 +211,21 @@ func ctlUpgrade(ctx context.Context, path string, asJSON bool, stdout, stderr io
 		fmt.Fprintf(stderr, "shoal ctl: upgrade: %s\n", control.Printable(err.Error()))
 		return exitFailure
 	}
+	fail := func(why string) int {
+		if asJSON {
+			b, _ := json.Marshal(control.Response{Error: why})
+			fmt.Fprintln(stdout, string(b))
+		}
+		fmt.Fprintf(stderr, "shoal ctl: upgrade: %s\n", control.Printable(why))
+		return exitFailure
+	}
 	resp, err := c.Do(ctx, control.Request{Cmd: control.CmdUpgrade})
 	c.Close()
 	if err == nil {
 		if !resp.OK {
-			if asJSON {
-				b, _ := json.Marshal(resp)
-				fmt.Fprintln(stdout, string(b))
-			}
-			fmt.Fprintf(stderr, "shoal ctl: upgrade: %s\n", control.Printable(resp.Error))
-			return exitFailure
+			return fail(resp.Error)
 		}
-		fmt.Fprintf(stderr, "shoal ctl: upgrade: the master answered without upgrading\n")
-		return exitFailure
+		return fail("the master answered without upgrading")
 	}
 	// The connection closed without an answer: the master executed the
 	// new program. Wait for it.
@@ -248,8 +252,7 @@ func ctlUpgrade(ctx context.Context, path string, asJSON bool, stdout, stderr io
 		}
 		select {
 		case <-wait.Done():
-			fmt.Fprintf(stderr, "shoal ctl: upgrade: the new master did not answer within 30s: %s. See the master's log\n", control.Printable(last.Error()))
-			return exitFailure
+			return fail(fmt.Sprintf("the new master did not answer within 30s: %s. See the master's log", last))
 		case <-time.After(20 * time.Millisecond):
 		}
 	}

@@ -288,11 +288,12 @@ func TestUpgradeInPlaceUnderLoad(t *testing.T) {
 			var r struct {
 				OK     bool `json:"ok"`
 				Result struct {
-					From, To    string
-					PID         int
-					WorkersKept int `json:"workers_kept"`
-					Upgrades    int
-				}
+					From        string `json:"from"`
+					To          string `json:"to"`
+					PID         int    `json:"pid"`
+					WorkersKept int    `json:"workers_kept"`
+					Upgrades    int    `json:"upgrades"`
+				} `json:"result"`
 			}
 			if err := json.Unmarshal([]byte(stdout), &r); err != nil || code != 0 {
 				t.Fatalf("shoal ctl --json upgrade: exit %d, stdout %q, stderr %q: want one JSON line (%v)", code, stdout, stderr, err)
@@ -399,8 +400,8 @@ func TestUpgradeRefused(t *testing.T) {
 		OK    bool   `json:"ok"`
 		Error string `json:"error"`
 	}
-	if out, _, code := ctlSplit(t, "--control", sock, "--json", "upgrade"); code != 1 || json.Unmarshal([]byte(out), &refused) != nil || refused.OK || !strings.Contains(refused.Error, "no such file") {
-		t.Errorf("missing program, --json: exit %d, stdout %q; want exit 1 and {\"ok\":false,\"error\":...no such file...}", code, out)
+	if out, errOut, code := ctlSplit(t, "--control", sock, "--json", "upgrade"); code != 1 || json.Unmarshal([]byte(out), &refused) != nil || refused.OK || !strings.Contains(refused.Error, "no such file") || !strings.Contains(errOut, "no such file") {
+		t.Errorf("missing program, --json: exit %d, stdout %q, stderr %q; want exit 1, {\"ok\":false,\"error\":...no such file...} on stdout and the reason on stderr", code, out, errOut)
 	}
 	// SIGUSR2 with a refused program: a log line, nothing else.
 	install(t, "/bin/true", path, 0o755)
