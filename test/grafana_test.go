@@ -228,7 +228,7 @@ func TestGrafanaDashboardQueries(t *testing.T) {
 	promBin := peer.Require(t, "prometheus")
 
 	port, mport := testutil.FreePort(t), testutil.FreePort(t)
-	uport := testutil.FreeUDPPort(t)
+	uport := testutil.FreePort(t)
 	sock := filepath.Join(t.TempDir(), "ctl.sock")
 	m := startShoal(t, nil, "--workers", "2", "--port", fmt.Sprintf("tcp:%d,udp:%d", port, uport), "--host", "127.0.0.1",
 		"--metrics-addr", "127.0.0.1:"+strconv.Itoa(mport), "--control", sock, "--stop-timeout", "5s")

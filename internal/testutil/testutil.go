@@ -39,14 +39,7 @@ func FreePort(tb testing.TB) int {
 	return freshPort(tb, ephemeralLow())
 }
 
-// FreeUDPPort is FreePort, for a test that serves UDP: every port
-// FreePort returns is free for both.
-func FreeUDPPort(tb testing.TB) int {
-	tb.Helper()
-	return freshPort(tb, ephemeralLow())
-}
-
-// givenPorts holds every port FreePort and FreeUDPPort returned.
+// givenPorts holds every port FreePort returned.
 var givenPorts = struct {
 	sync.Mutex
 	m map[int]bool
