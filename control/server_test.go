@@ -963,12 +963,7 @@ func TestDetachAnswersAcceptedConnections(t *testing.T) {
 	if resp := quiet.response(); !resp.OK {
 		t.Errorf("the request of a connection accepted before Detach, sent after it began: %+v", resp)
 	}
-	var r result
-	select {
-	case r = <-detached:
-	case <-time.After(5 * time.Second):
-		t.Fatal("Detach did not return within 5s")
-	}
+	r := testutil.Recv(t, detached, 5*time.Second, "Detach's return", func(result) bool { return true })
 	if r.err != nil {
 		t.Fatal(r.err)
 	}

@@ -509,12 +509,7 @@ func TestDetachAnswersAcceptedConnections(t *testing.T) {
 	if !closedByServer(idle, 5*time.Second) {
 		t.Error("the idle keep-alive connection stayed open")
 	}
-	var r result
-	select {
-	case r = <-detached:
-	case <-time.After(5 * time.Second):
-		t.Fatal("Detach did not return within 5s")
-	}
+	r := testutil.Recv(t, detached, 5*time.Second, "Detach's return", func(result) bool { return true })
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
