@@ -831,8 +831,8 @@ const (
 type pacedReader struct {
 	c       *Channel
 	delay   time.Duration // the longest wait; 0: never wait
-	tick    chan struct{} // for waitToRead's waits on theTicker; nil until the first
-	timer   *time.Timer   // for its waits when theTicker fails; nil until then
+	tick    chan struct{} // ends waitToRead's waits, from theTicker or timer; nil until the first
+	timer   *time.Timer   // ends them when theTicker fails; nil until then
 	n       int           // bytes the last read brought
 	lines   int           // frames the last read brought (its line ends)
 	full    bool          // the last read filled the buffer it was given
@@ -951,22 +951,17 @@ func (c *Channel) waitToRead(r *pacedReader) (bool, error) {
 		if r.tick == nil {
 			r.tick = make(chan struct{}, 1)
 		}
-		tick, expired := r.tick, (<-chan time.Time)(nil)
 		if theTicker.after(time.Now().Add(d), r.tick) != nil {
 			// No timerfd (out of descriptors, say): a Go timer ends this
 			// wait, a little less precisely.
 			if r.timer == nil {
-				r.timer = time.NewTimer(d)
+				r.timer = time.AfterFunc(d, r.ticked)
 			} else {
 				r.timer.Reset(d)
 			}
-			tick, expired = nil, r.timer.C
 		}
 		select {
-		case <-tick:
-			r.drained = false
-			return true, nil
-		case <-expired:
+		case <-r.tick:
 			r.drained = false
 			return true, nil
 		case <-c.quit:
@@ -1001,6 +996,14 @@ func onTick(d, delay time.Duration) time.Duration {
 	}
 	now := time.Now()
 	return now.Truncate(delay).Add(delay).Sub(now)
+}
+
+// ticked ends the reader's wait when its Go timer fires.
+func (r *pacedReader) ticked() {
+	select {
+	case r.tick <- struct{}{}:
+	default:
+	}
 }
 
 // stop releases the timer, if the reader had one.

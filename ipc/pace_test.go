@@ -32,8 +32,7 @@ func longDelay(t *testing.T) {
 // busy readers with that ReadDelay (see onTick), so that a wait that
 // begins now lasts most of delay.
 func justAfterTick(delay time.Duration) {
-	now := time.Now()
-	time.Sleep(now.Truncate(delay).Add(delay + delay/20).Sub(now))
+	time.Sleep(onTick(delay, delay) + delay/20)
 }
 
 // stamped returns a frame carrying the time since base: {"t":<ns>}.
