@@ -42,13 +42,10 @@ if ((QUICK)); then
 else
 	ROUNDS=${BENCH_ROUNDS:-4} KILLS=${BENCH_KILLS:-25} RSECS=${BENCH_RELOAD_SECS:-10}
 fi
-((RSECS >= 4)) || {
-	echo "$(basename "$0"): BENCH_RELOAD_SECS=$RSECS is too short: reloads run from 1 s into the load until 2 s before its end; use 4 or more" >&2
-	exit 2
-}
 CONNS=${BENCH_CONNS:-32}
 BUILD=firstserve
 source "$(dirname "$0")/lib.sh"
+need_reload_secs "$RSECS"
 build_shoal
 OUT=${BENCH_OUT:-docs}
 RAW=$tmp/raw.txt

@@ -134,6 +134,12 @@ median() { sort -g | awk '{a[NR] = $1} END {if (!NR) print "-"; else if (NR % 2)
 # need_netns: whether the reload scenario can run (root, unshare, ip).
 need_netns() { [[ $(id -u) == 0 ]] && command -v unshare >/dev/null && command -v ip >/dev/null; }
 
+# need_reload_secs SECS: dies unless SECS leaves room for reloads, which
+# reload-ns.sh runs from 1 s into the load until 2 s before its end.
+need_reload_secs() {
+	(($1 >= 4)) || die "BENCH_RELOAD_SECS=$1 is too short: reloads run from 1 s into the load until 2 s before its end; use 4 or more"
+}
+
 # reload_cell MODE MIGRATE BIND STEERING SECS CONNS: one run of
 # bench/reload-ns.sh in a network namespace of its own; prints its RL line
 # (without the "RL ").

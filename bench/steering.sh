@@ -55,15 +55,12 @@ if ((QUICK)); then
 else
 	ROUNDS=${BENCH_ROUNDS:-30} REP=${BENCH_BAL_REPEATS:-20} DUR=${BENCH_DURATION:-2} RSECS=${BENCH_RELOAD_SECS:-10} RL_ROUNDS=${BENCH_RL_ROUNDS:-4}
 fi
-((RSECS >= 4)) || {
-	echo "$(basename "$0"): BENCH_RELOAD_SECS=$RSECS is too short: reloads run from 1 s into the load until 2 s before its end; use 4 or more" >&2
-	exit 2
-}
 CONNS=${BENCH_CONNS:-32}
 PARTS=" ${BENCH_PARTS:-balance reload throughput} "
 BUILD=""
 [[ ${BENCH_BPF_STATS:-} == 1 ]] && BUILD=bpfstats
 source "$(dirname "$0")/lib.sh"
+need_reload_secs "$RSECS"
 build_shoal
 OUT=${BENCH_OUT:-docs}
 RAW=$tmp/raw.txt
