@@ -300,8 +300,7 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 		return exitFailure
 	}
 	if *asJSON {
-		b, _ := json.Marshal(resp)
-		fmt.Fprintln(stdout, string(b))
+		printResponse(stdout, resp)
 	}
 	if !resp.OK {
 		fmt.Fprintf(stderr, "shoal ctl: %s: %s\n", req.Cmd, control.Printable(resp.Error))
@@ -321,6 +320,13 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintln(stdout, "ok")
 	return exitOK
+}
+
+// printResponse writes resp as one JSON line, what 'shoal ctl --json'
+// prints.
+func printResponse(w io.Writer, resp control.Response) {
+	b, _ := json.Marshal(resp)
+	fmt.Fprintln(w, string(b))
 }
 
 // findCtlCommand returns the command that args name.

@@ -213,8 +213,7 @@ func ctlUpgrade(ctx context.Context, path string, asJSON bool, stdout, stderr io
 	}
 	fail := func(why string) int {
 		if asJSON {
-			b, _ := json.Marshal(control.Response{Error: why})
-			fmt.Fprintln(stdout, string(b))
+			printResponse(stdout, control.Response{Error: why})
 		}
 		fmt.Fprintf(stderr, "shoal ctl: upgrade: %s\n", control.Printable(why))
 		return exitFailure
@@ -238,8 +237,7 @@ func ctlUpgrade(ctx context.Context, path string, asJSON bool, stdout, stderr io
 			r := upgradeResult{From: before.Version, To: st.Version, PID: st.Master.PID, WorkersKept: running(st), Upgrades: st.Upgrades}
 			if asJSON {
 				b, _ := json.Marshal(r)
-				b, _ = json.Marshal(control.Response{OK: true, Result: b})
-				fmt.Fprintln(stdout, string(b))
+				printResponse(stdout, control.Response{OK: true, Result: b})
 			} else {
 				fmt.Fprintf(stdout, "upgraded in place: shoal %s -> %s, master pid %d, %d workers kept\n", r.From, r.To, r.PID, r.WorkersKept)
 			}
