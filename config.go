@@ -591,7 +591,7 @@ func (c *config) flags() (*flag.FlagSet, map[string]string) {
 	def("ipc-max-message", intFlag{&c.opts.MaxMessage, 64, 1 << 30, "a size in bytes, 64 or more"},
 		"largest message a worker may send, in bytes; longer ones are skipped and counted")
 	def("master-procs", intFlag{&c.procs, 0, 1 << 16, "a whole number, 0 (Go's default) or more"},
-		"CPUs the master's own Go code may run on at once (its GOMAXPROCS; the workers' environment is theirs): 1 costs the least CPU per message of a busy worker; 0 for Go's default, one per CPU")
+		"CPUs the master's own Go code may run on at once (its GOMAXPROCS, whatever GOMAXPROCS in the environment says; --env GOMAXPROCS passes that to the workers): 1 costs the least CPU per message of a busy worker; 0 for Go's default, one per CPU or $GOMAXPROCS")
 	def("metrics-addr", &stringFlag{&c.metrics},
 		`address of the master's /metrics, /healthz and /readyz; "" turns them off`)
 	def("min-ready", intFlag{&c.minReady, 0, 1 << 16, "a whole number, 0 (all workers) or more"},

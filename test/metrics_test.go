@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -284,4 +285,42 @@ func (p *promServer) query(t *testing.T, q string) (v float64, ok bool) {
 		t.Fatalf("query %s: value %q: %v", q, s, err)
 	}
 	return v, true
+}
+
+// TestMasterProcs: the master runs its Go code on one P by default
+// (--master-procs 1), on as many as --master-procs or SHOAL_MASTER_PROCS
+// say, and on Go's default with 0, which heeds GOMAXPROCS; --env
+// GOMAXPROCS passes shoal's GOMAXPROCS to the workers whatever the
+// master's setting.
+func TestMasterProcs(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		env  []string
+		args []string
+		want float64
+	}{
+		{"default", []string{"GOMAXPROCS=3"}, nil, 1},
+		{"--master-procs 2", []string{"GOMAXPROCS=3"}, []string{"--master-procs", "2"}, 2},
+		{"SHOAL_MASTER_PROCS=0", []string{"GOMAXPROCS=3", "SHOAL_MASTER_PROCS=0"}, nil, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			port, maddr := testutil.FreePort(t), loopbackAddr(t)
+			m := startShoal(t, tc.env, append([]string{"--workers", "1", "--port", strconv.Itoa(port), "--host", "127.0.0.1", "--metrics-addr", maddr, "--env", "GOMAXPROCS"}, tc.args...)...)
+			pids := m.listening(15*time.Second, 1)
+			s := waitMetric(t, "http://"+maddr+"/metrics", 10*time.Second, "the master's GOMAXPROCS", func(s map[string]float64) bool {
+				_, ok := s["go_sched_gomaxprocs_threads"]
+				return ok
+			})
+			if got := s["go_sched_gomaxprocs_threads"]; got != tc.want {
+				t.Errorf("the master's GOMAXPROCS (go_sched_gomaxprocs_threads) is %v, want %v", got, tc.want)
+			}
+			env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pids[1]))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Contains(strings.Split(string(env), "\x00"), "GOMAXPROCS=3") {
+				t.Errorf("worker %d's environment has no GOMAXPROCS=3, with --env GOMAXPROCS", pids[1])
+			}
+		})
+	}
 }
