@@ -295,6 +295,15 @@ func TestServerEvictsWaitingConnections(t *testing.T) {
 			if code, _, err := request(c, "/healthz"); err != nil || code != 200 {
 				t.Fatalf("GET /healthz on connection %d = %d %v", i, code, err)
 			}
+			// The client has the answer before the server marks the
+			// connection idle; on a loaded machine, later than the next
+			// connections open. Wait, so that the connections wait in
+			// the order they were made.
+			testutil.Eventually(t, 5*time.Second, fmt.Sprintf("connection %d idle after its answer", i), func() bool {
+				s.lim.mu.Lock()
+				defer s.lim.mu.Unlock()
+				return s.lim.busy == 0
+			})
 		}
 		conns = append(conns, c)
 	}
@@ -309,7 +318,7 @@ func TestServerEvictsWaitingConnections(t *testing.T) {
 	}
 	// limit-1 of the others are open, and they are among the newest: a
 	// connection's wait starts when it opens or when its last answer has
-	// been sent, which may come just after the next one opened.
+	// been sent.
 	open := 0
 	for i, c := range conns {
 		if !closedByServer(c, 200*time.Millisecond) {
