@@ -735,6 +735,7 @@ func TestIdleEvicted(t *testing.T) {
 		rc.write(`{"cmd":"status"}` + "\n")
 		rc.response() // served, and now idle
 		idle = append(idle, rc)
+		noneBusy(t, srv)
 		time.Sleep(5 * time.Millisecond)
 	}
 	idle[2].write(`{"cmd":"sta`) // half a request is idle too
@@ -747,6 +748,7 @@ func TestIdleEvicted(t *testing.T) {
 	if resp := do(t, c, Request{Cmd: CmdScale, N: 2}); !resp.OK {
 		t.Errorf("the fourth connection again: %+v", resp)
 	}
+	noneBusy(t, srv)
 	// The next one takes the place of idle[1], not of c, which was
 	// busy more recently.
 	if resp := do(t, dial(t, path), Request{Cmd: CmdStatus}); !resp.OK {
@@ -757,6 +759,23 @@ func TestIdleEvicted(t *testing.T) {
 	if resp := idle[2].response(); !resp.OK {
 		t.Errorf("the connection with half a request: %+v", resp)
 	}
+}
+
+// noneBusy waits until srv has marked every connection idle: a client
+// has its answer a moment before the server does, later on a loaded
+// machine, and the connection idle the longest is the one evicted.
+func noneBusy(t *testing.T, srv *Server) {
+	t.Helper()
+	testutil.Eventually(t, 5*time.Second, "every connection idle after its answer", func() bool {
+		srv.mu.Lock()
+		defer srv.mu.Unlock()
+		for _, st := range srv.conns {
+			if st.busy {
+				return false
+			}
+		}
+		return true
+	})
 }
 
 func TestDefaultPath(t *testing.T) {
